@@ -1,0 +1,40 @@
+"""Segment Anything: a checkpoint-exact implementation of Meta's SAM (ViT-B/L/H)."""
+
+from .build import (
+    SAM_SPECS,
+    CheckpointError,
+    SamSpec,
+    build_sam,
+    load_state_dict_file,
+    sam_model_registry,
+    save_checkpoint,
+)
+from .image import to_rgb_uint8
+from .modeling import Sam
+from .predictor import ImageNotSetError, SamPredictor
+from .transforms import ResizeLongestSide
+
+__all__ = [
+    "SAM_SPECS",
+    "CheckpointError",
+    "ImageNotSetError",
+    "ResizeLongestSide",
+    "Sam",
+    "SamAutomaticMaskGenerator",
+    "SamPredictor",
+    "SamSpec",
+    "build_sam",
+    "load_state_dict_file",
+    "sam_model_registry",
+    "save_checkpoint",
+    "to_rgb_uint8",
+]
+
+
+def __getattr__(name: str):
+    # The generator pulls in pycocotools; import it only when asked for.
+    if name == "SamAutomaticMaskGenerator":
+        from .automatic_mask_generator import SamAutomaticMaskGenerator
+
+        return SamAutomaticMaskGenerator
+    raise AttributeError(f"module 'sam' has no attribute {name!r}")
