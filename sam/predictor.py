@@ -49,8 +49,20 @@ class SamPredictor:
     # ----------------------------------------------------------------------- image
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """Compute and cache the embedding of an (H, W, 3) uint8 image (other layouts are
-        converted with a warning; see `sam.image.to_rgb_uint8`)."""
+        converted with a warning; see `sam.image.to_rgb_uint8`). A refused image leaves no
+        image set, so a later `predict` cannot silently use the previous one."""
+        self.reset_image()
         image = to_rgb_uint8(image, image_format)
+        height, width = image.shape[:2]
+        target = self.transform.target_length
+        if min(self.transform.get_preprocess_shape(height, width, target)) < 1:
+            # The short side would round to 0 pixels at the model's input size (Meta's code
+            # crashes deep inside PIL there); masks of such an image would be meaningless.
+            raise ValueError(
+                f"image of {width}x{height} pixels is too elongated for SAM: its short side would be "
+                f"resized to 0 pixels when the long side becomes {target} (the aspect ratio may be "
+                f"at most {2 * target}:1); crop or pad it first"
+            )
         input_image = self.transform.apply_image(image)
         input_tensor = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1)[None]
         self.set_torch_image(input_tensor, image.shape[:2])
@@ -75,6 +87,23 @@ class SamPredictor:
         self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         pixels = transformed_image.to(device=self.device, dtype=self.dtype)
         self.features = self.model.image_encoder(self.model.preprocess(pixels))
+        self.is_image_set = True
+
+    def set_embedding(
+        self, features: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int]
+    ) -> None:
+        """Restore a cached embedding (from `get_image_embedding`) without re-running the encoder.
+
+        features: (1, 256, 64, 64); original_size: (H, W) of the image; input_size: (h, w) of
+        the resized image in the model-input frame.
+        """
+        expected = (1, self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"features must have shape {expected}, got {tuple(features.shape)}")
+        self.reset_image()
+        self.features = features.to(device=self.device, dtype=self.dtype)
+        self.original_size = (int(original_size[0]), int(original_size[1]))
+        self.input_size = (int(input_size[0]), int(input_size[1]))
         self.is_image_set = True
 
     def get_image_embedding(self) -> torch.Tensor:

@@ -1,0 +1,372 @@
+"""LangSAM: an image and text in, a :class:`~langsam.result.Segmentation` out.
+
+Data flow (mode ``"grounded"``): image -> ``load_image`` -> Grounding DINO (all queries in one
+caption, one forward pass) -> boxes -> SAM image embedding (cached per image content) -> ONE
+batched ``predict_torch`` call for all boxes -> masks. Mode ``"hybrid"`` adds a CLIP check of
+each mask against its label; mode ``"clip"`` ranks SAM's automatic masks with CLIP instead of
+using the detector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+
+from langsam.detector import DEFAULT_DETECTOR, Detections, parse_queries
+from langsam.io import ImageSource, load_image
+from langsam.result import MODES, Segmentation
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LangSAM", "image_key", "resolve_device", "resolve_dtype"]
+
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
+DEFAULT_CLIP_THRESHOLD = 0.5  # clip/hybrid: keep masks whose own label has CLIP probability >= this
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def resolve_device(device: Any = None):
+    """``torch.device`` to run on: the one asked for, else cuda, then mps, then cpu.
+
+    Raises:
+        ValueError: an unknown device string, or cuda/mps asked for but not available.
+    """
+    import torch
+
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device='cpu'")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for but MPS is not available; use device='cpu'")
+    return resolved
+
+
+def resolve_dtype(dtype: Any = None):
+    """``torch.dtype`` from None (float32), a torch dtype, or a name like ``"bf16"``."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPE_NAMES.get(str(dtype).lower().replace("torch.", ""))
+    if name is None:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return getattr(torch, name)
+
+
+def image_key(pixels: np.ndarray) -> str:
+    """Content hash of an ``(H, W, 3)`` uint8 image (shape included), the embedding-cache key."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels).data)
+    return digest.hexdigest()
+
+
+class LangSAM:
+    """Text-prompted segmentation: Grounding DINO boxes -> SAM masks (+ optional CLIP).
+
+    Nothing loads in the constructor; each model loads on first use, once.
+
+    Args:
+        sam_type: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"auto"`` (size inferred from
+            ``sam_checkpoint``).
+        sam_checkpoint: local SAM checkpoint; None downloads the official one (cached).
+        detector: Grounding DINO hub id or local ``save_pretrained`` folder.
+        clip_model, clip_pretrained: open_clip name and tag or local weights file (clip and
+            hybrid modes only).
+        device: None picks cuda, then mps, then cpu. dtype: None is float32.
+        sam_model: an already-built SAM (``sam.modeling.Sam``) or ``SamPredictor``.
+        detector_model: an object with ``detect(image, queries, box_threshold, text_threshold)
+            -> Detections`` (e.g. a :class:`~langsam.detector.GroundingDinoDetector`).
+        clip_scorer: a :class:`~langsam.clip_scorer.ClipScorer`.
+        embedding_cache_size: how many image embeddings to keep (LRU by image content); 0
+            disables the cache. A vit_b/l/h embedding is 4 MiB in float32.
+    """
+
+    def __init__(
+        self,
+        sam_type: str = "vit_b",
+        sam_checkpoint: str | os.PathLike | None = None,
+        detector: str | os.PathLike = DEFAULT_DETECTOR,
+        clip_model: str = DEFAULT_CLIP_MODEL,
+        clip_pretrained: str | os.PathLike | None = DEFAULT_CLIP_PRETRAINED,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        sam_model: Any = None,
+        detector_model: Any = None,
+        clip_scorer: Any = None,
+        embedding_cache_size: int = 4,
+    ) -> None:
+        if not isinstance(embedding_cache_size, int) or embedding_cache_size < 0:
+            raise ValueError(f"embedding_cache_size must be an integer >= 0, got {embedding_cache_size!r}")
+        if sam_model is None and sam_checkpoint is None and sam_type == "auto":
+            raise ValueError('sam_type="auto" infers the model size from a checkpoint: pass sam_checkpoint=<path>')
+        if sam_checkpoint is not None and not os.path.isfile(sam_checkpoint):
+            raise ValueError(f"SAM checkpoint {os.fspath(sam_checkpoint)!r} does not exist or is not a file")
+        self.sam_type = sam_type
+        self.sam_checkpoint = sam_checkpoint
+        self.detector_name = os.fspath(detector)
+        self.clip_model = clip_model
+        self.clip_pretrained = clip_pretrained
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.embedding_cache_size = embedding_cache_size
+        self._sam_source = sam_model
+        self._predictor = None
+        self._detector = detector_model
+        self._clip_scorer = clip_scorer
+        self._embeddings: OrderedDict[str, tuple] = OrderedDict()
+        self._clip_indexes: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.RLock()  # the predictor holds one image at a time
+
+    def __repr__(self) -> str:
+        return (f"LangSAM(sam_type={self.sam_type!r}, detector={self.detector_name!r}, device={str(self.device)!r}, "
+                f"dtype={self.dtype})")
+
+    # ------------------------------------------------------------------ lazy models
+    @property
+    def predictor(self):
+        """The ``sam.SamPredictor`` (built on first access, once)."""
+        with self._lock:
+            if self._predictor is None:
+                from sam import SamPredictor, build_sam
+
+                source = self._sam_source
+                if isinstance(source, SamPredictor):
+                    self._predictor = source
+                else:
+                    if source is None:
+                        from langsam.weights import resolve_sam_checkpoint
+
+                        checkpoint = resolve_sam_checkpoint(self.sam_type, self.sam_checkpoint)
+                        logger.info("loading SAM %s from %s", self.sam_type, checkpoint)
+                        source = build_sam(self.sam_type, checkpoint=checkpoint)
+                    self._predictor = SamPredictor(source, device=self.device, dtype=self.dtype)
+            return self._predictor
+
+    @property
+    def detector(self):
+        """The text detector (a ``GroundingDinoDetector`` unless one was injected)."""
+        with self._lock:
+            if self._detector is None:
+                from langsam.detector import GroundingDinoDetector
+
+                self._detector = GroundingDinoDetector(self.detector_name, device=self.device, dtype=self.dtype)
+            return self._detector
+
+    @property
+    def clip_scorer(self):
+        """The ``ClipScorer`` for modes clip and hybrid (built on first access)."""
+        with self._lock:
+            if self._clip_scorer is None:
+                from langsam.clip_scorer import ClipScorer
+
+                self._clip_scorer = ClipScorer(self.clip_model, self.clip_pretrained, device=self.device,
+                                               dtype=self.dtype)
+            return self._clip_scorer
+
+    # ------------------------------------------------------------------ embedding cache
+    def set_image(self, pixels: np.ndarray) -> str:
+        """Make ``pixels`` the predictor's image, reusing a cached embedding when the same
+        image content was seen recently. Returns the image key."""
+        key = image_key(pixels)
+        with self._lock:
+            predictor = self.predictor
+            cached = self._embeddings.get(key)
+            if cached is not None:
+                self._embeddings.move_to_end(key)
+                # The predictor may be shared (injected) and hold another image by now: compare
+                # the embedding itself, then restore the documented predictor state if needed.
+                if not (predictor.is_image_set and predictor.features is cached[0]):
+                    predictor.set_embedding(*cached)
+            else:
+                predictor.set_image(pixels)
+                if self.embedding_cache_size > 0:
+                    self._embeddings[key] = (predictor.features, predictor.original_size, predictor.input_size)
+                    while len(self._embeddings) > self.embedding_cache_size:
+                        self._embeddings.popitem(last=False)
+            return key
+
+    def clear_cache(self) -> None:
+        """Drop cached image embeddings and CLIP mask indexes."""
+        with self._lock:
+            self._embeddings.clear()
+            self._clip_indexes.clear()
+            if self._predictor is not None:
+                self._predictor.reset_image()
+
+    # ------------------------------------------------------------------ public API
+    def segment(
+        self,
+        image: ImageSource,
+        text: str | Sequence[str],
+        box_threshold: float = 0.3,
+        text_threshold: float = 0.25,
+        mode: str = "grounded",
+        multimask: bool = False,
+        clip_threshold: float | None = None,
+        top_k: int | None = None,
+    ) -> Segmentation:
+        """Segment every object the text names.
+
+        Args:
+            image: a path, a PIL image or an ``(H, W, 3)`` uint8 RGB array (see ``load_image``).
+            text: one string with queries separated by ``.`` (``"a dog. a cat"``) or a list of
+                queries. Labels in the result are these queries, as written.
+            box_threshold, text_threshold: Grounding DINO thresholds (grounded / hybrid).
+            mode: ``"grounded"`` (detector boxes -> SAM), ``"hybrid"`` (grounded, then keep masks
+                whose CLIP probability for their own label is >= ``clip_threshold``) or ``"clip"``
+                (SAM automatic masks ranked by CLIP; no detector).
+            multimask: ask SAM for 3 masks per box and keep the one with the best predicted IoU.
+            clip_threshold: CLIP probability cut (clip / hybrid; None: 0.5).
+            top_k: keep at most this many objects, best first.
+
+        Returns:
+            A :class:`Segmentation` (objects best first); empty with masks ``(0, H, W)`` when
+            nothing is found.
+
+        Raises:
+            ValueError: empty text, unknown mode, thresholds out of range, unreadable image.
+        """
+        queries = parse_queries(text)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if clip_threshold is not None and (not isinstance(clip_threshold, (int, float)) or not 0.0 <= clip_threshold <= 1.0):
+            raise ValueError(f"clip_threshold must be a number in [0, 1] or None, got {clip_threshold!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        pixels = load_image(image)
+        with self._lock:
+            if mode == "clip":
+                return self._segment_clip(pixels, queries, clip_threshold, top_k)
+            detections = self.detector.detect(pixels, queries, box_threshold=box_threshold,
+                                              text_threshold=text_threshold)
+            result = self._segment_boxes(pixels, detections, multimask, mode, top_k if mode == "grounded" else None)
+            if mode == "hybrid":
+                result = self._verify_with_clip(result, queries, clip_threshold, top_k)
+            return result
+
+    def segment_batch(self, images: Sequence[ImageSource], texts: str | Sequence[str] | Sequence[Sequence[str]],
+                      **kwargs: Any) -> list[Segmentation]:
+        """:meth:`segment` over several images.
+
+        ``texts`` is either one text for every image (a string, or a list of query strings) or
+        one text per image given as a list of lists (``[["a dog"], ["a cat", "a hat"]]``).
+        Each image costs one detector pass for all its queries and one SAM encoding.
+        """
+        images = list(images)
+        if texts and not isinstance(texts, str) and all(isinstance(t, (list, tuple)) for t in texts):
+            per_image = list(texts)
+            if len(per_image) != len(images):
+                raise ValueError(f"got {len(images)} images but {len(per_image)} per-image texts")
+        else:
+            parse_queries(texts)  # fail before any image work
+            per_image = [texts] * len(images)
+        return [self.segment(image, text, **kwargs) for image, text in zip(images, per_image)]
+
+    def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:
+        """SAM's automatic masks of ``image`` (``SamAutomaticMaskGenerator(...).generate``);
+        ``amg_params`` are the generator's own (``points_per_side``, ``pred_iou_thresh``, ...)."""
+        from sam import SamAutomaticMaskGenerator
+
+        pixels = load_image(image)
+        with self._lock:
+            generator = SamAutomaticMaskGenerator(self.predictor.model, **amg_params)
+            return generator.generate(pixels)
+
+    # ------------------------------------------------------------------ stages
+    def _segment_boxes(self, pixels: np.ndarray, detections: Detections, multimask: bool, mode: str,
+                       top_k: int | None) -> Segmentation:
+        """Masks for all detected boxes in one batched SAM decoder call."""
+        import torch
+
+        height, width = pixels.shape[:2]
+        if len(detections) == 0:
+            return Segmentation.empty((height, width), mode=mode, image=pixels)
+        order = np.argsort(-detections.scores, kind="stable")  # best first; ties keep detector order
+        if top_k is not None:
+            order = order[:top_k]
+        boxes = detections.boxes[order]
+        self.set_image(pixels)
+        predictor = self.predictor
+        input_boxes = predictor.transform.apply_boxes_torch(
+            torch.as_tensor(boxes, dtype=torch.float32, device=predictor.device), predictor.original_size
+        )
+        masks, iou_predictions, _ = predictor.predict_torch(None, None, boxes=input_boxes, multimask_output=multimask)
+        best = iou_predictions.argmax(dim=1)  # (N,) — with multimask=False there is one candidate
+        rows = torch.arange(masks.shape[0], device=masks.device)
+        return Segmentation(
+            masks=masks[rows, best].cpu().numpy(),
+            boxes=boxes,
+            scores=detections.scores[order],
+            mask_scores=iou_predictions[rows, best].float().cpu().numpy(),
+            labels=[detections.labels[i] for i in order],
+            image_size=(height, width),
+            mode=mode,
+            image=pixels,
+        )
+
+    def _verify_with_clip(self, result: Segmentation, queries: list[str], clip_threshold: float | None,
+                          top_k: int | None) -> Segmentation:
+        threshold = DEFAULT_CLIP_THRESHOLD if clip_threshold is None else float(clip_threshold)
+        if len(result) == 0:
+            return Segmentation.empty(result.image_size, mode="hybrid", image=result.image, with_clip_scores=True)
+        result.clip_scores = np.asarray(
+            self.clip_scorer.score_labels(result.image, result.masks, result.labels, queries=queries), dtype=np.float32
+        )
+        kept = result[result.clip_scores >= threshold]
+        return kept[:top_k] if top_k is not None else kept
+
+    def _segment_clip(self, pixels: np.ndarray, queries: list[str], clip_threshold: float | None,
+                      top_k: int | None) -> Segmentation:
+        threshold = DEFAULT_CLIP_THRESHOLD if clip_threshold is None else float(clip_threshold)
+        key = image_key(pixels)
+        index = self._clip_indexes.get(key)
+        if index is None:
+            index = self.clip_scorer.build_index(pixels, self.auto_masks(pixels))
+            self._clip_indexes[key] = index
+            while len(self._clip_indexes) > max(1, self.embedding_cache_size // 2):
+                self._clip_indexes.popitem(last=False)
+        else:
+            self._clip_indexes.move_to_end(key)
+        mask_indices, label_indices, scores = index.query(queries, clip_threshold=threshold, top_k=top_k)
+        height, width = pixels.shape[:2]
+        if len(mask_indices) == 0:
+            return Segmentation.empty((height, width), mode="clip", image=pixels, with_clip_scores=True)
+        return Segmentation(
+            masks=index.masks(mask_indices),
+            boxes=index.boxes[mask_indices],
+            scores=scores,
+            mask_scores=index.mask_scores[mask_indices],
+            labels=[queries[i] for i in label_indices],
+            image_size=(height, width),
+            clip_scores=scores,
+            mode="clip",
+            image=pixels,
+        )

