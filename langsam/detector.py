@@ -40,7 +40,7 @@ def parse_queries(text: str | Sequence[str]) -> list[str]:
     queries: list[str] = []
     seen: set[str] = set()
     for part in parts:
-        query = " ".join(part.split()).strip(" .")
+        query = " ".join(part.split()).rstrip(" .")  # trailing dots end a query; leading ones are kept (".net")
         if query and query.lower() not in seen:
             seen.add(query.lower())
             queries.append(query)

@@ -71,13 +71,18 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)
 
-        if image_embeddings.shape[0] != batch:
-            image_embeddings = image_embeddings.expand(batch, -1, -1, -1)
-        src = image_embeddings + dense_prompt_embeddings
-        pos_src = image_pe.expand(batch, -1, -1, -1)
+        dense_shared = dense_prompt_embeddings.shape[0] == 1 or dense_prompt_embeddings.stride(0) == 0
+        if image_embeddings.shape[0] == 1 and dense_shared:
+            # Without mask prompts every prompt sees the same image tokens: keep a batch of 1 and
+            # let the transformer broadcast it, instead of copying the image once per prompt.
+            src = image_embeddings + dense_prompt_embeddings[:1]
+        else:
+            src = image_embeddings.expand(batch, -1, -1, -1) + dense_prompt_embeddings
         _, channels, height, width = src.shape
 
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, image_pe[:1], tokens)
+        if src.shape[0] != batch:  # only with a transformer of depth 0
+            src = src.expand(batch, -1, -1)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

@@ -29,10 +29,19 @@ class Attention(nn.Module):
         return x.reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: (B, Nq, C), k and v: (B, Nk, C) -> (B, Nq, C)."""
+        """q: (Bq, Nq, C), k and v: (Bk, Nk, C) -> (B, Nq, C), where a batch of 1 broadcasts.
+
+        Inputs shared by every prompt (the image tokens of the first layer) arrive with batch 1
+        and are projected once, not once per prompt.
+        """
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
+        batch = max(q.shape[0], k.shape[0])
+        if q.shape[0] != batch:
+            q = q.expand(batch, -1, -1, -1)
+        if k.shape[0] != batch:
+            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v)
         batch, heads, tokens, head_dim = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
@@ -76,14 +85,15 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
+        # The image tokens do not change until the end of the block, so their positional sum
+        # serves both cross-attentions.
+        keys_with_pe = keys + key_pe
         q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, keys_with_pe, keys))
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        k = keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(keys_with_pe, q, queries))
         return queries, keys
 
 
@@ -123,8 +133,10 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe: (B, C, h, w); point_embedding: (B, N, C).
         Returns the processed tokens (B, N, C) and image tokens (B, h*w, C)."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # Tokens-last and contiguous once here, so no projection below copies them again.
+        # image_embedding may have batch 1 (shared by all prompts) and image_pe always does.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
