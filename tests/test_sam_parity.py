@@ -249,3 +249,29 @@ def test_embedding_is_computed_once_per_image(models):
     finally:
         handle.remove()
     assert len(calls) == 1
+
+
+def test_folded_decoder_attention_equals_plain_path(models):
+    """Many prompts at once take the folded-projection attention; it must equal the plain one."""
+    ours, _ = models
+    decoder = ours.mask_decoder
+    generator = torch.Generator().manual_seed(4)
+    embedding = torch.randn(1, 256, 64, 64, generator=generator)
+    points = torch.rand(16, 1, 2, generator=generator) * 1024
+    labels = torch.ones(16, 1, dtype=torch.int)
+    attentions = [m for m in decoder.modules() if hasattr(m, "fold_projections")]
+    with torch.no_grad():
+        sparse, dense = ours.prompt_encoder((points, labels), None, None)
+        image_pe = ours.prompt_encoder.get_dense_pe()
+        folded = decoder(embedding, image_pe, sparse, dense, multimask_output=True)
+        for attention in attentions:
+            attention.fold_projections = False
+        try:
+            plain = decoder(embedding, image_pe, sparse, dense, multimask_output=True)
+        finally:
+            for attention in attentions:
+                attention.fold_projections = True
+    torch.testing.assert_close(folded[0], plain[0], atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(folded[1], plain[1], atol=1e-5, rtol=0)
+    # The batch really differs per prompt, so the comparison is not between copies.
+    assert (folded[1][0] - folded[1][1]).abs().max() > 1e-4
