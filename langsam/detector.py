@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,6 +41,9 @@ def parse_queries(text: str | Sequence[str]) -> list[str]:
     queries: list[str] = []
     seen: set[str] = set()
     for part in parts:
+        # Control and format characters (NUL, ESC, zero-width space...) are invisible and the
+        # tokenizer drops them; as spaces they still keep the words they separate apart.
+        part = "".join(" " if unicodedata.category(char)[0] == "C" else char for char in part)
         query = " ".join(part.split()).rstrip(" .")  # trailing dots end a query; leading ones are kept (".net")
         if query and query.lower() not in seen:
             seen.add(query.lower())
@@ -155,6 +159,10 @@ class GroundingDinoDetector:
         used = 0
         for index, query in enumerate(queries):
             cost = len(tokenizer(caption_text(query) + ".", add_special_tokens=False)["input_ids"])
+            if not tokenizer(caption_text(query), add_special_tokens=False)["input_ids"]:
+                raise ValueError(
+                    f"query {query!r} has no words Grounding DINO can read (only accents or symbols it drops)"
+                )
             if cost > budget:
                 raise ValueError(
                     f"query {query!r} is {cost} tokens long; Grounding DINO reads at most {budget} per caption"

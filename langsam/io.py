@@ -188,6 +188,8 @@ def _array_to_rgb(
 
 
 def _to_uint8(array: np.ndarray, name: str, pil_mode: str | None) -> np.ndarray:
+    if array.dtype.byteorder not in ("=", "|"):  # e.g. big-endian '>u2' from FITS or raw buffers
+        array = array.astype(array.dtype.newbyteorder("="))
     dtype = array.dtype
     if dtype == np.uint8:
         return array
@@ -285,9 +287,9 @@ def sanitize_name(text: str, max_len: int = 80) -> str:
         name = name[:-1]
     name = name.rstrip("._ ")
     if not name:
-        return "unnamed"
+        return "unnamed"[:max_len]
     if name.split(".")[0].upper() in _WINDOWS_RESERVED:
-        name = ("_" + name)[:max_len]
+        name = ("_" + name)[:max_len].rstrip(". ")  # a cut may end on "."
     return name
 
 
@@ -310,7 +312,7 @@ def unique_stem(path: str | os.PathLike, seen: set[str] | None = None, *, root: 
     """A sanitized output stem for input ``path`` that does not collide with earlier ones.
 
     With ``root`` (the folder the inputs were found under), the stem is built from the path
-    relative to it (``a/cat.jpg`` -> ``a__cat``) so equal base names in different folders
+    relative to it (``a/cat.jpg`` -> ``a_cat``) so equal base names in different folders
     stay apart. Otherwise it is the file stem. If the stem (compared case-insensitively,
     as on macOS/Windows file systems) is already in ``seen``, ``_2``, ``_3``, ... is appended.
     The returned stem is added to ``seen``.

@@ -29,6 +29,8 @@ __all__ = ["LangSAM", "image_key", "resolve_device", "resolve_dtype"]
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
 DEFAULT_CLIP_THRESHOLD = 0.5  # clip/hybrid: keep masks whose own label has CLIP probability >= this
+#: Bytes of full-resolution mask logits decoded at once in grounded / hybrid mode (see _segment_boxes).
+MASK_CHUNK_BYTES = 256 * 1024 * 1024
 
 _DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -318,14 +320,26 @@ class LangSAM:
         input_boxes = predictor.transform.apply_boxes_torch(
             torch.as_tensor(boxes, dtype=torch.float32, device=predictor.device), predictor.original_size
         )
-        masks, iou_predictions, _ = predictor.predict_torch(None, None, boxes=input_boxes, multimask_output=multimask)
-        best = iou_predictions.argmax(dim=1)  # (N,) — with multimask=False there is one candidate
-        rows = torch.arange(masks.shape[0], device=masks.device)
+        # A decoder call returns (B, C, H, W) float32 logits at full resolution (48 MB per box
+        # and candidate on a 12-megapixel photo): decode in chunks so the peak stays bounded.
+        candidates = 3 if multimask else 1
+        chunk = max(1, MASK_CHUNK_BYTES // (candidates * height * width * 5))  # float32 logits + bool
+        masks = np.empty((len(order), height, width), dtype=bool)
+        mask_scores = np.empty(len(order), dtype=np.float32)
+        for start in range(0, len(order), chunk):
+            part, iou_predictions, _ = predictor.predict_torch(
+                None, None, boxes=input_boxes[start:start + chunk], multimask_output=multimask
+            )
+            best = iou_predictions.argmax(dim=1)  # (n,) — with multimask=False there is one candidate
+            rows = torch.arange(part.shape[0], device=part.device)
+            masks[start:start + chunk] = part[rows, best].cpu().numpy()
+            mask_scores[start:start + chunk] = iou_predictions[rows, best].float().cpu().numpy()
+            del part
         return Segmentation(
-            masks=masks[rows, best].cpu().numpy(),
+            masks=masks,
             boxes=boxes,
             scores=detections.scores[order],
-            mask_scores=iou_predictions[rows, best].float().cpu().numpy(),
+            mask_scores=mask_scores,
             labels=[detections.labels[i] for i in order],
             image_size=(height, width),
             mode=mode,

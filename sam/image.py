@@ -20,6 +20,8 @@ def to_rgb_uint8(image: np.ndarray, image_format: str = "RGB") -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a numpy array of shape (H, W, 3), got {type(image).__name__}")
     notes = []
+    if image.dtype.byteorder not in ("=", "|"):  # e.g. big-endian '>u2' from FITS or raw buffers
+        image = image.astype(image.dtype.newbyteorder("="))
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3:
