@@ -9,7 +9,7 @@ import torch
 
 from langsam.detector import GroundingDinoDetector, parse_queries, post_process, query_token_spans
 from sam_factory import real_photo
-from tiny_gdino import save_tiny_grounding_dino
+from tiny_gdino import reference_detection, save_tiny_grounding_dino
 
 # logit_scale 0.1: token probabilities spread over ~0.5-0.8, so box_threshold 0.6 keeps some
 # boxes and drops others (both paths are exercised).
@@ -33,16 +33,7 @@ def photo():
 
 
 def _reference(detector, photo, caption, box_threshold, text_threshold):
-    """transformers alone: processor -> model -> post_process_grounded_object_detection."""
-    processor, model = detector.processor, detector.model
-    inputs = processor(images=photo, text=caption, return_tensors="pt")
-    with torch.no_grad():
-        outputs = model(**inputs)
-    result = processor.post_process_grounded_object_detection(
-        outputs, inputs["input_ids"], threshold=box_threshold, text_threshold=text_threshold,
-        target_sizes=[photo.shape[:2]],
-    )[0]
-    return inputs["input_ids"][0].tolist(), outputs.logits[0].sigmoid(), result
+    return reference_detection(detector.processor, detector.model, photo, caption, box_threshold, text_threshold)
 
 
 def _query_positions(tokenizer, input_ids, query):

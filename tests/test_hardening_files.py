@@ -30,21 +30,12 @@ from pycocotools import mask as mask_utils
 from langsam import cli
 from langsam.detector import parse_queries
 from langsam.io import safe_join, sanitize_name, unique_stem
+from pickle_payload import CreatesFile
 from sam_factory import real_photo
 from tiny_gdino import save_tiny_grounding_dino
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)}
-
-
-class _CreatesFile:
-    """Unpickling this creates a file: proof that a loader ran code from the checkpoint."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,11 +51,11 @@ def test_clip_weights_file_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned_clip.txt"
     state = torch.load(files.weights_path, weights_only=True)
     evil = tmp_path / "open_clip_pytorch_model.bin"
-    torch.save({**state, "payload": _CreatesFile(str(marker))}, evil)
+    torch.save({**state, "payload": CreatesFile(str(marker))}, evil)
     with pytest.raises(ValueError, match="could not load CLIP weights file"):
         ClipScorer(files.model_name, pretrained=str(evil), device="cpu").encode_text(["a cat"])
     raw = tmp_path / "raw.bin"
-    raw.write_bytes(pickle.dumps(_CreatesFile(str(marker))))
+    raw.write_bytes(pickle.dumps(CreatesFile(str(marker))))
     with pytest.raises(ValueError, match="could not load CLIP weights file"):
         ClipScorer(files.model_name, pretrained=str(raw), device="cpu").encode_text(["a cat"])
     assert not marker.exists()
@@ -81,7 +72,7 @@ def test_grounding_dino_folder_with_only_a_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned_gdino.txt"
     for weights in folder.glob("*.safetensors"):
         weights.unlink()
-    torch.save({"payload": _CreatesFile(str(marker))}, folder / "pytorch_model.bin")
+    torch.save({"payload": CreatesFile(str(marker))}, folder / "pytorch_model.bin")
     with pytest.raises((OSError, ValueError), match="safetensors"):
         GroundingDinoDetector(str(folder), device="cpu").load()
     assert not marker.exists()
@@ -92,7 +83,7 @@ def test_sam_checkpoint_through_the_pipeline_never_runs_code(tmp_path):
 
     marker = tmp_path / "pwned_sam.txt"
     evil = tmp_path / "sam.pth"
-    torch.save({"image_encoder.pos_embed": torch.zeros(1), "payload": _CreatesFile(str(marker))}, evil)
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "payload": CreatesFile(str(marker))}, evil)
     pipeline = LangSAM(sam_type="auto", sam_checkpoint=evil, device="cpu")
     with pytest.raises(ValueError, match="refusing to load"):
         pipeline.predictor

@@ -19,7 +19,7 @@ from langsam.detector import Detections
 from langsam.pipeline import LangSAM, image_key, resolve_device, resolve_dtype
 from sam import SamPredictor, build_sam
 from sam_factory import real_photo
-from tiny_gdino import save_tiny_grounding_dino
+from tiny_gdino import reference_detection, save_tiny_grounding_dino
 
 LOGIT_SCALE = 0.1  # token probabilities ~0.5-0.8: box_threshold 0.6 keeps some boxes, drops others
 NUM_QUERIES = 8
@@ -62,14 +62,10 @@ def _count_encoder_calls(pipeline: LangSAM) -> list[int]:
 
 
 def _reference_boxes(pipeline, photo, caption, box_threshold, text_threshold=0.25):
-    processor, model = pipeline.detector.processor, pipeline.detector.model
-    inputs = processor(images=photo, text=caption, return_tensors="pt")
-    with torch.no_grad():
-        outputs = model(**inputs)
-    result = processor.post_process_grounded_object_detection(
-        outputs, inputs["input_ids"], threshold=box_threshold, text_threshold=text_threshold,
-        target_sizes=[photo.shape[:2]],
-    )[0]
+    detector = pipeline.detector
+    _, _, result = reference_detection(
+        detector.processor, detector.model, photo, caption, box_threshold, text_threshold
+    )
     order = np.argsort(-result["scores"].numpy(), kind="stable")  # the pipeline returns best first
     return result["boxes"].numpy()[order], result["scores"].numpy()[order]
 

@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from pickle_payload import CreatesFile
 from sam_factory import TINY_SAM_OVERRIDES, make_tiny_sam
 
 from sam import CheckpointError, SAM_SPECS, build_sam, sam_model_registry, save_checkpoint
@@ -97,26 +98,16 @@ def test_registry_holds_official_checkpoints():
         assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
 
 
-class _CreatesFile:
-    """Unpickling this would create a file: proof that a loader ran code from a checkpoint."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pth"
-    torch.save({"image_encoder.pos_embed": torch.zeros(1), "payload": _CreatesFile(str(marker))}, path)
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "payload": CreatesFile(str(marker))}, path)
     with pytest.raises(CheckpointError, match="refusing to load"):
         build_sam("auto", checkpoint=path)
     assert not marker.exists()
     # A bare pickle (not torch's zip format) is refused the same way.
     raw = tmp_path / "evil_raw.pth"
-    raw.write_bytes(pickle.dumps(_CreatesFile(str(marker))))
+    raw.write_bytes(pickle.dumps(CreatesFile(str(marker))))
     with pytest.raises(CheckpointError):
         build_sam("auto", checkpoint=raw)
     assert not marker.exists()

@@ -98,3 +98,20 @@ def save_tiny_grounding_dino(directory: str | Path, seed: int = 0, logit_scale: 
     model.save_pretrained(directory)
     make_processor(shortest_edge, longest_edge).save_pretrained(directory)
     return directory
+
+
+def reference_detection(processor, model, photo, caption: str, box_threshold: float, text_threshold: float):
+    """transformers alone: processor -> model -> post_process_grounded_object_detection.
+
+    Returns (input_ids list, (Q, max_text_len) token probabilities, the post-processed result).
+    """
+    import torch
+
+    inputs = processor(images=photo, text=caption, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    result = processor.post_process_grounded_object_detection(
+        outputs, inputs["input_ids"], threshold=box_threshold, text_threshold=text_threshold,
+        target_sizes=[photo.shape[:2]],
+    )[0]
+    return inputs["input_ids"][0].tolist(), outputs.logits[0].sigmoid(), result
