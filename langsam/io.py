@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_FORMATS",
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "ImageSource",
@@ -48,6 +49,12 @@ DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
+
+#: The Pillow decoders :func:`load_image` lets open a file: the everyday photo and raster formats,
+#: decoded by Pillow's own code. Formats whose plugins call outside programs (EPS and PDF via
+#: Ghostscript, ...) or that are rarely what a user meant are refused before any decoder runs.
+#: (Pillow's JPEG decoder also opens MPO, the multi-picture JPEG many cameras and phones write.)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -110,7 +117,7 @@ def _load_path(path: Path, max_pixels: int | None) -> np.ndarray:
         with warnings.catch_warnings():
             # We apply our own pixel limit below; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # lazy: reads the header only
+            with Image.open(path, formats=IMAGE_FORMATS) as image:  # lazy: reads the header only
                 _check_pixels(image.width, image.height, name, max_pixels)
                 image.load()
                 rgb = _pil_to_rgb(_exif_transpose(image, name), name)
@@ -119,7 +126,10 @@ def _load_path(path: Path, max_pixels: int | None) -> np.ndarray:
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"{name}: image is too large to decode safely ({error})") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not an image, or a format Pillow cannot read") from None
+        raise ImageLoadError(
+            f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)}), whatever its "
+            f"file name says"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageLoadError(f"{name}: corrupt or truncated image ({error})") from None
     return rgb

@@ -14,17 +14,17 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from langsam.detector import DEFAULT_DETECTOR, Detections, parse_queries
 from langsam.io import ImageSource, load_image
-from langsam.result import MODES, Segmentation
+from langsam.result import MODES, Segmentation, clip_boxes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LangSAM", "image_key", "resolve_device", "resolve_dtype"]
+__all__ = ["LangSAM", "check_amg_params", "image_key", "resolve_device", "resolve_dtype"]
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
@@ -78,6 +78,32 @@ def resolve_dtype(dtype: Any = None):
     return getattr(torch, name)
 
 
+def check_amg_params(amg_params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate automatic-mask-generator settings by name (their values are checked by the
+    generator itself, when it is built). Returns a plain dict (empty for None)."""
+    if amg_params is None:
+        return {}
+    if not isinstance(amg_params, Mapping):
+        raise ValueError(f"amg_params must be a dict of generator settings, got {type(amg_params).__name__}")
+    import inspect
+
+    from sam.automatic_mask_generator import SamAutomaticMaskGenerator
+
+    # The pipeline decides device, dtype and output format itself.
+    accepted = set(inspect.signature(SamAutomaticMaskGenerator.__init__).parameters) - {
+        "self", "model", "device", "dtype", "output_mode"}
+    unknown = sorted(set(amg_params) - accepted)
+    if unknown:
+        raise ValueError(f"unknown amg_params {unknown}; valid names: {', '.join(sorted(accepted))}")
+    for name, value in amg_params.items():
+        try:
+            hash(value)
+        except TypeError:
+            raise ValueError(f"amg_params[{name!r}] must be a number, string or None (got {type(value).__name__}); "
+                             f"explicit point_grids are not supported in clip mode") from None
+    return dict(amg_params)
+
+
 def image_key(pixels: np.ndarray) -> str:
     """Content hash of an ``(H, W, 3)`` uint8 image (shape included), the embedding-cache key."""
     digest = hashlib.blake2b(digest_size=16)
@@ -105,6 +131,11 @@ class LangSAM:
         clip_scorer: a :class:`~langsam.clip_scorer.ClipScorer`.
         embedding_cache_size: how many image embeddings to keep (LRU by image content); 0
             disables the cache. A vit_b/l/h embedding is 4 MiB in float32.
+        amg_params: automatic-mask-generator settings for ``mode="clip"`` (``points_per_side``,
+            ``pred_iou_thresh``, ...; see ``sam.SamAutomaticMaskGenerator``); None: its defaults.
+            ``segment(..., amg_params=...)`` overrides them per call.
+        detector_size: the longest image side fed to Grounding DINO (speed for accuracy); None
+            keeps the released preprocessing (shortest side 800, longest 1333).
     """
 
     def __init__(
@@ -121,7 +152,13 @@ class LangSAM:
         detector_model: Any = None,
         clip_scorer: Any = None,
         embedding_cache_size: int = 4,
+        amg_params: Mapping[str, Any] | None = None,
+        detector_size: int | None = None,
     ) -> None:
+        if detector_size is not None and (
+            isinstance(detector_size, bool) or not isinstance(detector_size, int) or detector_size < 64
+        ):
+            raise ValueError(f"detector_size must be an integer >= 64 or None, got {detector_size!r}")
         if not isinstance(embedding_cache_size, int) or embedding_cache_size < 0:
             raise ValueError(f"embedding_cache_size must be an integer >= 0, got {embedding_cache_size!r}")
         if sam_model is None and sam_checkpoint is None and sam_type == "auto":
@@ -136,12 +173,14 @@ class LangSAM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.embedding_cache_size = embedding_cache_size
+        self.amg_params = check_amg_params(amg_params)
+        self.detector_size = detector_size
         self._sam_source = sam_model
         self._predictor = None
         self._detector = detector_model
         self._clip_scorer = clip_scorer
         self._embeddings: OrderedDict[str, tuple] = OrderedDict()
-        self._clip_indexes: OrderedDict[str, Any] = OrderedDict()
+        self._clip_indexes: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.RLock()  # the predictor holds one image at a time
 
     def __repr__(self) -> str:
@@ -176,7 +215,9 @@ class LangSAM:
             if self._detector is None:
                 from langsam.detector import GroundingDinoDetector
 
-                self._detector = GroundingDinoDetector(self.detector_name, device=self.device, dtype=self.dtype)
+                options = {} if self.detector_size is None else {"detector_size": self.detector_size}
+                self._detector = GroundingDinoDetector(self.detector_name, device=self.device, dtype=self.dtype,
+                                                       **options)
             return self._detector
 
     @property
@@ -231,6 +272,7 @@ class LangSAM:
         multimask: bool = False,
         clip_threshold: float | None = None,
         top_k: int | None = None,
+        amg_params: Mapping[str, Any] | None = None,
     ) -> Segmentation:
         """Segment every object the text names.
 
@@ -245,6 +287,8 @@ class LangSAM:
             multimask: ask SAM for 3 masks per box and keep the one with the best predicted IoU.
             clip_threshold: CLIP probability cut (clip / hybrid; None: 0.5).
             top_k: keep at most this many objects, best first.
+            amg_params: automatic-mask-generator settings for this call (clip mode only);
+                None uses the pipeline's ``amg_params``.
 
         Returns:
             A :class:`Segmentation` (objects best first); empty with masks ``(0, H, W)`` when
@@ -263,10 +307,14 @@ class LangSAM:
             raise ValueError(f"clip_threshold must be a number in [0, 1] or None, got {clip_threshold!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if amg_params is not None and mode != "clip":
+            raise ValueError(f"amg_params are the automatic mask generator's settings and apply only to "
+                             f"mode='clip', not mode={mode!r}")
+        amg_params = self.amg_params if amg_params is None else check_amg_params(amg_params)
         pixels = load_image(image)
         with self._lock:
             if mode == "clip":
-                return self._segment_clip(pixels, queries, clip_threshold, top_k)
+                return self._segment_clip(pixels, queries, clip_threshold, top_k, amg_params)
             detections = self.detector.detect(pixels, queries, box_threshold=box_threshold,
                                               text_threshold=text_threshold)
             result = self._segment_boxes(pixels, detections, multimask, mode, top_k if mode == "grounded" else None)
@@ -309,12 +357,19 @@ class LangSAM:
         import torch
 
         height, width = pixels.shape[:2]
-        if len(detections) == 0:
-            return Segmentation.empty((height, width), mode=mode, image=pixels)
+        # Detector boxes may reach past the image (Grounding DINO predicts centre and size, and
+        # nothing bounds the size); SAM gets them clipped to the image, as every box we return.
+        all_boxes = clip_boxes(detections.boxes, (height, width))
+        inside = (all_boxes[:, 2] > all_boxes[:, 0]) & (all_boxes[:, 3] > all_boxes[:, 1])
+        if not inside.all():
+            logger.debug("dropping %d detection(s) that lie wholly outside the image", int((~inside).sum()))
         order = np.argsort(-detections.scores, kind="stable")  # best first; ties keep detector order
+        order = order[inside[order]]
         if top_k is not None:
             order = order[:top_k]
-        boxes = detections.boxes[order]
+        if len(order) == 0:
+            return Segmentation.empty((height, width), mode=mode, image=pixels)
+        boxes = all_boxes[order]
         self.set_image(pixels)
         predictor = self.predictor
         input_boxes = predictor.transform.apply_boxes_torch(
@@ -358,12 +413,13 @@ class LangSAM:
         return kept[:top_k] if top_k is not None else kept
 
     def _segment_clip(self, pixels: np.ndarray, queries: list[str], clip_threshold: float | None,
-                      top_k: int | None) -> Segmentation:
+                      top_k: int | None, amg_params: dict[str, Any]) -> Segmentation:
         threshold = DEFAULT_CLIP_THRESHOLD if clip_threshold is None else float(clip_threshold)
-        key = image_key(pixels)
+        # The automatic masks depend on the generator's settings as much as on the image.
+        key = (image_key(pixels), tuple(sorted(amg_params.items())))
         index = self._clip_indexes.get(key)
         if index is None:
-            index = self.clip_scorer.build_index(pixels, self.auto_masks(pixels))
+            index = self.clip_scorer.build_index(pixels, self.auto_masks(pixels, **amg_params))
             self._clip_indexes[key] = index
             while len(self._clip_indexes) > max(1, self.embedding_cache_size // 2):
                 self._clip_indexes.popitem(last=False)

@@ -17,9 +17,27 @@ from langsam.io import atomic_save_image, atomic_write_json, safe_join, sanitize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Segmentation"]
+__all__ = ["Segmentation", "clip_boxes"]
 
 MODES = ("grounded", "clip", "hybrid")
+
+
+def clip_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """(N, 4) xyxy boxes -> float32 boxes inside the image: ``0 <= x0 <= x1 <= W`` and
+    ``0 <= y0 <= y1 <= H`` (original-image pixels; W and H are the right and bottom edges).
+
+    Raises:
+        ValueError: a box with NaN or infinite coordinates, or with x1 < x0 or y1 < y0.
+    """
+    import torch
+    from torchvision.ops import clip_boxes_to_image
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        raise ValueError("boxes contain NaN or infinite coordinates")
+    if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+        raise ValueError("boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0")
+    return clip_boxes_to_image(torch.from_numpy(boxes), tuple(image_size)).numpy()
 
 
 @dataclass(repr=False, eq=False)
@@ -72,6 +90,7 @@ class Segmentation:
         count = self.masks.shape[0]
         if self.boxes.shape != (count, 4):
             raise ValueError(f"boxes must have shape ({count}, 4) to match {count} masks, got {self.boxes.shape}")
+        self.boxes = clip_boxes(self.boxes, self.image_size)
         for name in ("scores", "mask_scores"):
             if getattr(self, name).shape != (count,):
                 raise ValueError(f"{name} must have {count} entries, got {getattr(self, name).shape[0]}")

@@ -244,7 +244,7 @@ class SamAutomaticMaskGenerator:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)
 
         height, width = crop_size
-        img_size = self.predictor.model.image_encoder.img_size
+        img_size = self.predictor.model.image_size
         # per mask: the model-frame upscale (float32), the crop-frame logits (float32), three
         # thresholded copies and the RLE scratch space (bool)
         bytes_per_mask = img_size * img_size * 4 + height * width * (4 + 3 + 2)
@@ -258,23 +258,14 @@ class SamAutomaticMaskGenerator:
     def _decode_points(self, points: np.ndarray, crop_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 2) xy crop pixels -> low-res logits (B, 3, 256, 256) and IoU predictions (B, 3), float32.
 
-        Calls the prompt encoder and decoder directly: ``predict_torch`` would upscale all 3B
-        masks to full resolution, most of which the IoU filter throws away. Points stay
-        float64 until the prompt encoder normalises them, as in the official generator.
+        Low-res only: ``predict_torch`` would upscale all 3B masks to full resolution, most of
+        which the IoU filter throws away. Points stay float64 until the prompt encoder
+        normalises them, as in the official generator.
         """
-        model = self.predictor.model
         device = self.predictor.device
         coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), device=device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-        sparse, dense = model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
-        low_res_logits, iou_preds = model.mask_decoder(
-            image_embeddings=self.predictor.features,
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
-        return low_res_logits.float(), iou_preds.float()
+        return self.predictor.decode(coords[:, None, :], labels[:, None], multimask_output=True)
 
     def _filter_and_encode(
         self,
@@ -291,7 +282,7 @@ class SamAutomaticMaskGenerator:
             data["low_res_logits"][:, None],
             self.predictor.input_size,
             crop_size,
-            model.image_encoder.img_size,
+            model.image_size,
         )[:, 0]
         del data["low_res_logits"]
         data["stability_score"] = calculate_stability_score(

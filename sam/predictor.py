@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from . import transforms
 from .image import to_rgb_uint8
-from .modeling import Sam
-from .transforms import ResizeLongestSide
 
 logger = logging.getLogger(__name__)
 
@@ -19,23 +20,30 @@ class ImageNotSetError(RuntimeError, ValueError):
 
 
 class SamPredictor:
-    """Prompted segmentation on one image at a time.
+    """Prompted segmentation for both model families (SAM 1 `Sam`, SAM 2 / 2.1 `Sam2`).
 
-    Frames: `predict` takes prompts in original-image pixels; `predict_torch` takes them in the
-    model-input frame (already passed through `transform`). Device and dtype are decided here,
-    once: the model is moved to them, and every output comes back as float32 / bool.
+    Frames: `predict` takes prompts in original-image pixels; `predict_torch` and `decode` take
+    them in the model-input frame (already passed through `transform`: SAM 1 resizes the longest
+    side to 1024, SAM 2 resizes to a 1024 square). Device and dtype are decided here, once: the
+    model is moved to them, and every output comes back as float32 / bool.
+
+    Every decode (the predictor's own, the automatic mask generator's, the pipeline's) goes
+    through `decode`, which returns low-resolution logits; `predict_torch` adds the upscaling.
     """
 
     def __init__(
         self,
-        sam_model: Sam,
+        sam_model: Any,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         if device is not None or dtype is not None:
             sam_model = sam_model.to(device=device, dtype=dtype)
         self.model = sam_model.eval()
-        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.family: str = getattr(sam_model, "family", "sam1")
+        self.prompt_encoder = sam_model.sam_prompt_encoder if self.family == "sam2" else sam_model.prompt_encoder
+        self.transform = transform_for(sam_model)
+        self._batch: list[tuple[Any, tuple[int, int], tuple[int, int]]] | None = None
         self.reset_image()
 
     @property
@@ -44,18 +52,16 @@ class SamPredictor:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.prompt_encoder.no_mask_embed.weight.dtype
+        return self.prompt_encoder.no_mask_embed.weight.dtype
 
     # ----------------------------------------------------------------------- image
-    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        """Compute and cache the embedding of an (H, W, 3) uint8 image (other layouts are
-        converted with a warning; see `sam.image.to_rgb_uint8`). A refused image leaves no
-        image set, so a later `predict` cannot silently use the previous one."""
-        self.reset_image()
+    def _prepare(self, image: np.ndarray, image_format: str) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Checked (H, W, 3) image -> model-input tensor (1, 3, h, w), (H, W), (h, w)."""
         image = to_rgb_uint8(image, image_format)
         height, width = image.shape[:2]
         target = self.transform.target_length
-        if min(self.transform.get_preprocess_shape(height, width, target)) < 1:
+        input_size = tuple(self.transform.get_preprocess_shape(height, width, target))
+        if min(input_size) < 1:
             # The short side would round to 0 pixels at the model's input size (Meta's code
             # crashes deep inside PIL there); masks of such an image would be meaningless.
             raise ValueError(
@@ -63,15 +69,25 @@ class SamPredictor:
                 f"resized to 0 pixels when the long side becomes {target} (the aspect ratio may be "
                 f"at most {2 * target}:1); crop or pad it first"
             )
-        input_image = self.transform.apply_image(image)
-        input_tensor = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1)[None]
-        self.set_torch_image(input_tensor, image.shape[:2])
+        pixels = self.transform.to_input_tensor(image, self.device)
+        return pixels, (height, width), (int(input_size[0]), int(input_size[1]))
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Compute and cache the features of an (H, W, 3) uint8 image (other layouts are
+        converted with a warning; see `sam.image.to_rgb_uint8`). A refused image leaves no
+        image set, so a later `predict` cannot silently use the previous one."""
+        self.reset_image()
+        pixels, original_size, input_size = self._prepare(image, image_format)
+        with torch.no_grad():
+            features = self.model.encode_image(pixels.to(dtype=self.dtype))
+        self._set(features, original_size, input_size)
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
-        """transformed_image: (1, 3, h, w) with longest side 1024 (model-input frame), values in
-        [0, 255]; original_image_size: (H, W) of the original image."""
-        target = self.model.image_encoder.img_size
+        """transformed_image: (1, 3, h, w) already in the model-input frame, as
+        `transform.to_input_tensor` makes it (SAM 1: longest side 1024, values in [0, 255];
+        SAM 2: 1024 square, values in [0, 1]); original_image_size: (H, W) of the original image."""
+        target = self.model.image_size
         if (
             transformed_image.ndim != 4
             or transformed_image.shape[0] != 1
@@ -83,39 +99,56 @@ class SamPredictor:
                 f"got shape {tuple(transformed_image.shape)}"
             )
         self.reset_image()
-        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
-        self.input_size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         pixels = transformed_image.to(device=self.device, dtype=self.dtype)
-        self.features = self.model.image_encoder(self.model.preprocess(pixels))
-        self.is_image_set = True
+        original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self._set(self.model.encode_image(pixels), original_size, tuple(transformed_image.shape[-2:]))
 
-    def set_embedding(
-        self, features: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int]
-    ) -> None:
-        """Restore a cached embedding (from `get_image_embedding`) without re-running the encoder.
-
-        features: (1, 256, 64, 64); original_size: (H, W) of the image; input_size: (h, w) of
-        the resized image in the model-input frame.
-        """
-        expected = (1, self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
-        if tuple(features.shape) != expected:
-            raise ValueError(f"features must have shape {expected}, got {tuple(features.shape)}")
+    @torch.no_grad()
+    def set_image_batch(self, images: list[np.ndarray], image_format: str = "RGB") -> None:
+        """Encode several (H, W, 3) images in one encoder call; then `predict_batch` decodes
+        prompts for each. Sizes may differ (each is resized to the model-input frame)."""
+        if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("set_image_batch expects a non-empty list of (H, W, 3) images")
         self.reset_image()
-        self.features = features.to(device=self.device, dtype=self.dtype)
+        prepared = [self._prepare(image, image_format) for image in images]
+        pixels = [tensor.to(dtype=self.dtype) for tensor, _, _ in prepared]
+        if len({tensor.shape for tensor in pixels}) == 1:
+            pixels = torch.cat(pixels)
+        # else: SAM 1 inputs of different aspect ratios; `Sam.encode_image` pads each to 1024.
+        features = self.model.encode_image(pixels)
+        self._batch = [
+            (_select(features, index), original_size, input_size)
+            for index, (_, original_size, input_size) in enumerate(prepared)
+        ]
+
+    def _set(self, features: Any, original_size: tuple[int, int], input_size: tuple[int, int]) -> None:
+        self.features = features
         self.original_size = (int(original_size[0]), int(original_size[1]))
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.is_image_set = True
 
+    def set_embedding(
+        self, features: Any, original_size: tuple[int, int], input_size: tuple[int, int]
+    ) -> None:
+        """Restore cached features (`predictor.features` after `set_image`) without re-running
+        the encoder. SAM 1: a (1, 256, 64, 64) tensor; SAM 2: the dict of multi-level features.
+        original_size: (H, W) of the image; input_size: (h, w) in the model-input frame."""
+        _check_features(self.family, features, self.prompt_encoder)
+        self.reset_image()
+        self._set(_to(features, self.device, self.dtype), original_size, input_size)
+
     def get_image_embedding(self) -> torch.Tensor:
-        """The cached (1, 256, 64, 64) image embedding."""
+        """The cached (1, 256, 64, 64) image embedding (SAM 2: the lowest-resolution level, with
+        `no_mem_embed` added)."""
         self._require_image()
-        return self.features
+        return self.features["image_embed"] if self.family == "sam2" else self.features
 
     def reset_image(self) -> None:
         self.is_image_set = False
-        self.features: torch.Tensor | None = None
+        self.features: Any = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
+        self._batch = None
 
     def _require_image(self) -> None:
         if not self.is_image_set:
@@ -159,11 +192,104 @@ class SamPredictor:
         masks, iou_predictions, low_res = self.predict_torch(
             coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits
         )
-        return (
-            masks[0].cpu().numpy(),
-            iou_predictions[0].float().cpu().numpy(),
-            low_res[0].float().cpu().numpy(),
+        return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def predict_batch(
+        self,
+        point_coords_batch: list[np.ndarray | None] | None = None,
+        point_labels_batch: list[np.ndarray | None] | None = None,
+        box_batch: list[np.ndarray | None] | None = None,
+        mask_input_batch: list[np.ndarray | None] | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """`predict` for each image of the last `set_image_batch`, one prompt set per image
+        (each list has one entry per image, or is None). A box entry may hold several boxes
+        (B, 4): they are decoded together, giving (B, C, H, W) masks for that image.
+        Returns lists of masks, iou_predictions and low_res_logits, one entry per image."""
+        if self._batch is None:
+            raise ImageNotSetError("no image batch is set: call set_image_batch(images) before predict_batch")
+        batch = self._batch
+        count = len(batch)
+        prompts = {}
+        for name, values in (("point_coords_batch", point_coords_batch), ("point_labels_batch", point_labels_batch),
+                             ("box_batch", box_batch), ("mask_input_batch", mask_input_batch)):
+            if values is not None and len(values) != count:
+                raise ValueError(f"{name} has {len(values)} entries but {count} images are set")
+            prompts[name] = values if values is not None else [None] * count
+        outputs: tuple[list, list, list] = ([], [], [])
+        try:
+            for index, (features, original_size, input_size) in enumerate(batch):
+                self._set(features, original_size, input_size)
+                boxes = prompts["box_batch"][index]
+                if boxes is not None and np.asarray(boxes).ndim == 2 and len(boxes) > 1:
+                    result = self._predict_many_boxes(
+                        prompts["point_coords_batch"][index], prompts["point_labels_batch"][index], boxes,
+                        prompts["mask_input_batch"][index], multimask_output, return_logits,
+                    )
+                else:
+                    result = self.predict(
+                        prompts["point_coords_batch"][index], prompts["point_labels_batch"][index], boxes,
+                        prompts["mask_input_batch"][index], multimask_output, return_logits,
+                    )
+                for column, value in zip(outputs, result):
+                    column.append(value)
+        finally:
+            self.is_image_set = False
+            self.features = None
+            self._batch = batch
+        return outputs
+
+    def _predict_many_boxes(self, point_coords, point_labels, boxes, mask_input, multimask_output, return_logits):
+        if point_coords is not None or mask_input is not None:
+            raise ValueError("several boxes for one image cannot be combined with points or mask_input; "
+                             "give one box per prompt set")
+        box_arrays = np.stack([self._check_box(box)[0] for box in np.asarray(boxes, dtype=float)])
+        box_torch = torch.as_tensor(
+            self.transform.apply_boxes(box_arrays, self.original_size), dtype=torch.float, device=self.device
         )
+        masks, iou_predictions, low_res = self.predict_torch(
+            None, None, box_torch, None, multimask_output, return_logits
+        )
+        return masks.cpu().numpy(), iou_predictions.cpu().numpy(), low_res.cpu().numpy()
+
+    @torch.no_grad()
+    def decode(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B prompt sets in one decoder call, without upscaling: the one decode path.
+
+        point_coords: (B, N, 2) xy and point_labels (B, N), boxes (B, 4) xyxy, all in the
+        model-input frame; mask_input: (B, 1, 256, 256) low-res logits.
+        Returns low_res_logits (B, C, 256, 256) and iou_predictions (B, C) as float32,
+        C = 3 if multimask_output else 1.
+        """
+        self._require_image()
+        self._check_prompt_batch(point_coords, point_labels, boxes, mask_input)
+        dtype, device = self.dtype, self.device
+        points = None
+        if point_coords is not None:
+            # Coordinates keep their float precision until the prompt encoder has normalised
+            # them (the official generator passes float64 points).
+            coords = point_coords.to(device)
+            if not coords.is_floating_point():
+                coords = coords.float()
+            points = (coords, point_labels.to(device))
+        if boxes is not None:
+            boxes = boxes.to(device)
+            if not boxes.is_floating_point():
+                boxes = boxes.float()
+        if mask_input is not None:
+            mask_input = mask_input.to(device=device, dtype=dtype)
+        low_res_logits, iou_predictions, _ = self.model.decode(
+            self.features, points, boxes, mask_input, multimask_output
+        )
+        return low_res_logits.float(), iou_predictions.float()
 
     @torch.no_grad()
     def predict_torch(
@@ -175,13 +301,25 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A batch of B prompt sets in one decoder call, in the model-input frame.
+        """`decode`, then upscale to the original image.
 
-        point_coords: (B, N, 2); point_labels: (B, N); boxes: (B, 4) xyxy;
-        mask_input: (B, 1, 256, 256). Returns masks (B, C, H, W) (bool unless return_logits),
-        iou_predictions (B, C) and low_res_logits (B, C, 256, 256), as float32.
+        Returns masks (B, C, H, W) (bool unless return_logits), iou_predictions (B, C) and
+        low_res_logits (B, C, 256, 256), as float32.
         """
-        self._require_image()
+        low_res_logits, iou_predictions = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output)
+        masks = self.model.postprocess_masks(low_res_logits, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        if self.family == "sam2":
+            # As SAM2ImagePredictor: masks come from the raw logits, the returned ones are clamped.
+            low_res_logits = low_res_logits.clamp(-32.0, 32.0)
+        return masks, iou_predictions, low_res_logits
+
+    # ----------------------------------------------------------------------- checks
+    def _low_res_shape(self) -> tuple[int, int, int]:
+        return (1, *self.prompt_encoder.mask_input_size)
+
+    def _check_prompt_batch(self, point_coords, point_labels, boxes, mask_input) -> None:
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         batch_sizes = {}
@@ -206,33 +344,6 @@ class SamPredictor:
             batch_sizes["mask_input"] = mask_input.shape[0]
         if len(set(batch_sizes.values())) > 1:
             raise ValueError(f"prompt batch sizes disagree: {batch_sizes}")
-
-        dtype, device = self.dtype, self.device
-        points = None
-        if point_coords is not None:
-            points = (point_coords.to(device=device, dtype=dtype), point_labels.to(device))
-        if boxes is not None:
-            boxes = boxes.to(device=device, dtype=dtype)
-        if mask_input is not None:
-            mask_input = mask_input.to(device=device, dtype=dtype)
-
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res_logits, iou_predictions = self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
-        low_res_logits = low_res_logits.float()
-        masks = self.model.postprocess_masks(low_res_logits, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, iou_predictions.float(), low_res_logits
-
-    # ----------------------------------------------------------------------- checks
-    def _low_res_shape(self) -> tuple[int, int, int]:
-        return (1, *self.model.prompt_encoder.mask_input_size)
 
     def _check_points(self, point_coords, point_labels):
         if point_coords is None and point_labels is None:
@@ -299,3 +410,42 @@ class SamPredictor:
         if not np.isfinite(mask_array).all():
             raise ValueError("mask_input contains NaN or infinite values")
         return mask_array
+
+
+def transform_for(model: Any):
+    """The model family's image / coordinate transform."""
+    if hasattr(transforms, "transform_for"):
+        return transforms.transform_for(model)
+    return transforms.ResizeLongestSide(model.image_size)
+
+
+def _select(features: Any, index: int) -> Any:
+    """Image `index` of batched features, keeping a batch dimension of 1."""
+    if isinstance(features, dict):
+        return {name: _select(value, index) for name, value in features.items()}
+    if isinstance(features, (list, tuple)):
+        return type(features)(_select(value, index) for value in features)
+    return features[index : index + 1]
+
+
+def _to(features: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if isinstance(features, dict):
+        return {name: _to(value, device, dtype) for name, value in features.items()}
+    if isinstance(features, (list, tuple)):
+        return type(features)(_to(value, device, dtype) for value in features)
+    return features.to(device=device, dtype=dtype)
+
+
+def _check_features(family: str, features: Any, prompt_encoder: Any) -> None:
+    embed_shape = (1, prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
+    if family == "sam1":
+        if not isinstance(features, torch.Tensor) or tuple(features.shape) != embed_shape:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must have shape {embed_shape}, got {shape}")
+        return
+    if not isinstance(features, dict) or set(features) != {"image_embed", "high_res_feats"}:
+        raise ValueError("SAM 2 features must be the dict that set_image stores in predictor.features "
+                         "(keys image_embed and high_res_feats)")
+    if tuple(features["image_embed"].shape) != embed_shape:
+        raise ValueError(f"features['image_embed'] must have shape {embed_shape}, "
+                         f"got {tuple(features['image_embed'].shape)}")

@@ -215,14 +215,13 @@ def test_no_auto_masks_and_all_masks_too_small(sam_predictor, scorer, clip_files
     assert len(too_small) == 0 and too_small.mode == "clip"
 
 
-def test_real_automatic_mask_generator_feeds_clip_mode(sam_predictor, scorer, photo, monkeypatch):
-    """The generator's own records (tiny random SAM, a 2x2 point grid, no quality filters)."""
+def test_real_automatic_mask_generator_feeds_clip_mode(sam_predictor, scorer, photo):
+    """The generator's own records (tiny random SAM, a 2x2 point grid, no quality filters), its
+    settings given to the pipeline as ``amg_params``."""
     from sam import SamAutomaticMaskGenerator
 
-    pipe = LangSAM(sam_model=sam_predictor, detector_model=NoDetector(), clip_scorer=scorer)
-    real_auto_masks = pipe.auto_masks
     amg_params = dict(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    monkeypatch.setattr(pipe, "auto_masks", lambda image: real_auto_masks(image, **amg_params))
+    pipe = LangSAM(sam_model=sam_predictor, detector_model=NoDetector(), clip_scorer=scorer, amg_params=amg_params)
     encoder_calls = []
     hook = sam_predictor.model.image_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
     try:
@@ -237,6 +236,29 @@ def test_real_automatic_mask_generator_feeds_clip_mode(sam_predictor, scorer, ph
     for mask in list(result.masks) + list(again.masks):
         assert any(np.array_equal(mask, candidate) for candidate in auto_masks)
     assert set(result.labels) <= set(QUERIES) and again.labels == ["a dog"] * len(again)
+
+
+def test_generator_settings_reach_clip_mode_and_key_its_cache(sam_predictor, scorer, photo, auto, monkeypatch):
+    pipe, _ = clip_pipeline(sam_predictor, scorer, monkeypatch, auto[1])
+    seen = []
+    monkeypatch.setattr(pipe, "auto_masks", lambda image, **kwargs: seen.append(kwargs) or auto[1])
+    pipe.amg_params = {"points_per_side": 8}
+    pipe.segment(photo, QUERIES, mode="clip")
+    pipe.segment(photo, QUERIES, mode="clip")                                   # cached
+    pipe.segment(photo, QUERIES, mode="clip", amg_params={"points_per_side": 4, "pred_iou_thresh": 0.5})
+    pipe.segment(photo, QUERIES, mode="clip", amg_params={"pred_iou_thresh": 0.5, "points_per_side": 4})  # cached
+    assert seen == [{"points_per_side": 8}, {"points_per_side": 4, "pred_iou_thresh": 0.5}]
+
+    with pytest.raises(ValueError, match="only to mode='clip'"):
+        pipe.segment(photo, QUERIES, mode="grounded", amg_params={"points_per_side": 4})
+    with pytest.raises(ValueError, match="unknown amg_params.*points_per_sid"):
+        pipe.segment(photo, QUERIES, mode="clip", amg_params={"points_per_sid": 4})
+    with pytest.raises(ValueError, match="unknown amg_params.*device"):
+        LangSAM(sam_model=sam_predictor, amg_params={"device": "cpu"})
+    with pytest.raises(ValueError, match="must be a dict"):
+        LangSAM(sam_model=sam_predictor, amg_params=[("points_per_side", 4)])
+    with pytest.raises(ValueError, match="point_grids"):
+        pipe.segment(photo, QUERIES, mode="clip", amg_params={"point_grids": [np.zeros((4, 2))]})
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -242,3 +242,32 @@ def test_atomic_writes(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")), np.asarray(image))
     atomic_save_image(tmp_path / "o.jpg", image)
     assert Image.open(tmp_path / "o.jpg").mode == "RGB"
+
+
+def test_formats_outside_the_list_are_refused_before_decoding(tmp_path):
+    """An EPS file (Pillow would hand it to Ghostscript) renamed to .jpg is refused."""
+    eps = tmp_path / "photo.jpg"
+    eps.write_bytes(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+        b"newpath 0 0 moveto 8 0 lineto 8 8 lineto closepath fill\nshowpage\n%%EOF\n"
+    )
+    with Image.open(eps) as unrestricted:  # Pillow alone would take it for EPS
+        assert unrestricted.format == "EPS"
+    with pytest.raises(ImageLoadError, match="supported format") as raised:
+        load_image(eps)
+    assert str(eps) in str(raised.value)
+    # the listed formats still load, whatever their suffix
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    for fmt, suffix in (("PNG", ".png"), ("BMP", ".jpg"), ("TIFF", ".tif"), ("WEBP", ".webp"), ("PPM", ".ppm")):
+        path = tmp_path / f"ok_{fmt}{suffix}"
+        Image.fromarray(pixels).save(path, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        np.testing.assert_array_equal(load_image(path), pixels)
+
+
+def test_multi_picture_jpeg_from_a_camera_loads(tmp_path):
+    first = np.full((8, 8, 3), 200, np.uint8)
+    path = tmp_path / "camera.jpg"
+    Image.fromarray(first).save(path, format="MPO", save_all=True, append_images=[Image.fromarray(first // 2)])
+    with Image.open(path) as image:
+        assert image.format == "MPO"
+    assert np.abs(load_image(path).astype(int) - 200).max() <= 2  # the first picture (JPEG rounding)

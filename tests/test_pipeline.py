@@ -67,7 +67,12 @@ def _reference_boxes(pipeline, photo, caption, box_threshold, text_threshold=0.2
         detector.processor, detector.model, photo, caption, box_threshold, text_threshold
     )
     order = np.argsort(-result["scores"].numpy(), kind="stable")  # the pipeline returns best first
-    return result["boxes"].numpy()[order], result["scores"].numpy()[order]
+    boxes = result["boxes"].numpy()[order]
+    height, width = photo.shape[:2]
+    # The pipeline clips boxes to the image (and SAM gets the clipped ones).
+    boxes = np.stack([boxes[:, 0].clip(0, width), boxes[:, 1].clip(0, height),
+                      boxes[:, 2].clip(0, width), boxes[:, 3].clip(0, height)], axis=1)
+    return boxes, result["scores"].numpy()[order]
 
 
 def test_grounded_equals_transformers_then_sam_predictor(pipe, photo, tiny_sam_checkpoint):
@@ -321,3 +326,54 @@ def test_auto_masks_equal_the_generator_on_the_same_model(pipe, photo):
     for mine, theirs in zip(ours, reference):
         np.testing.assert_array_equal(mine["segmentation"], theirs["segmentation"])
         assert mine["bbox"] == theirs["bbox"] and mine["area"] == theirs["area"]
+
+
+def test_boxes_past_every_edge_are_clipped_everywhere(tiny_sam_checkpoint, tmp_path):
+    """A detector whose boxes reach past each edge of the image (and one wholly outside it):
+    every box that leaves the package lies inside the image, and SAM got the clipped box."""
+    import json
+
+    photo = real_photo("astronaut")[:300, :400]  # 400 x 300
+    height, width = photo.shape[:2]
+    raw = [[-27.4, 49.2, 191.8, 186.0],     # past the left edge
+           [120.0, -15.0, 260.0, 90.0],     # past the top
+           [300.0, 100.0, 455.5, 200.0],    # past the right
+           [20.0, 220.0, 140.0, 333.3],     # past the bottom
+           [-10.0, -10.0, 410.0, 310.0],    # past all four
+           [420.0, 10.0, 500.0, 60.0]]      # wholly outside: dropped
+    labels = ["left", "top", "right", "bottom", "all", "outside"]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.95]
+    sam = build_sam("auto", checkpoint=tiny_sam_checkpoint)
+    pipe = LangSAM(sam_model=sam, detector_model=FixedDetector(raw, labels, scores))
+    result = pipe.segment(photo, labels)
+    expected = np.array([[0, 49.2, 191.8, 186.0], [120, 0, 260, 90], [300, 100, 400, 200],
+                         [20, 220, 140, 300], [0, 0, 400, 300]], dtype=np.float32)
+    assert result.labels == labels[:5]
+    np.testing.assert_allclose(result.boxes, expected, rtol=0, atol=1e-4)
+
+    reference = SamPredictor(build_sam("auto", checkpoint=tiny_sam_checkpoint))
+    reference.set_image(photo)
+    input_boxes = reference.transform.apply_boxes_torch(torch.as_tensor(expected), photo.shape[:2])
+    masks, _, _ = reference.predict_torch(None, None, boxes=input_boxes, multimask_output=False)
+    np.testing.assert_array_equal(result.masks, masks[:, 0].numpy())
+
+    for annotation in result.to_coco(image_id=1):
+        x, y, w, h = annotation["bbox"]
+        assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= width + 1e-3 and y + h <= height + 1e-3
+    result.save(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    boxes = np.array([obj["box"] for obj in saved["objects"]])
+    assert (boxes[:, [0, 2]] >= 0).all() and (boxes[:, [0, 2]] <= width).all()
+    assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= height).all()
+
+
+def test_a_hand_made_segmentation_gets_clipped_boxes_and_bad_boxes_are_refused():
+    from langsam.result import Segmentation
+
+    masks = np.zeros((1, 10, 20), bool)
+    seg = Segmentation(masks, [[-5, 2, 25, 12]], [1.0], [1.0], ["x"], (10, 20))
+    np.testing.assert_array_equal(seg.boxes, [[0, 2, 20, 10]])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        Segmentation(masks, [[np.nan, 0, 1, 1]], [1.0], [1.0], ["x"], (10, 20))
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        Segmentation(masks, [[5, 0, 1, 1]], [1.0], [1.0], ["x"], (10, 20))

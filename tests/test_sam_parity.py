@@ -275,3 +275,64 @@ def test_folded_decoder_attention_equals_plain_path(models):
     torch.testing.assert_close(folded[1], plain[1], atol=1e-5, rtol=0)
     # The batch really differs per prompt, so the comparison is not between copies.
     assert (folded[1][0] - folded[1][1]).abs().max() > 1e-4
+
+
+def test_decode_is_the_one_decode_path(chelsea_predictors, monkeypatch):
+    """`decode` gives the reference's low-res logits without upscaling; `predict_torch`, `predict`
+    and the automatic mask generator all go through it."""
+    from sam import SamAutomaticMaskGenerator
+
+    ours, reference, image = chelsea_predictors
+    coords = ours.transform.apply_coords_torch(torch.tensor([[[100.0, 80.0], [300.0, 200.0]]]), image.shape[:2])
+    labels = torch.tensor([[1, 0]])
+    low, iou = ours.decode(coords, labels, multimask_output=True)
+    _, ref_iou, ref_low = reference.predict_torch(coords, labels, multimask_output=True)
+    torch.testing.assert_close(low, ref_low, atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=0)
+
+    calls = []
+    original = type(ours).decode
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("multimask_output", args[4] if len(args) > 4 else True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(ours), "decode", counting)
+    ours.predict(point_coords=np.array([[100, 80]]), point_labels=np.array([1]))
+    assert len(calls) == 1
+    generator = SamAutomaticMaskGenerator(ours, points_per_side=2, pred_iou_thresh=0, stability_score_thresh=0)
+    generator.generate(image)
+    assert len(calls) == 2  # 4 points, one batch
+    ours.set_image(image)  # the generator replaced the image; restore it for later tests
+
+
+def test_set_image_batch_and_predict_batch_equal_single_images(models):
+    ours, _ = models
+    images = [IMAGES["chelsea_300x451"], IMAGES["rocket_portrait_640x427"]]
+    batch = SamPredictor(ours)
+    batch.set_image_batch(images)
+    single = SamPredictor(ours)
+    points = [np.array([[100, 80]]), np.array([[200, 300], [50, 60]])]
+    labels = [np.array([1]), np.array([1, 0])]
+    boxes = [None, np.array([[10, 20, 200, 300], [100, 100, 400, 600]])]
+    masks, ious, lows = batch.predict_batch(points, labels, multimask_output=True)
+    box_masks, box_ious, _ = batch.predict_batch(box_batch=boxes, multimask_output=False)
+    assert box_masks[0].shape == (1, 300, 451) and box_masks[1].shape == (2, 1, 640, 427)
+    for index, image in enumerate(images):
+        single.set_image(image)
+        torch.testing.assert_close(batch._batch[index][0], single.features, atol=EMBED_ATOL, rtol=0)
+        single_masks, single_iou, single_low = single.predict(points[index], labels[index])
+        np.testing.assert_allclose(ious[index], single_iou, atol=1e-5)
+        np.testing.assert_allclose(lows[index], single_low, atol=LOGIT_ATOL)
+        assert (masks[index] != single_masks).mean() <= MAX_MASK_MISMATCH
+    single.set_image(images[1])
+    for row, box in enumerate(boxes[1]):
+        single_masks, single_iou, _ = single.predict(box=box, multimask_output=False)
+        np.testing.assert_allclose(box_ious[1][row], single_iou, atol=1e-5)
+        assert (box_masks[1][row] != single_masks).mean() <= MAX_MASK_MISMATCH
+    with pytest.raises(ValueError, match="2 images are set"):
+        batch.predict_batch([points[0]], [labels[0]])
+    with pytest.raises(ValueError, match="non-empty list"):
+        batch.set_image_batch([])
+    with pytest.raises(ValueError, match="predict_batch"):
+        SamPredictor(ours).predict_batch([points[0]], [labels[0]])

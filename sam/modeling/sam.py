@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,10 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 class Sam(nn.Module):
+    """SAM 1. Shares with `Sam2` the small interface the predictor uses: `encode_image`,
+    `decode` and `postprocess_masks`."""
+
+    family: str = "sam1"
     mask_threshold: float = 0.0
     image_format: str = "RGB"
 
@@ -39,6 +43,41 @@ class Sam(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def image_size(self) -> int:
+        return self.image_encoder.img_size
+
+    def encode_image(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, h, w) RGB in [0, 255], longest side 1024 (model-input frame, before padding),
+        or a list of (1, 3, h_i, w_i) of different sizes -> image embeddings (B, 256, 64, 64)."""
+        if isinstance(pixels, torch.Tensor):
+            return self.image_encoder(self.preprocess(pixels))
+        return self.image_encoder(torch.cat([self.preprocess(image) for image in pixels]))
+
+    def decode(
+        self,
+        features: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """One image's (1, 256, 64, 64) embedding against B prompt sets in the model-input frame:
+        points ((B, N, 2) xy, (B, N) labels), boxes (B, 4) xyxy, mask_input (B, 1, 256, 256).
+
+        Returns low-res logits (B, C, 256, 256), IoU predictions (B, C) and None (SAM 1 has no
+        object score), C = 3 if multimask_output else 1.
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res_logits, iou_predictions = self.mask_decoder(
+            image_embeddings=features,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        return low_res_logits, iou_predictions, None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) float RGB in [0, 255], longest side 1024 -> normalised and zero-padded to 1024x1024."""
@@ -76,15 +115,8 @@ class Sam(nn.Module):
             points = None
             if "point_coords" in record:
                 points = (record["point_coords"], record["point_labels"])
-            sparse, dense = self.prompt_encoder(
-                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
-            )
-            low_res_logits, iou_predictions = self.mask_decoder(
-                image_embeddings=embedding[None],
-                image_pe=self.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
+            low_res_logits, iou_predictions, _ = self.decode(
+                embedding[None], points, record.get("boxes"), record.get("mask_inputs"), multimask_output
             )
             masks = self.postprocess_masks(
                 low_res_logits, tuple(record["image"].shape[-2:]), record["original_size"]
