@@ -87,10 +87,11 @@ def check_amg_params(amg_params: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"amg_params must be a dict of generator settings, got {type(amg_params).__name__}")
     import inspect
 
-    from sam.automatic_mask_generator import SamAutomaticMaskGenerator
+    from sam.automatic_mask_generator import Sam2AutomaticMaskGenerator
 
-    # The pipeline decides device, dtype and output format itself.
-    accepted = set(inspect.signature(SamAutomaticMaskGenerator.__init__).parameters) - {
+    # The pipeline decides device, dtype and output format itself. The SAM 2 generator takes
+    # every setting of the SAM 1 one, plus its own; which model family is loaded is not known yet.
+    accepted = set(inspect.signature(Sam2AutomaticMaskGenerator.__init__).parameters) - {
         "self", "model", "device", "dtype", "output_mode"}
     unknown = sorted(set(amg_params) - accepted)
     if unknown:
@@ -341,13 +342,15 @@ class LangSAM:
         return [self.segment(image, text, **kwargs) for image, text in zip(images, per_image)]
 
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:
-        """SAM's automatic masks of ``image`` (``SamAutomaticMaskGenerator(...).generate``);
-        ``amg_params`` are the generator's own (``points_per_side``, ``pred_iou_thresh``, ...)."""
-        from sam import SamAutomaticMaskGenerator
+        """SAM's automatic masks of ``image``, from the generator of the loaded model's family
+        (``sam.make_mask_generator``: ``SamAutomaticMaskGenerator`` or
+        ``Sam2AutomaticMaskGenerator``, with that family's defaults); ``amg_params`` are the
+        generator's own (``points_per_side``, ``pred_iou_thresh``, ...)."""
+        from sam import make_mask_generator
 
         pixels = load_image(image)
         with self._lock:
-            generator = SamAutomaticMaskGenerator(self.predictor.model, **amg_params)
+            generator = make_mask_generator(self.predictor.model, **amg_params)
             return generator.generate(pixels)
 
     # ------------------------------------------------------------------ stages

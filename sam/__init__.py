@@ -20,7 +20,9 @@ __all__ = [
     "ImageNotSetError",
     "ResizeLongestSide",
     "Sam",
+    "Sam2AutomaticMaskGenerator",
     "SamAutomaticMaskGenerator",
+    "make_mask_generator",
     "SamPredictor",
     "SamSpec",
     "build_sam",
@@ -33,8 +35,8 @@ __all__ = [
 
 def __getattr__(name: str):
     # The generator pulls in pycocotools; import it only when asked for.
-    if name == "SamAutomaticMaskGenerator":
-        from .automatic_mask_generator import SamAutomaticMaskGenerator
+    if name in ("SamAutomaticMaskGenerator", "Sam2AutomaticMaskGenerator", "make_mask_generator"):
+        from . import automatic_mask_generator
 
-        return SamAutomaticMaskGenerator
+        return getattr(automatic_mask_generator, name)
     raise AttributeError(f"module 'sam' has no attribute {name!r}")

@@ -34,7 +34,6 @@ from .amg_utils import (
     upscale_mask_logits,
 )
 from .image import to_rgb_uint8
-from .modeling import Sam
 from .predictor import SamPredictor
 
 logger = logging.getLogger(__name__)
@@ -71,11 +70,15 @@ class SamAutomaticMaskGenerator:
         (pycocotools RLE with str counts). Prefer an RLE mode for large images.
     mask_chunk_bytes: memory budget for full-resolution logits upscaled at once (not an
         official parameter; it changes speed and peak memory, never the output).
+    mask_threshold, use_m2m, multimask_output: SAM 2's generator settings (keyword-only
+        here; see `Sam2AutomaticMaskGenerator`): the logit threshold of a mask (None: the
+        model's, 0.0), a second decode of each mask with its own logits as the mask prompt,
+        and 3 candidate masks per point (False: one).
     """
 
     def __init__(
         self,
-        model: Sam | SamPredictor,
+        model: Any,
         points_per_side: int | None = 32,
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.88,
@@ -93,15 +96,27 @@ class SamAutomaticMaskGenerator:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         mask_chunk_bytes: int = DEFAULT_MASK_CHUNK_BYTES,
+        mask_threshold: float | None = None,
+        use_m2m: bool = False,
+        multimask_output: bool = True,
     ) -> None:
         if isinstance(model, SamPredictor):
             if device is not None or dtype is not None:
                 raise ValueError("pass device/dtype when building the SamPredictor, not with one")
             self.predictor = model
-        elif isinstance(model, Sam):
+        elif isinstance(model, torch.nn.Module) and hasattr(model, "encode_image") and hasattr(model, "decode"):
             self.predictor = SamPredictor(model, device=device, dtype=dtype)
         else:
-            raise ValueError(f"model must be a sam.Sam or a sam.SamPredictor, got {type(model).__name__}")
+            raise ValueError(
+                f"model must be a sam.Sam or sam.Sam2 model or a sam.SamPredictor, got {type(model).__name__}"
+            )
+        if mask_threshold is None:
+            mask_threshold = self.predictor.model.mask_threshold
+        if not isinstance(mask_threshold, (int, float)) or not math.isfinite(mask_threshold):
+            raise ValueError(f"mask_threshold must be a finite number, got {mask_threshold!r}")
+        for name, value in (("use_m2m", use_m2m), ("multimask_output", multimask_output)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
 
         _check_int("points_per_batch", points_per_batch, minimum=1)
         _check_int("crop_n_layers", crop_n_layers, minimum=0)
@@ -155,6 +170,9 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self.mask_chunk_bytes = mask_chunk_bytes
+        self.mask_threshold = float(mask_threshold)
+        self.use_m2m = use_m2m
+        self.multimask_output = multimask_output
 
     # ----------------------------------------------------------------------- public
     @torch.no_grad()
@@ -232,12 +250,18 @@ class SamAutomaticMaskGenerator:
         original_size: tuple[int, int],
     ) -> MaskData:
         """Decode (B, 2) xy points (crop pixels) and keep the masks that pass every filter."""
-        low_res_logits, iou_preds = self._decode_points(points, crop_size)
+        if self.predictor.family == "sam2":
+            points = points.astype(np.float32)  # SAM 2's generator works in float32 throughout
+        low_res_logits, iou_preds = self._decode_points(points, crop_size, self.multimask_output)
         masks_per_point = low_res_logits.shape[1]
+        points = np.repeat(points, masks_per_point, axis=0)
+        low_res_logits, iou_preds = low_res_logits.flatten(0, 1), iou_preds.flatten(0, 1)
+        if self.use_m2m:
+            low_res_logits, iou_preds = self._refine_with_m2m(points, crop_size, low_res_logits)
         data = MaskData(
-            low_res_logits=low_res_logits.flatten(0, 1),
-            iou_preds=iou_preds.flatten(0, 1).cpu(),  # NMS and records work on CPU
-            points=torch.as_tensor(np.repeat(points, masks_per_point, axis=0)),
+            low_res_logits=low_res_logits,
+            iou_preds=iou_preds.cpu(),  # NMS and records work on CPU
+            points=torch.as_tensor(points),
         )
         # Predicted IoU needs no upscaling, so filter before paying for it.
         if self.pred_iou_thresh > 0.0:
@@ -255,17 +279,36 @@ class SamAutomaticMaskGenerator:
             kept.cat(self._filter_and_encode(part, crop_size, crop_box, original_size))
         return kept
 
-    def _decode_points(self, points: np.ndarray, crop_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 2) xy crop pixels -> low-res logits (B, 3, 256, 256) and IoU predictions (B, 3), float32.
+    def _decode_points(
+        self, points: np.ndarray, crop_size: tuple[int, int], multimask_output: bool, mask_input: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2) xy crop pixels -> low-res logits (B, C, 256, 256) and IoU predictions (B, C), float32.
 
-        Low-res only: ``predict_torch`` would upscale all 3B masks to full resolution, most of
-        which the IoU filter throws away. Points stay float64 until the prompt encoder
+        Low-res only: ``predict_torch`` would upscale all C*B masks to full resolution, most of
+        which the IoU filter throws away. SAM 1 points stay float64 until the prompt encoder
         normalises them, as in the official generator.
         """
         device = self.predictor.device
         coords = torch.as_tensor(self.predictor.transform.apply_coords(points, crop_size), device=device)
+        if points.dtype == np.float32:
+            coords = coords.float()
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-        return self.predictor.decode(coords[:, None, :], labels[:, None], multimask_output=True)
+        return self.predictor.decode(coords[:, None, :], labels[:, None], mask_input=mask_input,
+                                     multimask_output=multimask_output)
+
+    def _refine_with_m2m(
+        self, points: np.ndarray, crop_size: tuple[int, int], low_res_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's one-step refinement: decode each mask's point again with the mask's own
+        (clamped) low-res logits as the mask prompt, single-mask output."""
+        mask_prompts = low_res_logits.clamp(-32.0, 32.0)[:, None]
+        refined, ious = [], []
+        for start in range(0, len(points), self.points_per_batch):
+            stop = start + self.points_per_batch
+            logits, iou = self._decode_points(points[start:stop], crop_size, False, mask_prompts[start:stop])
+            refined.append(logits[:, 0])
+            ious.append(iou[:, 0])
+        return torch.cat(refined), torch.cat(ious)
 
     def _filter_and_encode(
         self,
@@ -278,21 +321,21 @@ class SamAutomaticMaskGenerator:
         replace the logits by boxes (crop pixels) and RLEs (original image). The RLE of a mask
         that the crop-edge filter then drops is wasted work, but boxes come from the runs."""
         model = self.predictor.model
-        logits = upscale_mask_logits(
-            data["low_res_logits"][:, None],
-            self.predictor.input_size,
-            crop_size,
-            model.image_size,
-        )[:, 0]
+        if self.predictor.family == "sam1":
+            logits = upscale_mask_logits(
+                data["low_res_logits"][:, None], self.predictor.input_size, crop_size, model.image_size
+            )[:, 0]
+        else:
+            logits = model.postprocess_masks(data["low_res_logits"][:, None], self.predictor.input_size, crop_size)[:, 0]
         del data["low_res_logits"]
         data["stability_score"] = calculate_stability_score(
-            logits, model.mask_threshold, self.stability_score_offset
+            logits, self.mask_threshold, self.stability_score_offset
         ).cpu()
         if self.stability_score_thresh > 0.0:
             keep = data["stability_score"] >= self.stability_score_thresh
             data.filter(keep)
             logits = logits[keep.to(logits.device)]
-        rles, data["boxes"] = threshold_to_rle(logits, model.mask_threshold, crop_box, original_size)
+        rles, data["boxes"] = threshold_to_rle(logits, self.mask_threshold, crop_box, original_size)
         data["rles"] = rles
         del logits
 
@@ -345,6 +388,62 @@ class SamAutomaticMaskGenerator:
             "stability_score": float(data["stability_score"][index]),
             "crop_box": box_xyxy_to_xywh(data["crop_boxes"][index]).tolist(),
         }
+
+
+class Sam2AutomaticMaskGenerator(SamAutomaticMaskGenerator):
+    """The automatic mask generator with the parameters, order and defaults of SAM 2's
+    ``SAM2AutomaticMaskGenerator`` (``pred_iou_thresh=0.8``, ``mask_threshold``, ``use_m2m``,
+    ``multimask_output``); same records. Works with either family; made for SAM 2 / 2.1."""
+
+    def __init__(
+        self,
+        model: Any,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.8,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        mask_threshold: float = 0.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Sequence[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        use_m2m: bool = False,
+        multimask_output: bool = True,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        mask_chunk_bytes: int = DEFAULT_MASK_CHUNK_BYTES,
+    ) -> None:
+        super().__init__(
+            model, points_per_side=points_per_side, points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh, crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor, point_grids=point_grids,
+            min_mask_region_area=min_mask_region_area, output_mode=output_mode, device=device, dtype=dtype,
+            mask_chunk_bytes=mask_chunk_bytes, mask_threshold=mask_threshold, use_m2m=use_m2m,
+            multimask_output=multimask_output,
+        )
+
+
+def make_mask_generator(model: Any, **params: Any) -> SamAutomaticMaskGenerator:
+    """The automatic mask generator for `model`'s family (a SAM model or a `SamPredictor`),
+    with that family's official defaults: `SamAutomaticMaskGenerator` for SAM 1,
+    `Sam2AutomaticMaskGenerator` for SAM 2 / 2.1. Unknown parameters raise ValueError."""
+    import inspect
+
+    family = getattr(getattr(model, "model", model), "family", "sam1")
+    generator_class = Sam2AutomaticMaskGenerator if family == "sam2" else SamAutomaticMaskGenerator
+    accepted = set(inspect.signature(generator_class.__init__).parameters) - {"self", "model"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"unknown automatic mask generator settings {unknown}; valid: {', '.join(sorted(accepted))}")
+    return generator_class(model, **params)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
