@@ -119,19 +119,22 @@ class LangSAM:
     Nothing loads in the constructor; each model loads on first use, once.
 
     Args:
-        sam_type: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"auto"`` (size inferred from
-            ``sam_checkpoint``).
+        sam_type: any name of the SAM registry (``sam.build.valid_model_types()``): SAM 2.1
+            ``"sam2.1_hiera_tiny"``, ``"sam2.1_hiera_small"``, ``"sam2.1_hiera_base_plus"``,
+            ``"sam2.1_hiera_large"``, SAM 2.0 ``"sam2_hiera_*"``, SAM 1 ``"vit_b"``, ``"vit_l"``,
+            ``"vit_h"``, or ``"auto"`` (family and size inferred from ``sam_checkpoint``).
         sam_checkpoint: local SAM checkpoint; None downloads the official one (cached).
         detector: Grounding DINO hub id or local ``save_pretrained`` folder.
         clip_model, clip_pretrained: open_clip name and tag or local weights file (clip and
             hybrid modes only).
         device: None picks cuda, then mps, then cpu. dtype: None is float32.
-        sam_model: an already-built SAM (``sam.modeling.Sam``) or ``SamPredictor``.
+        sam_model: an already-built SAM (``sam.Sam`` or ``sam.Sam2``) or ``SamPredictor``.
         detector_model: an object with ``detect(image, queries, box_threshold, text_threshold)
             -> Detections`` (e.g. a :class:`~langsam.detector.GroundingDinoDetector`).
         clip_scorer: a :class:`~langsam.clip_scorer.ClipScorer`.
         embedding_cache_size: how many image embeddings to keep (LRU by image content); 0
-            disables the cache. A vit_b/l/h embedding is 4 MiB in float32.
+            disables the cache. A SAM 1 embedding is 4 MiB in float32; SAM 2's multi-level
+            features are 16 MiB.
         amg_params: automatic-mask-generator settings for ``mode="clip"`` (``points_per_side``,
             ``pred_iou_thresh``, ...; see ``sam.SamAutomaticMaskGenerator``); None: its defaults.
             ``segment(..., amg_params=...)`` overrides them per call.

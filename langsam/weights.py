@@ -51,20 +51,23 @@ class ChecksumMismatchError(WeightsError):
     """A downloaded file does not have the expected SHA-256 (it was deleted)."""
 
 
-# SAM checkpoints (URL, SHA-256, size) live in the one model registry, sam.build.SAM_SPECS.
-# Their SHA-256 values agree with those pinned by several independent projects. The 6 hex
+# SAM checkpoints of both families (URL, SHA-256, size) live in the one model registry,
+# sam.build.MODEL_SPECS. Their SHA-256 values agree with those pinned by several independent
+# projects. The 6 hex
 # digits in each file name are NOT a SHA-256 prefix (vit_b's SHA-256 starts ec2df6, its name
 # says 01ec64), so torch.hub's check_hash=True would reject the files; we check the full digest.
 
 
 def sam_checkpoint_spec(sam_type: str):
-    """The ``sam.build.SamSpec`` of ``sam_type`` (aliases resolved); ValueError lists valid names."""
-    from sam.build import SAM_SPECS, resolve_model_type
+    """The registry spec (``sam.build.SamSpec`` or ``Sam2Spec``) of ``sam_type`` (aliases
+    resolved); ValueError lists the valid names."""
+    from sam.build import MODEL_SPECS, resolve_model_type
 
     name = resolve_model_type(sam_type)
-    if name not in SAM_SPECS or SAM_SPECS[name].url is None:
-        raise ValueError(f"no official checkpoint for sam_type {sam_type!r}; choose one of {', '.join(SAM_SPECS)}")
-    return SAM_SPECS[name]
+    spec = MODEL_SPECS.get(name)
+    if spec is None or spec.url is None or spec.sha256 is None:
+        raise ValueError(f"no official checkpoint for sam_type {sam_type!r}; choose one of {', '.join(MODEL_SPECS)}")
+    return spec
 
 
 #: Short names accepted for ``detector=``; any other value is a hub id or a local folder.
@@ -176,7 +179,8 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
     """Local path of the SAM checkpoint to load.
 
     Args:
-        sam_type: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"auto"`` (size inferred from the
+        sam_type: a registry name (``"vit_b"``, ``"sam2.1_hiera_small"``, ...; see
+            ``sam.build.valid_model_types()``) or ``"auto"`` (family and size inferred from the
             checkpoint, so ``checkpoint`` is required).
         checkpoint: a local ``.pth``/``.safetensors`` path; None uses the official file for
             ``sam_type`` from the cache, downloading it on first use.

@@ -156,3 +156,17 @@ def test_grounding_dino_local_folder_and_offline_hub_error(tmp_path, cache):
     assert "IDEA-Research/grounding-dino-base" in message
     assert "https://huggingface.co/IDEA-Research/grounding-dino-base" in message
     assert "detector=" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_sam2_checkpoints_come_from_the_same_registry(cache):
+    spec = weights.sam_checkpoint_spec("sam2.1_hiera_small")
+    assert spec.url == "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt"
+    assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0 and spec.size_bytes > 100_000_000
+    with pytest.raises(WeightsUnavailableError) as info:  # offline here: the message says what to do
+        resolve_sam_checkpoint("sam2.1_hiera_small")
+    assert "sam2.1_hiera_small.pt" in str(info.value) and spec.url in str(info.value)
+    target = cache / "sam" / "sam2.1_hiera_small.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as handle:  # sparse file of the official size
+        handle.truncate(spec.size_bytes)
+    assert resolve_sam_checkpoint("sam2.1_hiera_small") == target
