@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from langsam import cli
+from langsam.cli.options import AMG_OPTIONS
 from test_cli_segment import make_input_tree, run_main, snapshot
 
 # Few points and no quality filter: a random SAM then yields a handful of masks per image, fast.
@@ -110,7 +111,7 @@ def test_every_generator_parameter_has_a_flag():
 
     official = [name for name, parameter in inspect.signature(SamAutomaticMaskGenerator).parameters.items()
                 if parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
-    exposed = [name for name, _, _ in cli.AMG_OPTIONS]
+    exposed = [name for name, _, _ in AMG_OPTIONS]
     # The model is the checkpoint flags; point_grids is an array; output_mode is fixed to SA-1B's RLE.
     assert sorted(exposed) == sorted(set(official) - {"model", "point_grids", "output_mode"})
     status, stdout, _ = run_main(["auto-masks", "--help"])

@@ -471,3 +471,156 @@ def test_python_m_langsam_usage_error_imports_no_model_code(tmp_path):
     completed = subprocess.run([sys.executable, "-c", probe], env=_subprocess_env(), capture_output=True,
                                text=True, timeout=60, cwd=tmp_path)
     assert completed.returncode == 2 and completed.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------
+# Clip mode takes the mask generator's flags; --detector-size; SAM types from the registry
+# ------------------------------------------------------------------------------------------
+
+# Few points and no quality filter: a random SAM then gives a handful of distinct masks, fast.
+CLIP_AMG_FLAGS = ["--points-per-side", "3", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
+                  "--box-nms-thresh", "0.95"]
+CLIP_AMG_PARAMS = {"points_per_side": 3, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 0.95}
+
+
+@pytest.fixture()
+def generator_kwargs(monkeypatch) -> list[dict]:
+    """The keyword arguments of every SamAutomaticMaskGenerator built (the real one still runs)."""
+    import functools
+
+    import sam.automatic_mask_generator as amg
+
+    calls = []
+    original = amg.SamAutomaticMaskGenerator.__init__
+
+    @functools.wraps(original)  # keeps the signature the pipeline checks amg_params against
+    def recording(self, model, **kwargs):
+        calls.append(kwargs)
+        original(self, model, **kwargs)
+
+    monkeypatch.setattr(amg.SamAutomaticMaskGenerator, "__init__", recording)
+    return calls
+
+
+def test_clip_mode_generator_flags_reach_the_generator_and_the_resume_record(tmp_path, models, generator_kwargs,
+                                                                              tiny_sam_checkpoint):
+    from langsam.io import load_image
+    from sam import SamAutomaticMaskGenerator, build_sam
+
+    image_path = tmp_path / "cat.png"
+    Image.fromarray(np.ascontiguousarray(real_photo("chelsea")[:96, :128])).save(image_path)
+    out = tmp_path / "out"
+    argv = ["segment", str(image_path), "--text", "a cat", "--text", "a dog", "--mode", "clip", "--clip-threshold", "0",
+            "--out", str(out), *model_flags(models), "--clip-model", models["clip_local_dir"], *CLIP_AMG_FLAGS]
+    status, stdout, stderr = run_main(argv)
+    assert status == 0, stderr
+    # Only the flags given reach the generator; everything else keeps its defaults.
+    assert generator_kwargs == [CLIP_AMG_PARAMS]
+    (record,) = records(out).values()
+    assert record["settings"]["generator"] == CLIP_AMG_PARAMS
+    # Every object is one of the masks the generator makes with these settings on the same model.
+    direct = SamAutomaticMaskGenerator(build_sam("auto", checkpoint=tiny_sam_checkpoint), **CLIP_AMG_PARAMS)
+    direct_masks = [m["segmentation"] for m in direct.generate(load_image(image_path))]
+    assert len(direct_masks) >= len(record["objects"]) >= 1
+    for obj in record["objects"]:
+        rle = {"size": obj["segmentation"]["size"], "counts": obj["segmentation"]["counts"].encode()}
+        mask = mask_utils.decode(rle).astype(bool)
+        assert any(np.array_equal(mask, candidate) for candidate in direct_masks)
+
+    # Same settings: the image is finished and no generator is built.
+    generator_kwargs.clear()
+    status, stdout, _ = run_main([*argv, "--skip-existing"])
+    assert status == 0 and "1 images: 0 processed, 1 skipped" in stdout and generator_kwargs == []
+    # Another generator setting makes the finished image stale.
+    changed = [*argv, "--skip-existing", "--points-per-side", "2"]
+    status, stdout, _ = run_main(changed)
+    assert status == 0 and "1 images: 1 processed, 0 skipped" in stdout
+    assert generator_kwargs == [{**CLIP_AMG_PARAMS, "points_per_side": 2}]
+    (record,) = records(out).values()
+    assert record["settings"]["generator"]["points_per_side"] == 2
+
+
+@pytest.mark.parametrize("mode", ["grounded", "hybrid"])
+def test_generator_flags_outside_clip_mode_are_a_usage_error(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr("langsam.pipeline.LangSAM.__init__", _must_not_load)
+    Image.fromarray(real_photo("coffee")[:32, :32]).save(tmp_path / "img.png")
+    status, _, stderr = run_main(["segment", str(tmp_path / "img.png"), "--text", "cup", "--mode", mode,
+                                  "--points-per-side", "4", "--box-nms-thresh", "0.5", "--out", str(tmp_path / "o")])
+    assert status == 2 and "usage: langsam segment" in stderr
+    assert (f"--points-per-side, --box-nms-thresh: mask-generator settings apply to --mode clip only "
+            f"(got --mode {mode})") in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_generator_flags_have_one_definition_for_both_commands():
+    from langsam.cli.options import AMG_OPTIONS
+
+    flags = ["--" + name.replace("_", "-") for name, _, _ in AMG_OPTIONS]
+    for command in ("segment", "auto-masks"):
+        status, stdout, _ = run_main([command, "--help"])
+        assert status == 0 and all(flag in stdout for flag in flags), command
+    for command in (["segment", "--text", "a", "--mode", "clip"], ["auto-masks"]):  # the same checks in both
+        for flag, value, message in (("--points-per-side", "0", "must be at least 1"),
+                                     ("--pred-iou-thresh", "nan", "expected a finite number, got 'nan'"),
+                                     ("--box-nms-thresh", "1.5", "expected a number between 0 and 1")):
+            status, _, stderr = run_main([*command, "x.png", flag, value, "--out", "o"])
+            assert status == 2 and f"{flag}: {message}" in stderr, (command, flag)
+
+
+class _RecordingPipeline:
+    """Stands in for LangSAM: records its keyword arguments, finds nothing."""
+
+    built: list[dict] = []
+
+    def __init__(self, **kwargs):
+        _RecordingPipeline.built.append(kwargs)
+        self.predictor = self.detector = self
+
+    def load(self):
+        return self
+
+    def segment(self, image, queries, **kwargs):
+        from langsam.result import Segmentation
+
+        return Segmentation.empty(image.shape[:2])
+
+
+def test_detector_size_is_validated_and_reaches_langsam(tmp_path, monkeypatch):
+    Image.fromarray(real_photo("coffee")[:32, :32]).save(tmp_path / "img.png")
+    base = ["segment", str(tmp_path / "img.png"), "--text", "cup", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr("langsam.pipeline.LangSAM.__init__", _must_not_load)
+    for value, message in (("32", "--detector-size: must be at least 64, got 32"),
+                           ("big", "--detector-size: expected an integer, got 'big'"),
+                           ("512.5", "expected an integer")):
+        status, _, stderr = run_main([*base, "--detector-size", value])
+        assert status == 2 and message in stderr, stderr
+    monkeypatch.setenv("LANGSAM_DETECTOR_SIZE", "10")
+    status, _, stderr = run_main(base)
+    assert status == 2 and "--detector-size: must be at least 64, got 10" in stderr
+
+    monkeypatch.setenv("LANGSAM_DETECTOR_SIZE", "640")
+    monkeypatch.setattr("langsam.pipeline.LangSAM", _RecordingPipeline)
+    _RecordingPipeline.built.clear()
+    assert run_main(base)[0] == 0
+    assert run_main([*base, "--detector-size", "512"])[0] == 0  # the flag beats the environment
+    assert [kwargs.get("detector_size") for kwargs in _RecordingPipeline.built] == [640, 512]
+    (record,) = records(tmp_path / "out").values()
+    assert record["settings"]["models"]["detector_size"] == 512  # part of what --skip-existing compares
+
+
+def test_sam_types_come_from_the_registry(tmp_path, monkeypatch):
+    import sam.build
+
+    registry = sam.build.valid_model_types()
+    status, stdout, _ = run_main(["segment", "--help"])
+    assert status == 0 and all(name in " ".join(stdout.split()) for name in registry)
+    # A type added to the registry is accepted at once; an unknown one lists the registry's.
+    monkeypatch.setattr(sam.build, "valid_model_types", lambda: [*registry, "vit_tiny_test"])
+    args = cli.build_parser().parse_args(["segment", "x.png", "--out", str(tmp_path), "--sam-type", "vit_tiny_test"])
+    cli.validate_model_arguments(args.parser, args)
+    assert cli.model_kwargs_from_args(args)["sam_type"] == "vit_tiny_test"
+    monkeypatch.setattr("langsam.pipeline.LangSAM.__init__", _must_not_load)
+    status, _, stderr = run_main(["segment", str(tmp_path), "--text", "cat", "--out", str(tmp_path / "o"),
+                                  "--sam-type", "vit_q"])
+    listed = ", ".join([*registry, "vit_tiny_test"])
+    assert status == 2 and f"unknown SAM type 'vit_q'; choose one of {listed}" in stderr

@@ -36,11 +36,11 @@ from langsam.demo import (  # noqa: E402
     CLICK_BOX,
     CLICK_NEGATIVE,
     CLICK_POSITIVE,
-    _LazyPipeline,
     auto_overlay,
     build_app,
     parse_queries,
 )
+from langsam.demo.models import LazyPipeline as _LazyPipeline  # noqa: E402
 from langsam.pipeline import LangSAM  # noqa: E402
 from langsam.result import Segmentation  # noqa: E402
 from sam import SamPredictor  # noqa: E402
@@ -456,7 +456,7 @@ def test_parse_queries():
 
 
 def test_main_reads_flags_and_environment(monkeypatch, tmp_path, tiny_sam_checkpoint):
-    import langsam.demo as demo_module
+    import langsam.demo.app as demo_module
 
     seen = {}
     monkeypatch.setattr(demo_module, "build_app", lambda settings, **kw: seen.update(settings=settings, **kw) or "app")
@@ -500,3 +500,66 @@ def test_app_launch_settings(demo):
     heavy = [fn for fn in blocks.fns.values() if fn.api_name in ("segment_text", "click_set_image", "auto_masks")]
     assert len(heavy) == 3 and {fn.concurrency_id for fn in heavy} == {"langsam-model"}
     assert all(fn.concurrency_limit == 1 for fn in heavy)
+
+
+# --------------------------------------------------------------------------------------------
+# Clip mode's generator settings; the SAM model picker
+# --------------------------------------------------------------------------------------------
+
+
+def test_text_tab_clip_mode_passes_generator_settings(demo, photos):
+    from langsam.demo.text_tab import clip_generator_params
+
+    params = {"points_per_side": 3, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    args = (handle_file(str(photos.small_path)), "cat, dog")
+    _, _, table, _, _, status = demo.client.predict(*args, "clip", 0.3, 0.25, 0.0, False, 0, 3, 0.0, 0.0,
+                                                    api_name="/segment_text")
+    expected = demo.pipeline.segment(photos.small, ["cat", "dog"], mode="clip", clip_threshold=0.0, amg_params=params)
+    without = demo.pipeline.segment(photos.small, ["cat", "dog"], mode="clip", clip_threshold=0.0)
+    # The settings change the result (3x3 instead of 2x2 points), so matching `expected` shows they arrived.
+    assert [int(m.sum()) for m in expected.masks] != [int(m.sum()) for m in without.masks]
+    assert [row[9] for row in table["data"]] == [int(m.sum()) for m in expected.masks]
+    assert [row[1] for row in table["data"]] == expected.labels
+    np.testing.assert_allclose([row[4] for row in table["data"]], expected.clip_scores, atol=1e-4)
+    assert status.startswith(f"{len(expected)} object(s) in clip mode")
+
+    # Other modes do not use them (the fields are hidden there).
+    grounded = [demo.client.predict(*args, "grounded", 0.3, 0.25, 0.5, False, 2, *extra,
+                                    api_name="/segment_text")[2]["data"] for extra in ((), (3, 0.0, 0.0))]
+    assert grounded[0] == grounded[1] and len(grounded[0]) == 2
+
+    assert clip_generator_params() == {}
+    assert clip_generator_params(4.0, None, 0.5) == {"points_per_side": 4, "stability_score_thresh": 0.5}
+    for bad in ((0, None, None), (2.5, None, None), (float("nan"), None, None), (None, 1.5, None),
+                (None, None, float("nan"))):
+        with pytest.raises(ValueError, match="points per side must be|must be between 0 and 1"):
+            clip_generator_params(*bad)
+
+
+def test_model_picker_switches_sam_among_the_registry_types(tmp_path, monkeypatch, model_settings, photos, demo):
+    from sam.build import resolve_model_type, valid_model_types
+
+    assert "select_model" not in {fn.api_name for fn in demo.app.fns.values()}  # given a ready pipeline
+    monkeypatch.setenv("LANGSAM_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = build_app(dict(model_settings))
+    (picker,) = [block for block in app.blocks.values() if getattr(block, "elem_id", None) == "sam-model"]
+    official = [name for name in valid_model_types() if name != "auto" and resolve_model_type(name) == name]
+    assert {"vit_b", "vit_h"} <= set(official)
+    assert [value for _, value in picker.choices] == ["checkpoint", *official]
+    assert picker.choices[0][0] == f"{Path(model_settings['sam_checkpoint']).name} (auto)"
+    assert picker.value == "checkpoint"
+
+    upload = handle_file(str(photos.small_path))
+    with serve(app) as url:
+        client = Client(url, verbose=False)
+        assert client.predict(upload, api_name="/click_set_image")[-1].startswith("Image embedded")
+        assert client.predict("vit_b", api_name="/select_model") == "SAM model: vit_b. It loads with the next request."
+        # The next request builds the pipeline with vit_b's official weights, which are not cached here.
+        with pytest.raises(AppError, match="SAM checkpoint sam_vit_b_01ec64.pth is not in the cache"):
+            client.predict(upload, api_name="/click_set_image")
+        assert client.predict("vit_b", api_name="/select_model").endswith("(unchanged).")
+        client.predict("checkpoint", api_name="/select_model")
+        assert client.predict(upload, api_name="/click_set_image")[-1].startswith("Image embedded")
+        with pytest.raises(AppError, match="vit_q"):
+            client.predict("vit_q", api_name="/select_model")

@@ -1,0 +1,304 @@
+"""What every ``langsam`` command and the demo's launcher share.
+
+* the model options (``--sam-type``, ``--sam-checkpoint``, ``--detector``, ``--detector-size``,
+  ``--clip-model``, ``--clip-pretrained``, ``--device``), the ``LANGSAM_*`` environment variables
+  that set their defaults, their validation, and building a :class:`~langsam.pipeline.LangSAM`
+  from them;
+* the mask-generator options (one flag per ``SamAutomaticMaskGenerator`` parameter), used by
+  ``langsam auto-masks`` and by ``langsam segment --mode clip``;
+* small argument parsers, the exit statuses and the two errors every command may raise.
+
+Importing this module imports nothing heavy: the SAM registry (and with it torch) is read only
+when a ``--sam-type`` value is checked or ``--help`` lists the types, and ``LangSAM`` only when
+the models are built. ``langsam.demo`` imports this module for its own ``main``; nothing here
+imports the demo or a command module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "AMG_OPTIONS",
+    "EXIT_FAILURES",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "MODEL_ENVIRONMENT",
+    "ModelLoadError",
+    "UsageError",
+    "add_device_argument",
+    "add_generator_arguments",
+    "add_model_arguments",
+    "add_sam_type_argument",
+    "env_default",
+    "exit_status",
+    "fraction",
+    "generator_flag",
+    "generator_params_from_args",
+    "load_pipeline",
+    "model_kwargs_from_args",
+    "number",
+    "sam_types",
+    "validate_model_arguments",
+]
+
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: Smallest ``--detector-size``: below this Grounding DINO's last feature map is a few pixels.
+MIN_DETECTOR_SIZE = 64
+
+_DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+#: argparse ``dest`` of each model option -> the environment variable that sets its default.
+#: These are also the ``LangSAM(...)`` keyword names, and the settings ``langsam.demo.build_app``
+#: accepts, so one ``export`` configures every command and the demo.
+MODEL_ENVIRONMENT = {
+    "sam_type": "LANGSAM_SAM_TYPE",
+    "sam_checkpoint": "LANGSAM_SAM_CHECKPOINT",
+    "detector": "LANGSAM_DETECTOR",
+    "detector_size": "LANGSAM_DETECTOR_SIZE",
+    "clip_model": "LANGSAM_CLIP_MODEL",
+    "clip_pretrained": "LANGSAM_CLIP_PRETRAINED",
+    "device": "LANGSAM_DEVICE",
+}
+
+
+def exit_status(exit_: SystemExit) -> int:
+    """The exit status a ``SystemExit`` from argparse (``--help``, a usage error) stands for."""
+    if exit_.code is None:
+        return EXIT_OK
+    return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+
+
+class UsageError(ValueError):
+    """A command-line mistake found before any model loads (exit status 2)."""
+
+
+class ModelLoadError(Exception):
+    """A model could not be built or loaded (exit status 1, the run stops)."""
+
+
+# ============================================================================================
+# Small parsers (argparse ``type=`` functions)
+# ============================================================================================
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
+    return value
+
+
+def number(kind: Callable[[str], Any], minimum: float) -> Callable[[str], Any]:
+    """A parser for an ``int`` or ``float`` of at least ``minimum``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# ============================================================================================
+# Model options
+# ============================================================================================
+
+
+def sam_types() -> list[str]:
+    """The valid ``--sam-type`` values, read from SAM's registry (``sam.build``; imports torch)."""
+    from sam.build import valid_model_types
+
+    return list(valid_model_types())
+
+
+def env_default(dest: str) -> str | None:
+    """The value of ``dest``'s ``LANGSAM_*`` variable (see :data:`MODEL_ENVIRONMENT`), None if unset or blank."""
+    value = os.environ.get(MODEL_ENVIRONMENT[dest], "").strip()
+    return value or None
+
+
+class _RegistryTypes:
+    """The registry's SAM types as text, read only when turned into a string (help output)."""
+
+    def __str__(self) -> str:
+        return ", ".join(sam_types())
+
+
+class _SamTypeAction(argparse.Action):
+    """Stores ``--sam-type``. Its help names ``%(sam_types)s``, which reads the registry only when
+    the help text is formatted, so parsing and usage errors never wait for torch to import.
+    (Python 3.14 formats every help string once when the option is added.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sam_types = _RegistryTypes()
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+def add_sam_type_argument(group: Any, *flags: str, default_text: str) -> None:
+    """Add the SAM type option (``flags``, e.g. ``"--sam-type"``) to ``group``; its default comes
+    from ``LANGSAM_SAM_TYPE``. Check the value with :func:`validate_model_arguments`."""
+    group.add_argument(*flags, dest="sam_type", metavar="TYPE", action=_SamTypeAction,
+                       default=env_default("sam_type"),
+                       help="SAM model type from the registry: %(sam_types)s ('auto' infers the size from "
+                            f"the checkpoint); default {default_text} [LANGSAM_SAM_TYPE]")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, sam: bool = True, detector: bool = True,
+                        clip: bool = True) -> argparse._ArgumentGroup:
+    """Add the model options shared by ``langsam segment`` and ``langsam demo`` to ``parser``.
+
+    Each option's default comes from the environment variable in :data:`MODEL_ENVIRONMENT`
+    (read when this function runs), else from :class:`langsam.LangSAM`'s own default, so
+    an unset option is simply not passed on. Call :func:`validate_model_arguments` after
+    parsing and :func:`model_kwargs_from_args` to get ``LangSAM(**kwargs)`` keywords.
+    """
+    group = parser.add_argument_group(
+        "model options", "each option also reads the environment variable named in its help"
+    )
+    if sam:
+        add_sam_type_argument(group, "--sam-type", default_text="vit_b")
+        group.add_argument("--sam-checkpoint", dest="sam_checkpoint", metavar="PATH",
+                           default=env_default("sam_checkpoint"),
+                           help="local SAM checkpoint (official .pth or .safetensors); default: the official "
+                                "weights for --sam-type, downloaded once to the cache [LANGSAM_SAM_CHECKPOINT]")
+    if detector:
+        group.add_argument("--detector", dest="detector", metavar="ID_OR_DIR", default=env_default("detector"),
+                           help="Grounding DINO: a Hugging Face hub id or a save_pretrained folder; default "
+                                "IDEA-Research/grounding-dino-tiny [LANGSAM_DETECTOR]")
+        # A string default (from the environment) goes through `type` too, so it is checked the same way.
+        group.add_argument("--detector-size", dest="detector_size", metavar="N",
+                           type=number(int, MIN_DETECTOR_SIZE), default=env_default("detector_size"),
+                           help=f"longest image side, in pixels, fed to Grounding DINO (at least "
+                                f"{MIN_DETECTOR_SIZE}): smaller is faster, larger finds smaller objects; default: "
+                                "the released preprocessing [LANGSAM_DETECTOR_SIZE]")
+    if clip:
+        group.add_argument("--clip-model", dest="clip_model", metavar="NAME", default=env_default("clip_model"),
+                           help="open_clip architecture for --mode clip/hybrid; default ViT-B-32 [LANGSAM_CLIP_MODEL]")
+        group.add_argument("--clip-pretrained", dest="clip_pretrained", metavar="TAG_OR_PATH",
+                           default=env_default("clip_pretrained"),
+                           help="open_clip pretrained tag or a local weights file; default laion2b_s34b_b79k "
+                                "[LANGSAM_CLIP_PRETRAINED]")
+    add_device_argument(group)
+    return group
+
+
+def add_device_argument(group: Any) -> None:
+    group.add_argument("--device", dest="device", metavar="DEVICE", default=env_default("device"),
+                       help="cpu, cuda, cuda:N or mps; default: cuda, else mps, else cpu [LANGSAM_DEVICE]")
+
+
+def validate_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the model options (also the ones that came from the environment) without loading
+    anything; a mistake ends in ``parser.error`` (exit status 2)."""
+    sam_type = getattr(args, "sam_type", None)
+    if sam_type is not None:
+        valid = sam_types()
+        if sam_type not in valid:
+            parser.error(f"unknown SAM type {sam_type!r}; choose one of {', '.join(valid)}")
+    checkpoint = getattr(args, "sam_checkpoint", None)
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        parser.error(f"SAM checkpoint {checkpoint!r} is not a file")
+    if sam_type == "auto" and checkpoint is None:
+        parser.error("SAM type 'auto' infers the model size from a checkpoint: pass --sam-checkpoint PATH")
+    device = getattr(args, "device", None)
+    if device is not None and not _DEVICE_PATTERN.match(device):
+        parser.error(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps")
+
+
+def model_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for ``LangSAM(...)`` from parsed model options; unset ones are left out
+    so the pipeline's defaults apply."""
+    kwargs = {}
+    for dest in MODEL_ENVIRONMENT:
+        value = getattr(args, dest, None)
+        if value is not None:
+            kwargs[dest] = value
+    return kwargs
+
+
+def load_pipeline(args: argparse.Namespace, mode: str) -> Any:
+    """Build ``LangSAM`` from the model options and load every model ``mode`` needs now, so a
+    missing or broken model stops the run once, with one clear message (:class:`ModelLoadError`),
+    instead of failing image after image. ``mode``: ``grounded``, ``hybrid``, ``clip``, or
+    anything else for SAM alone."""
+    from langsam.pipeline import LangSAM
+
+    try:
+        pipeline = LangSAM(**model_kwargs_from_args(args))
+        pipeline.predictor
+        if mode in ("grounded", "hybrid"):
+            pipeline.detector.load()
+        if mode in ("clip", "hybrid"):
+            pipeline.clip_scorer
+    except (ValueError, RuntimeError, OSError, ImportError) as error:
+        raise ModelLoadError(f"cannot load the models: {error}") from error
+    return pipeline
+
+
+# ============================================================================================
+# Mask-generator options (langsam auto-masks, langsam segment --mode clip)
+# ============================================================================================
+
+#: (parameter, type, help) for every SamAutomaticMaskGenerator parameter the commands expose.
+#: The flag is the parameter with dashes (``--points-per-side``).
+AMG_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("points_per_side", number(int, 1), "points sampled along one side of the image (default 32)"),
+    ("points_per_batch", number(int, 1), "points run through the model at once; more is faster, needs more memory "
+                                         "(default 64)"),
+    ("pred_iou_thresh", number(float, 0.0), "keep masks whose predicted IoU is above this (default 0.88)"),
+    ("stability_score_thresh", number(float, 0.0), "keep masks whose stability score is above this (default 0.95)"),
+    ("stability_score_offset", number(float, 0.0), "logit offset used for the stability score (default 1.0)"),
+    ("box_nms_thresh", fraction, "box IoU above which duplicate masks are removed (default 0.7)"),
+    ("crop_n_layers", number(int, 0), "extra layers of image crops to run on (default 0)"),
+    ("crop_nms_thresh", fraction, "box IoU for removing duplicates between crops (default 0.7)"),
+    ("crop_overlap_ratio", fraction, "overlap of neighbouring crops, as a fraction of the crop (default 512/1500)"),
+    ("crop_n_points_downscale_factor", number(int, 1),
+     "points per side are divided by this in each crop layer (default 1)"),
+    ("min_mask_region_area", number(int, 0), "remove holes and islands smaller than this many pixels (default 0)"),
+)
+
+
+def generator_flag(name: str) -> str:
+    """``points_per_side`` -> ``--points-per-side``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser, title: str,
+                            description: str | None = None) -> argparse._ArgumentGroup:
+    """Add one flag per :data:`AMG_OPTIONS` entry (default None: the generator's own default)."""
+    group = parser.add_argument_group(title, description)
+    for name, kind, text in AMG_OPTIONS:
+        group.add_argument(generator_flag(name), dest=name, type=kind, default=None, metavar="X", help=text)
+    return group
+
+
+def generator_params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``SamAutomaticMaskGenerator`` keyword arguments of the flags the user set (in
+    :data:`AMG_OPTIONS` order); unset ones are left out so the generator's defaults apply."""
+    return {name: getattr(args, name) for name, _, _ in AMG_OPTIONS if getattr(args, name, None) is not None}
