@@ -1,6 +1,9 @@
-"""Automatic mask generation: ours vs Meta's reference, same random ViT-B weights, same settings.
+"""Automatic mask generation: ours vs Meta's reference, same random weights, same settings.
 
-    python benchmarks/bench_amg.py [--points-per-side 16] [--repeats 3] [--large]
+    python benchmarks/bench_amg.py [--model vit_b|sam2.1_hiera_tiny|...] [--points-per-side 16] [--repeats 3] [--large]
+
+SAM 1 types compare with `segment_anything.SamAutomaticMaskGenerator`; SAM 2 / 2.1 types with
+`sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator` (real-size model from its bundled config).
 
 Runs alternate (reference, ours, reference, ...) after one warm-up each and report medians.
 Besides end-to-end time, each run is split into model time (image encoder + mask decoder,
@@ -30,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from sam_factory import make_reference_sam, randomize_parameters, real_photo  # noqa: E402
 
-from sam import build_sam  # noqa: E402
-from sam.automatic_mask_generator import SamAutomaticMaskGenerator  # noqa: E402
+from sam import build_sam, make_mask_generator  # noqa: E402
+from sam.build import SAM2_SPECS  # noqa: E402
 
 # Random weights predict low quality scores and low-contrast logits; these let masks through.
 SETTINGS = dict(pred_iou_thresh=0.2, stability_score_thresh=0.2, stability_score_offset=0.5)
@@ -68,7 +71,8 @@ class ModelTimer:
 
     def __init__(self, model):
         self.seconds = 0.0
-        for module in (model.image_encoder, model.mask_decoder):
+        decoder = model.sam_mask_decoder if hasattr(model, "sam_mask_decoder") else model.mask_decoder
+        for module in (model.image_encoder, decoder):
             module.register_forward_pre_hook(self._start)
             module.register_forward_hook(self._stop)
 
@@ -114,6 +118,7 @@ def _compare(ours, reference) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b", help="a registry type (default vit_b)")
     parser.add_argument("--points-per-side", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--box-nms-thresh", type=float, default=0.7,
@@ -124,19 +129,31 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
-
     torch.manual_seed(0)
-    ours_model = randomize_parameters(build_sam("vit_b"), seed=0).eval()
-    reference_model = make_reference_sam(ours_model)
+    ours_model = randomize_parameters(build_sam(args.model), seed=0).eval()
+    if args.model in SAM2_SPECS:
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator as ReferenceGenerator
+        from sam2_factory import REFERENCE_CONFIGS, build_reference_sam2
+
+        layout = args.model.split("_hiera_")[1]
+        version = SAM2_SPECS[args.model].version
+        if (version, layout) not in REFERENCE_CONFIGS:
+            raise SystemExit(f"no reference config wired for {args.model}; see tests/sam2_factory.py")
+        reference_model = build_reference_sam2(version, layout, width=None)
+        reference_model.load_state_dict(ours_model.state_dict(), strict=True)
+        reference_model.eval()
+    else:
+        from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
+
+        reference_model = make_reference_sam(ours_model)
     image = _photo(long_side=1024)
     params = dict(points_per_side=args.points_per_side, box_nms_thresh=args.box_nms_thresh, **SETTINGS)
     generators = {
         "reference": (ReferenceGenerator(reference_model, **params), ModelTimer(reference_model)),
-        "ours": (SamAutomaticMaskGenerator(ours_model, **params), ModelTimer(ours_model)),
+        "ours": (make_mask_generator(ours_model, **params), ModelTimer(ours_model)),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; image {image.shape[1]}x{image.shape[0]}; "
-          f"vit_b random weights; {params}")
+          f"{args.model} random weights; {params}")
 
     results = {name: [] for name in generators}
     outputs = {}
@@ -161,7 +178,7 @@ def main() -> None:
 
     if args.large:
         large = _photo(size=(4000, 3000))
-        generator = SamAutomaticMaskGenerator(ours_model, output_mode="coco_rle", **params)
+        generator = make_mask_generator(ours_model, output_mode="coco_rle", **params)
         records, total, model_s, peak = _run(generator, large, generators["ours"][1])
         print(f"\nours on 4000x3000 (coco_rle): total {total:.2f} s, model {model_s:.2f} s, "
               f"peak +{peak / 2**20:.1f} MiB, {len(records)} masks")

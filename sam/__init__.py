@@ -1,7 +1,10 @@
-"""Segment Anything: a checkpoint-exact implementation of Meta's SAM (ViT-B/L/H)."""
+"""Segment Anything: checkpoint-exact implementations of Meta's SAM (ViT-B/L/H) and SAM 2 / 2.1 (Hiera)."""
 
 from .build import (
+    MODEL_SPECS,
+    SAM2_SPECS,
     SAM_SPECS,
+    Sam2Spec,
     CheckpointError,
     SamSpec,
     build_sam,
@@ -10,12 +13,18 @@ from .build import (
     save_checkpoint,
 )
 from .image import to_rgb_uint8
-from .modeling import Sam
+from .modeling import Sam, Sam2
 from .predictor import ImageNotSetError, SamPredictor
-from .transforms import ResizeLongestSide
+from .transforms import ResizeLongestSide, ResizeSquare, transform_for
 
 __all__ = [
+    "MODEL_SPECS",
+    "SAM2_SPECS",
     "SAM_SPECS",
+    "ResizeSquare",
+    "Sam2",
+    "Sam2Spec",
+    "transform_for",
     "CheckpointError",
     "ImageNotSetError",
     "ResizeLongestSide",

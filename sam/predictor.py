@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import transforms
 from .image import to_rgb_uint8
+from .transforms import transform_for
 
 logger = logging.getLogger(__name__)
 
@@ -410,13 +410,6 @@ class SamPredictor:
         if not np.isfinite(mask_array).all():
             raise ValueError("mask_input contains NaN or infinite values")
         return mask_array
-
-
-def transform_for(model: Any):
-    """The model family's image / coordinate transform."""
-    if hasattr(transforms, "transform_for"):
-        return transforms.transform_for(model)
-    return transforms.ResizeLongestSide(model.image_size)
 
 
 def _select(features: Any, index: int) -> Any:

@@ -87,7 +87,12 @@ def test_unknown_model_type_lists_valid_names():
         build_sam("vit_b", encoder_width=3)
     with pytest.raises(ValueError, match="needs a checkpoint"):
         build_sam("auto")
-    assert set(sam_model_registry) == {"default", "vit_h", "vit_l", "vit_b"}
+    from sam.build import MODEL_ALIASES, MODEL_SPECS
+
+    assert {"default", "vit_h", "vit_l", "vit_b", "sam2.1_hiera_small", "sam2_hiera_large"} <= set(sam_model_registry)
+    assert set(sam_model_registry) == set(MODEL_ALIASES) | set(MODEL_SPECS)
+    with torch.device("meta"):  # every name builds (no memory: meta tensors)
+        assert type(sam_model_registry["sam2.1_hiera_b+"]()).__name__ == "Sam2"
 
 
 def test_registry_holds_official_checkpoints():

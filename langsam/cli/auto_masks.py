@@ -64,7 +64,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_input_arguments(parser)
     model = parser.add_argument_group("model options")
-    add_sam_type_argument(model, "--model-type", "--sam-type", default_text="auto with --checkpoint, else vit_b")
+    add_sam_type_argument(model, "--model-type", "--sam-type", default_text="auto with --checkpoint, else sam2.1_hiera_small")
     # Same destination and environment variable as the shared --sam-checkpoint; SAM's own name first.
     model.add_argument("--checkpoint", "--sam-checkpoint", dest="sam_checkpoint", metavar="PATH",
                        default=env_default("sam_checkpoint"),
@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``langsam auto-masks`` with parsed ``args``; returns the exit status."""
     parser = args.parser
     if args.sam_type is None:
-        args.sam_type = "auto" if args.sam_checkpoint is not None else "vit_b"
+        from langsam.pipeline import DEFAULT_SAM_TYPE
+
+        args.sam_type = "auto" if args.sam_checkpoint is not None else DEFAULT_SAM_TYPE
     validate_model_arguments(parser, args)
     items = collect_items(args.inputs)
     out_dir = prepare_out(args.out)

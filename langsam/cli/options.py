@@ -182,7 +182,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, sam: bool = True, de
         "model options", "each option also reads the environment variable named in its help"
     )
     if sam:
-        add_sam_type_argument(group, "--sam-type", default_text="vit_b")
+        add_sam_type_argument(group, "--sam-type", default_text="sam2.1_hiera_small")
         group.add_argument("--sam-checkpoint", dest="sam_checkpoint", metavar="PATH",
                            default=env_default("sam_checkpoint"),
                            help="local SAM checkpoint (official .pth or .safetensors); default: the official "

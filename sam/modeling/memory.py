@@ -1,0 +1,303 @@
+"""SAM 2 memory modules (used for video): memory attention and the memory encoder.
+
+Memory attention conditions the current frame's stride-16 tokens on the memory bank: a few
+pre-norm layers of self-attention, cross-attention to the memories, and an MLP. Both
+attentions carry 2-D rotary position encodings (RoPE) over the 64x64 token grid; the object
+pointer tokens appended at the end of the memory are left unrotated.
+
+The memory encoder turns a frame's (B, 256, 64, 64) features and its predicted mask into a
+(B, 64, 64, 64) memory: the mask is downsampled 16x by strided convs, added to projected
+features, mixed by two ConvNeXt blocks and projected to 64 channels.
+
+All token tensors here are batch-first, (B, N, C).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LayerNorm2d
+from .neck import PositionEmbeddingSine
+
+
+# --------------------------------------------------------------------------- rotary encoding
+def axial_rope_angles(head_dim: int, width: int, height: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles of a width x height token grid (row-major), (width*height, head_dim/2).
+
+    The first head_dim/4 channel pairs rotate with the x coordinate, the rest with y, each at
+    frequencies theta ** (-4k / head_dim).
+    """
+    if head_dim % 4:
+        raise ValueError(f"axial RoPE needs a head width divisible by 4, got {head_dim}")
+    frequencies = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
+    index = torch.arange(width * height, dtype=torch.float32)
+    x = index % width
+    y = torch.div(index, width, rounding_mode="floor")
+    return torch.cat([torch.outer(x, frequencies), torch.outer(y, frequencies)], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of (..., N, D) by angles whose cos/sin
+    are (N, D/2). Computed in float32, returned in x's dtype."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class RoPEAttention(nn.Module):
+    """Multi-head attention with axial rotary position encoding of queries and keys.
+
+    Queries form a square grid; keys are either the same grid or (rope_k_repeat) several
+    frames of it, followed by `num_k_exclude_rope` tokens that are not rotated.
+    Parameter names as in the checkpoints: q_proj, k_proj, v_proj, out_proj.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        downsample_rate: int = 1,
+        dropout: float = 0.0,
+        kv_in_dim: int | None = None,
+        rope_theta: float = 10000.0,
+        rope_k_repeat: bool = False,
+        feat_sizes: tuple[int, int] = (64, 64),
+    ) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.kv_in_dim = kv_in_dim if kv_in_dim is not None else embedding_dim
+        self.internal_dim = embedding_dim // downsample_rate
+        self.num_heads = num_heads
+        if self.internal_dim % num_heads:
+            raise ValueError("num_heads must divide embedding_dim // downsample_rate")
+        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.k_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
+        self.v_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
+        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.dropout_p = dropout
+        self.rope_theta = rope_theta
+        self.rope_k_repeat = rope_k_repeat
+        self.feat_sizes = tuple(feat_sizes)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rope(self, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"RoPE attention needs a square grid of query tokens, got {tokens}")
+        key = (side, device)
+        if key not in self._rope_cache:
+            angles = axial_rope_angles(self.internal_dim // self.num_heads, side, side, self.rope_theta)
+            self._rope_cache[key] = (angles.cos().to(device), angles.sin().to(device))
+        return self._rope_cache[key]
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        return x.reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
+        """q: (B, Nq, C) with Nq a square grid; k, v: (B, Nk, kv_in_dim) -> (B, Nq, C)."""
+        q = self._heads(self.q_proj(q))
+        k = self._heads(self.k_proj(k))
+        v = self._heads(self.v_proj(v))
+        cos, sin = self._rope(q.shape[-2], q.device)
+        q = rotate_pairs(q, cos, sin)
+        rotated = k.shape[-2] - num_k_exclude_rope
+        if rotated > 0:
+            if rotated != q.shape[-2]:
+                if not self.rope_k_repeat or rotated % q.shape[-2]:
+                    raise ValueError(
+                        f"{rotated} rotated keys do not match {q.shape[-2]} queries "
+                        f"(rope_k_repeat={self.rope_k_repeat})"
+                    )
+                frames = rotated // q.shape[-2]
+                cos, sin = cos.repeat(frames, 1), sin.repeat(frames, 1)
+            k = torch.cat([rotate_pairs(k[:, :, :rotated], cos, sin), k[:, :, rotated:]], dim=2)
+        dropout = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        batch, heads, tokens, head_dim = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+
+
+# --------------------------------------------------------------------------- memory attention
+class MemoryAttentionLayer(nn.Module):
+    """Pre-norm: self-attention, cross-attention to the memory, then a ReLU MLP."""
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        self_attention: RoPEAttention | None = None,
+        cross_attention: RoPEAttention | None = None,
+        pos_enc_at_attn: bool = False,
+        pos_enc_at_cross_attn_keys: bool = True,
+        pos_enc_at_cross_attn_queries: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.self_attn = self_attention or RoPEAttention(d_model, 1, dropout=dropout)
+        self.cross_attn_image = cross_attention or RoPEAttention(
+            d_model, 1, dropout=dropout, kv_in_dim=64, rope_k_repeat=True
+        )
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.pos_enc_at_attn = pos_enc_at_attn
+        self.pos_enc_at_cross_attn_keys = pos_enc_at_cross_attn_keys
+        self.pos_enc_at_cross_attn_queries = pos_enc_at_cross_attn_queries
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+        num_k_exclude_rope: int = 0,
+    ) -> torch.Tensor:
+        """tgt: (B, N, C) current-frame tokens; memory: (B, M, kv_dim); pos: (B, M, kv_dim)
+        memory position encoding; query_pos: (B, N, C)."""
+        normed = self.norm1(tgt)
+        q = normed + query_pos if self.pos_enc_at_attn else normed
+        tgt = tgt + self.dropout1(self.self_attn(q, q, normed))
+
+        normed = self.norm2(tgt)
+        attended = self.cross_attn_image(
+            normed + query_pos if self.pos_enc_at_cross_attn_queries else normed,
+            memory + pos if self.pos_enc_at_cross_attn_keys else memory,
+            memory,
+            num_k_exclude_rope=num_k_exclude_rope,
+        )
+        tgt = tgt + self.dropout2(attended)
+
+        normed = self.norm3(tgt)
+        return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(normed)))))
+
+
+class MemoryAttention(nn.Module):
+    """A stack of MemoryAttentionLayers and a final LayerNorm (`memory_attention.*`)."""
+
+    def __init__(self, d_model: int, layers: list[MemoryAttentionLayer], pos_enc_at_input: bool = True) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.layers = nn.ModuleList(layers)
+        self.num_layers = len(layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.pos_enc_at_input = pos_enc_at_input
+
+    def forward(
+        self,
+        curr: torch.Tensor,
+        memory: torch.Tensor,
+        curr_pos: torch.Tensor | None = None,
+        memory_pos: torch.Tensor | None = None,
+        num_obj_ptr_tokens: int = 0,
+    ) -> torch.Tensor:
+        """curr: (B, HW, C) current-frame tokens (row-major 64x64 grid); memory: (B, M, 64)
+        spatial memories then `num_obj_ptr_tokens` object-pointer tokens; *_pos alike.
+        Returns the conditioned tokens (B, HW, C)."""
+        if curr.shape[0] != memory.shape[0]:
+            raise ValueError(f"batch sizes differ: current {curr.shape[0]}, memory {memory.shape[0]}")
+        output = curr
+        if self.pos_enc_at_input and curr_pos is not None:
+            output = output + 0.1 * curr_pos
+        for layer in self.layers:
+            output = layer(output, memory, pos=memory_pos, query_pos=curr_pos, num_k_exclude_rope=num_obj_ptr_tokens)
+        return self.norm(output)
+
+
+# --------------------------------------------------------------------------- memory encoder
+class MaskDownSampler(nn.Module):
+    """(B, 1, H, W) mask -> (B, embed_dim, H/16, W/16): strided conv + LayerNorm2d + GELU
+    stages (each multiplying channels by stride**2), then a 1x1 conv (`encoder.i`)."""
+
+    def __init__(
+        self, embed_dim: int = 256, kernel_size: int = 3, stride: int = 2, padding: int = 1, total_stride: int = 16
+    ) -> None:
+        super().__init__()
+        num_layers = int(math.log2(total_stride) // math.log2(stride))
+        if stride**num_layers != total_stride:
+            raise ValueError(f"total_stride {total_stride} is not a power of stride {stride}")
+        layers: list[nn.Module] = []
+        channels = 1
+        for _ in range(num_layers):
+            out_channels = channels * stride**2
+            layers += [
+                nn.Conv2d(channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding),
+                LayerNorm2d(out_channels),
+                nn.GELU(),
+            ]
+            channels = out_channels
+        layers.append(nn.Conv2d(channels, embed_dim, kernel_size=1))
+        self.encoder = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class CXBlock(nn.Module):
+    """ConvNeXt block: depthwise 7x7 conv, LayerNorm, 4x MLP (as Linear layers), layer scale."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, padding: int = 3, layer_scale_init_value: float = 1e-6) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=padding, groups=dim)
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(layer_scale_init_value * torch.ones(dim)) if layer_scale_init_value > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        y = self.norm(self.dwconv(x)).permute(0, 2, 3, 1)
+        y = self.pwconv2(F.gelu(self.pwconv1(y)))
+        if self.gamma is not None:
+            y = self.gamma * y
+        return x + y.permute(0, 3, 1, 2)
+
+
+class Fuser(nn.Module):
+    """A few CXBlocks (`fuser.layers.i`)."""
+
+    def __init__(self, dim: int = 256, num_layers: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CXBlock(dim) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class MemoryEncoder(nn.Module):
+    """Frame features + mask -> memory features and their sine position encoding."""
+
+    def __init__(self, out_dim: int = 64, in_dim: int = 256, fuser_layers: int = 2) -> None:
+        super().__init__()
+        self.mask_downsampler = MaskDownSampler(embed_dim=in_dim)
+        self.pix_feat_proj = nn.Conv2d(in_dim, in_dim, kernel_size=1)
+        self.fuser = Fuser(in_dim, fuser_layers)
+        self.position_encoding = PositionEmbeddingSine(out_dim)
+        self.out_proj = nn.Conv2d(in_dim, out_dim, kernel_size=1) if out_dim != in_dim else nn.Identity()
+
+    def forward(
+        self, pix_feat: torch.Tensor, masks: torch.Tensor, skip_mask_sigmoid: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pix_feat: (B, in_dim, 64, 64) frame features; masks: (B, 1, 1024, 1024) logits (or
+        probabilities with skip_mask_sigmoid). Returns memory features and their position
+        encoding, both (B, out_dim, 64, 64)."""
+        if not skip_mask_sigmoid:
+            masks = torch.sigmoid(masks)
+        masks = self.mask_downsampler(masks)
+        x = self.pix_feat_proj(pix_feat.to(masks.device)) + masks
+        x = self.out_proj(self.fuser(x))
+        return x, self.position_encoding(x).to(x.dtype)
