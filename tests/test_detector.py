@@ -1,5 +1,9 @@
 """langsam.detector: parity with transformers' own Grounding DINO post-processing, one forward
-pass per caption, query labels, long-caption splitting. Tiny random model, real photo."""
+pass per caption, query labels, long-caption splitting. Tiny random model, real photo.
+
+The detector runs the fast forward by default (langsam.gdino_fast, equal up to float rounding:
+boxes within 1e-3 px, scores within 1e-6); with ``fast=False`` it runs transformers' own forward
+and must match it exactly. tests/test_detector_fast.py covers the fast path in depth."""
 
 from __future__ import annotations
 
@@ -25,6 +29,16 @@ def gdino_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def detector(gdino_dir):
     return GroundingDinoDetector(str(gdino_dir), device="cpu").load()
+
+
+def assert_same_detections(detector, detections, reference):
+    """Exact with transformers' forward; up to float rounding with the fast one."""
+    if detector.speedups is None:
+        np.testing.assert_array_equal(detections.boxes, reference["boxes"].numpy())
+        np.testing.assert_array_equal(detections.scores, reference["scores"].numpy())
+    else:
+        np.testing.assert_allclose(detections.boxes, reference["boxes"].numpy(), rtol=0, atol=1e-3)
+        np.testing.assert_allclose(detections.scores, reference["scores"].numpy(), rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +70,9 @@ def test_parse_queries():
         parse_queries(42)
 
 
-def test_detect_matches_transformers_and_labels_come_from_user_queries(detector, photo):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "transformers"])
+def test_detect_matches_transformers_and_labels_come_from_user_queries(detector, photo, fast):
+    detector = GroundingDinoDetector(model=detector.model, processor=detector.processor, fast=fast)
     queries = ["A Cat", "a remote control"]
     before = detector.forward_passes
     detections = detector.detect(photo, queries, box_threshold=0.6, text_threshold=0.25)
@@ -64,8 +80,7 @@ def test_detect_matches_transformers_and_labels_come_from_user_queries(detector,
 
     input_ids, probabilities, reference = _reference(detector, photo, "a cat. a remote control.", 0.6, 0.25)
     assert 0 < len(detections) < NUM_QUERIES, "threshold should keep some boxes and drop others"
-    np.testing.assert_array_equal(detections.boxes, reference["boxes"].numpy())
-    np.testing.assert_array_equal(detections.scores, reference["scores"].numpy())
+    assert_same_detections(detector, detections, reference)
     assert detections.phrases == list(reference["text_labels"])
 
     # Each box's label: the query whose tokens reach the highest probability, spelled as the user did.

@@ -86,15 +86,24 @@ def make_grounding_dino(config, seed: int = 0, logit_scale: float = 1.0):
 
 
 def save_tiny_grounding_dino(directory: str | Path, seed: int = 0, logit_scale: float = 1.0,
-                             shortest_edge: int = 320, longest_edge: int = 480, **config_overrides) -> Path:
+                             shortest_edge: int = 320, longest_edge: int = 480, randomize: bool = False,
+                             **config_overrides) -> Path:
     """Build a tiny random Grounding DINO + processor and ``save_pretrained`` both into ``directory``.
 
     The processor resizes to ``shortest_edge``/``longest_edge`` (small, for fast tests).
+    ``randomize`` draws every parameter (:func:`randomize_grounding_dino`) before ``logit_scale``.
     Returns the directory, loadable with ``from_pretrained`` / ``GroundingDinoDetector``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = make_grounding_dino(make_tiny_gdino_config(**config_overrides), seed=seed, logit_scale=logit_scale)
+    model = make_grounding_dino(make_tiny_gdino_config(**config_overrides), seed=seed,
+                                logit_scale=1.0 if randomize else logit_scale)
+    if randomize:
+        randomize_grounding_dino(model, seed=seed)
+        if logit_scale != 1.0:
+            with torch.no_grad():
+                model.model.decoder.layer_norm.weight.mul_(logit_scale)
+                model.model.decoder.layer_norm.bias.mul_(logit_scale)
     model.save_pretrained(directory)
     make_processor(shortest_edge, longest_edge).save_pretrained(directory)
     return directory
@@ -115,3 +124,35 @@ def reference_detection(processor, model, photo, caption: str, box_threshold: fl
         target_sizes=[photo.shape[:2]],
     )[0]
     return inputs["input_ids"][0].tolist(), outputs.logits[0].sigmoid(), result
+
+
+def randomize_grounding_dino(model, seed: int = 0):
+    """Draw every parameter of a Grounding DINO at random, in place (returns the model).
+
+    transformers initialises several parameters to constants that hide whole code paths: the
+    box heads' last layers are zero (boxes would equal the proposals), deformable attention's
+    sampling-offset and attention-weight layers are zero (fixed sampling pattern, uniform
+    weights), and the fusion layer scales are 1e-4 (image-text fusion almost off). Here weights
+    get ``N(0, 1/fan_in)`` (x0.5 for the box and sampling heads, so boxes and sampling points
+    move without flying off), biases ``N(0, 0.02^2)``, norm scales ``1 + N(0, 0.1^2)`` and the
+    fusion scales ``0.3 + N(0, 0.1^2)``. The text embeddings keep their own init.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "embeddings" in name and "text_backbone" in name:
+                continue
+            if name.endswith("vision_param") or name.endswith("text_param"):
+                param.copy_(0.3 + 0.1 * noise)
+            elif name.endswith("level_embed") or "query_position_embeddings" in name:
+                param.copy_(noise)
+            elif param.ndim == 1 and ("norm" in name or "layernorm" in name):
+                param.copy_((1.0 + 0.1 * noise) if name.endswith("weight") else 0.02 * noise)
+            elif param.ndim == 1:
+                param.copy_(0.02 * noise)
+            else:
+                fan_in = param[0].numel()
+                gain = 0.5 if ("bbox_embed" in name or "sampling_offsets" in name) else 1.0
+                param.copy_(gain * noise / fan_in**0.5)
+    return model
