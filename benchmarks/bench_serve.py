@@ -1,0 +1,198 @@
+"""`langsam serve` throughput: 8 concurrent clients vs the same requests sent one at a time.
+
+    python benchmarks/bench_serve.py [--workload predict|segment] [--requests 96] [--rounds 3]
+                                     [--clients 8] [--threads N] [--sam-type tiny|vit_b]
+
+Starts a real server on 127.0.0.1 (a subprocess; random weights in the real checkpoint formats:
+the tiny test SAM, whose decoder is full size, or a full-size vit_b, and the tiny Grounding
+DINO), then alternates rounds of sequential and concurrent clients after a warm-up. Each round
+sends the same requests:
+
+* predict: clicks on an image embedded once with /v1/images (the interactive path: one decoder
+  call per request);
+* segment: /v1/segment of one photo with two queries (detector + decoder; the image embedding
+  is cached after the first request).
+
+Prints requests per second, p50 / p99 latency of each mode and the median ratio of concurrent to
+sequential throughput (target >= 1.3x on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+sys.path.insert(0, str(TESTS))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(config: dict, log_path: Path):
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    log = open(log_path, "wb")
+    process = subprocess.Popen([sys.executable, str(TESTS / "test_serve_support.py"),
+                                json.dumps({**config, "port": port})], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+def stop_server(process) -> None:
+    import psutil
+
+    children = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=["predict", "segment"], default="predict")
+    parser.add_argument("--requests", type=int, default=96, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each mode, alternating")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server's worker")
+    parser.add_argument("--sam-type", choices=["micro", "tiny", "vit_b"], default="tiny",
+                        help="micro: the load test's micro pipeline (a 32-wide decoder and fixed boxes, so the "
+                             "server's own costs dominate); tiny: the test SAM (full-size decoder) and the tiny "
+                             "Grounding DINO; vit_b: a full-size random vit_b")
+    parser.add_argument("--workers", type=int, default=1, help="server workers for /v1/segment")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-timeout", type=float, default=0.01)
+    args = parser.parse_args()
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from sam import build_sam, save_checkpoint
+    from sam_factory import randomize_parameters, real_photo, save_tiny_sam_checkpoint
+    from tiny_gdino import save_tiny_grounding_dino
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    checkpoint = workdir / "sam.pth"
+    config = {"max_batch_size": args.max_batch_size, "batch_timeout": args.batch_timeout, "max_queue": 256,
+              "timeout": 600, "torch_threads": args.threads, "workers": args.workers}
+    if args.sam_type == "micro":
+        config.update(pipeline_factory="test_serve_support:make_micro_pipeline", models={"device": "cpu"})
+    else:
+        if args.sam_type == "tiny":
+            save_tiny_sam_checkpoint(checkpoint)
+        else:
+            save_checkpoint(randomize_parameters(build_sam("vit_b"), seed=0), checkpoint)
+        gdino = save_tiny_grounding_dino(workdir / "gdino", logit_scale=0.1, num_queries=8)
+        config["models"] = {"sam_type": "auto", "sam_checkpoint": str(checkpoint), "detector": str(gdino),
+                            "device": "cpu"}
+    photo = real_photo("chelsea")
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    height, width = photo.shape[:2]
+    rng = np.random.default_rng(0)
+    clicks = [[float(rng.uniform(0, width)), float(rng.uniform(0, height))] for _ in range(args.requests)]
+
+    process, url = start_server(config, workdir / "server.log")
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            image_id = client.post("/v1/images", files={"image": ("c.png", png, "image/png")}).json()["image_id"]
+        body = {"image": base64.b64encode(png).decode(), "text": ["a cat", "a remote control"], "box_threshold": 0.6}
+
+        def one_request(client, index: int) -> float:
+            start = time.perf_counter()
+            if args.workload == "predict":
+                response = client.post("/v1/predict", json={"image_id": image_id, "points": [clicks[index]],
+                                                            "labels": [1]})
+            else:
+                response = client.post("/v1/segment", json=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"request failed: {response.status_code} {response.text[:200]}")
+            return time.perf_counter() - start
+
+        def run_round(clients: int) -> tuple[float, list[float]]:
+            indices = list(range(args.requests))
+            shares = [indices[offset::clients] for offset in range(clients)]
+
+            def client_loop(share: list[int]) -> list[float]:
+                with httpx.Client(base_url=url, timeout=600) as client:
+                    return [one_request(client, index) for index in share]
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                latencies = [latency for part in pool.map(client_loop, shares) for latency in part]
+            return args.requests / (time.perf_counter() - start), latencies
+
+        run_round(args.clients)  # warm-up
+        results = {"sequential": [], "concurrent": []}
+        ratios = []
+        for _ in range(args.rounds):
+            sequential = run_round(1)
+            concurrent = run_round(args.clients)
+            results["sequential"].append(sequential)
+            results["concurrent"].append(concurrent)
+            ratios.append(concurrent[0] / sequential[0])
+        with httpx.Client(base_url=url, timeout=60) as client:
+            stats = client.get("/v1/stats").json()
+    finally:
+        stop_server(process)
+
+    print(f"workload {args.workload}, SAM {args.sam_type} (random weights), {args.requests} requests per round, "
+          f"{args.rounds} rounds, {args.workers} worker(s), worker threads {args.threads or 'default'}, "
+          f"batch <= {args.max_batch_size}")
+    for mode, rounds in results.items():
+        throughputs = [throughput for throughput, _ in rounds]
+        latencies = [latency for _, part in rounds for latency in part]
+        print(f"{mode:>10} ({1 if mode == 'sequential' else args.clients} clients): "
+              f"{statistics.median(throughputs):6.2f} req/s (rounds: {', '.join(f'{t:.2f}' for t in throughputs)}), "
+              f"latency p50 {percentile(latencies, 0.5) * 1000:7.1f} ms, p99 {percentile(latencies, 0.99) * 1000:7.1f} ms")
+    print(f"worker batches: {stats['batches']} for {stats['requests']} requests, largest {stats['largest_batch']}")
+    print(f"throughput ratio concurrent/sequential: median {statistics.median(ratios):.2f}x "
+          f"({', '.join(f'{r:.2f}' for r in ratios)}); target >= 1.3x")
+
+
+if __name__ == "__main__":
+    main()
