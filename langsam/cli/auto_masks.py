@@ -1,8 +1,13 @@
-"""``langsam auto-masks``: SAM's automatic masks (everything, no text) as SA-1B style JSON."""
+"""``langsam auto-masks``: SAM's automatic masks (everything, no text) as SA-1B style JSON.
+
+With ``--ray`` the masks are generated and encoded by workers on a Ray cluster
+(:func:`_render` runs there) and this process writes the same files (:func:`_write_files`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +18,7 @@ from langsam.cli.batch import (
     RunReport,
     add_input_arguments,
     collect_items,
+    encode_image,
     load_reason,
     prefetch,
     prepare_out,
@@ -20,6 +26,7 @@ from langsam.cli.batch import (
     progress,
     read_json,
     report_failure,
+    run_on_ray,
     set_pixel_limit,
 )
 from langsam.cli.options import (
@@ -27,10 +34,13 @@ from langsam.cli.options import (
     EXIT_OK,
     add_device_argument,
     add_generator_arguments,
+    add_ray_arguments,
     add_sam_type_argument,
     env_default,
     generator_params_from_args,
     load_pipeline,
+    model_kwargs_from_args,
+    ray_options_from_args,
     validate_model_arguments,
 )
 
@@ -52,6 +62,7 @@ examples:
   langsam auto-masks photos/ --out masks/
   langsam auto-masks img.jpg --out masks/ --checkpoint sam_vit_h_4b8939.pth --png
   langsam auto-masks photos/ --out masks/ --points-per-side 16 --pred-iou-thresh 0.9 --crop-n-layers 1
+  langsam auto-masks gs://bucket/photos/ --out masks/ --ray auto --workers 8 --gpus-per-worker 1
 """
 
 
@@ -73,6 +84,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_device_argument(model)
     add_generator_arguments(parser, "mask generator (SamAutomaticMaskGenerator parameters)")
     parser.add_argument("--png", action="store_true", help="also write one PNG per mask and an overlay per image")
+    add_ray_arguments(parser, batch_help="locally: images decoded ahead in a background thread while the model "
+                                         "runs; with --ray: images per call of a worker (default 1)")
     parser.set_defaults(handler=run, parser=parser)
     return parser
 
@@ -85,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
         args.sam_type = "auto" if args.sam_checkpoint is not None else DEFAULT_SAM_TYPE
     validate_model_arguments(parser, args)
-    items = collect_items(args.inputs)
+    ray_options = ray_options_from_args(args)
+    items = collect_items(args.inputs, allow_uris=ray_options is not None)
     out_dir = prepare_out(args.out)
     max_pixels = set_pixel_limit(args.max_pixels)
     amg_params = generator_params_from_args(args)
@@ -102,10 +116,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             todo.append(item)
 
-    bar = progress(len(items), report.skipped, NAME, args.quiet)
+    # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
+    bar = progress(len(items), report.skipped, NAME, args.quiet or ray_options is not None)
     try:
-        if todo:
+        if todo and ray_options is None:
             _auto_mask_images(args, todo, amg_params, out_dir, max_pixels, report, bar)
+        elif todo:
+            _auto_mask_on_ray(args, ray_options, todo, amg_params, out_dir, max_pixels, report)
     finally:
         bar.close()
     if not args.quiet:
@@ -121,14 +138,16 @@ def _auto_mask_images(args, todo, amg_params, out_dir, max_pixels, report, bar) 
     def load(path: Path):
         return load_image(path, max_pixels=max_pixels)
 
-    for item, future in prefetch(todo, load, depth=1):
+    for item, future in prefetch(todo, load, depth=args.batch_size):
         try:
             image = future.result()
             if pipeline is None:
                 pipeline = load_pipeline(args, NAME)
             # coco_rle: masks leave the generator already compressed, as SA-1B stores them.
             masks = pipeline.auto_masks(image, output_mode="coco_rle", **amg_params)
-            count = _write_outputs(item, image, masks, out_dir, args.png)
+            document, files = _render(item.file_name, image, masks, args.png)
+            _write_files(out_dir, item.key, document, files)
+            count = len(document["annotations"])
         except ImageLoadError as error:
             report_failure(report, bar, item.path, load_reason(error))
         except (ValueError, RuntimeError, OSError, MemoryError) as error:
@@ -153,16 +172,39 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_outputs(item: Item, image, masks: list[dict[str, Any]], out_dir: Path, png: bool) -> int:
-    """Write ``<key>.json`` (last) and, with ``png``, the mask PNGs and overlay; returns the mask count."""
+def _auto_mask_on_ray(args, ray_options, todo, amg_params, out_dir, max_pixels, report) -> None:
+    """The images of ``todo`` run through the mask generator by Ray workers, their files written here."""
+    from functools import partial
+
+    from langsam.distributed import PipelineBuilder
+
+    build = PipelineBuilder(NAME, **model_kwargs_from_args(args))
+    process = partial(_render_on_worker, amg_params=amg_params, png=args.png)
+
+    def on_result(item: Item, row: dict[str, Any]) -> None:
+        document = json.loads(row["document"])
+        _write_files(out_dir, item.key, document, dict(zip(row["file_names"], row["file_data"])))
+        report.processed += 1
+        report.objects["masks"] += len(document["annotations"])
+
+    run_on_ray(ray_options, todo, build, process, on_result, report, max_pixels, args.quiet, args.verbose)
+
+
+def _render_on_worker(pipeline, image, row, *, amg_params, png) -> dict[str, Any]:
+    """On a Ray worker: one image's masks, encoded as the SA-1B document and its files."""
+    masks = pipeline.auto_masks(image, output_mode="coco_rle", **amg_params)
+    document, files = _render(row["file_name"], image, masks, png)
+    return {"document": json.dumps(document, ensure_ascii=False), "file_names": list(files),
+            "file_data": list(files.values())}
+
+
+def _render(file_name: str, image, masks: list[dict[str, Any]], png: bool) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The SA-1B document of one image and, with ``png``, its mask PNGs and overlay
+    (``{name inside <key>_masks/: encoded bytes}``); writes nothing."""
     import numpy as np
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from langsam.io import atomic_save_image, atomic_write_json, safe_join
-
-    json_path = safe_join(out_dir, item.key + ".json")
-    json_path.unlink(missing_ok=True)  # unfinished until rewritten
     height, width = image.shape[:2]
     annotations = []
     for index, mask in enumerate(masks, start=1):
@@ -179,27 +221,38 @@ def _write_outputs(item: Item, image, masks: list[dict[str, Any]], out_dir: Path
             "point_coords": _plain(mask["point_coords"]),
             "crop_box": _plain(mask["crop_box"]),
         })
+    files: dict[str, bytes] = {}
     if png:
-        # "<key>_masks" can never equal another image's "<key>.json" (or its folder).
-        folder = safe_join(out_dir, item.key + "_masks")
-        folder.mkdir(parents=True, exist_ok=True)
         binary = [mask_utils.decode({"size": a["segmentation"]["size"],
                                      "counts": a["segmentation"]["counts"].encode("ascii")}).astype(bool)
                   for a in annotations]
-        written = set()
         for annotation, mask in zip(annotations, binary):
-            name = f"{annotation['id']:03d}.png"
-            atomic_save_image(safe_join(folder, name), Image.fromarray(mask.astype(np.uint8) * 255))
-            written.add(name)
-        atomic_save_image(safe_join(folder, OVERLAY_NAME), _overlay(image, binary), quality=90)
-        for stale in folder.glob("*.png"):  # masks of an earlier run of this image that had more
-            if re.fullmatch(r"\d{3,}\.png", stale.name) and stale.name not in written:
-                stale.unlink(missing_ok=True)
-    atomic_write_json(json_path, {
-        "image": {"image_id": 1, "file_name": item.file_name, "height": int(height), "width": int(width)},
+            files[f"{annotation['id']:03d}.png"] = encode_image(Image.fromarray(mask.astype(np.uint8) * 255), "PNG")
+        files[OVERLAY_NAME] = encode_image(_overlay(image, binary), "JPEG", quality=90)
+    document = {
+        "image": {"image_id": 1, "file_name": file_name, "height": int(height), "width": int(width)},
         "annotations": annotations,
-    }, indent=None)
-    return len(annotations)
+    }
+    return document, files
+
+
+def _write_files(out_dir: Path, key: str, document: dict[str, Any], files: dict[str, bytes]) -> None:
+    """Write ``<key>.json`` (last) and ``files`` under ``<key>_masks/``, removing masks an earlier
+    run of this image left there."""
+    from langsam.io import atomic_write_bytes, atomic_write_json, safe_join
+
+    json_path = safe_join(out_dir, key + ".json")
+    json_path.unlink(missing_ok=True)  # unfinished until rewritten
+    if files:
+        # "<key>_masks" can never equal another image's "<key>.json" (or its folder).
+        folder = safe_join(out_dir, key + "_masks")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            atomic_write_bytes(safe_join(folder, name), data)
+        for stale in folder.glob("*.png"):  # masks of an earlier run of this image that had more
+            if re.fullmatch(r"\d{3,}\.png", stale.name) and stale.name not in files:
+                stale.unlink(missing_ok=True)
+    atomic_write_json(json_path, document, indent=None)
 
 
 def _overlay(image, masks: list) -> Any:

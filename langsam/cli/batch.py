@@ -1,12 +1,20 @@
 """What the batch commands (``segment``, ``auto-masks``) share: the input and output options,
 collecting inputs into :class:`Item` s with collision-free output names, the pixel limit,
-decoding ahead in a thread, the progress bar, failure reports and the closing summary."""
+decoding ahead in a thread, the progress bar, failure reports, the closing summary, and the
+driver side of a ``--ray`` run (:func:`run_on_ray`).
+
+Outputs are written by this process in both engines: on a cluster the workers send back each
+image's encoded files and record, and the driver writes them with the same atomic writes as a
+local run (record last). A worker killed mid-image has therefore written nothing, no node needs
+the output folder, and the driver keeps exactly one result per image."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
+import posixpath
 import sys
 import time
 from collections import Counter
@@ -15,16 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from langsam.cli.options import UsageError, number
+from langsam.cli.options import ModelLoadError, UsageError, number
 
 __all__ = [
     "ANNOTATIONS_NAME",
     "OVERLAY_NAME",
     "RECORD_NAME",
+    "ClusterError",
     "Item",
     "RunReport",
     "add_input_arguments",
     "collect_items",
+    "encode_image",
     "load_reason",
     "prefetch",
     "prepare_out",
@@ -32,6 +42,7 @@ __all__ = [
     "progress",
     "read_json",
     "report_failure",
+    "run_on_ray",
     "set_pixel_limit",
 ]
 
@@ -49,6 +60,16 @@ class Item:
     path: Path
     file_name: str  # relative to the common input folder, POSIX separators (COCO file_name)
     key: str  # safe single path component naming its outputs under --out
+    uri: str | None = None  # set for inputs read through pyarrow (s3://, gs://, ...; --ray only)
+
+    @property
+    def source(self) -> str:
+        """The input as the user named it: the URI, else the path."""
+        return self.uri if self.uri is not None else str(self.path)
+
+
+class ClusterError(ModelLoadError):
+    """The cluster could not run (or finish) the job (exit status 1; finished images stay valid)."""
 
 
 @dataclass
@@ -76,12 +97,22 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="log what the models are doing")
 
 
-def collect_items(inputs: Sequence[str]) -> list[Item]:
-    """Expand INPUTs and give each image a collision-free output key (usage errors raise UsageError)."""
+def collect_items(inputs: Sequence[str], allow_uris: bool = False) -> list[Item]:
+    """Expand INPUTs and give each image a collision-free output key (usage errors raise UsageError).
+    With ``allow_uris`` (``--ray``), INPUTs may instead all be URIs (see :func:`collect_uri_items`)."""
     from langsam.io import iter_image_files, unique_stem
 
     if not inputs:
         raise UsageError("no INPUT given: pass image files, folders or glob patterns")
+    uris = [entry for entry in inputs if _is_uri(entry)]
+    if uris:
+        if not allow_uris:
+            raise UsageError(f"{uris[0]}: URIs are read on a cluster only: add --ray (and pip install "
+                             '"langsam[distributed]"), or copy the images to a local folder')
+        if len(uris) != len(inputs):
+            raise UsageError("INPUTs mix URIs and local paths: run them separately (their outputs are named "
+                             "relative to one common folder)")
+        return collect_uri_items(uris)
     try:
         paths = iter_image_files(inputs)
     except ValueError as error:
@@ -101,6 +132,67 @@ def collect_items(inputs: Sequence[str]) -> list[Item]:
         except ValueError:
             file_name = path.name
         items.append(Item(path=path, file_name=file_name, key=unique_stem(absolute, seen, root=root)))
+    return items
+
+
+def _is_uri(text: str) -> bool:
+    scheme, separator, _ = text.partition("://")
+    return bool(separator) and scheme.isalnum() and len(scheme) > 1  # "C://x" is a Windows path
+
+
+def collect_uri_items(uris: Sequence[str]) -> list[Item]:
+    """URIs of files, folders (searched recursively) or glob patterns (``fnmatch`` rules, ``*``
+    also crosses ``/``) on any file system pyarrow reads, as :class:`Item` s named like local
+    inputs: ``file_name`` relative to their common folder, ``key`` from it."""
+    from langsam.io import IMAGE_EXTENSIONS, unique_stem
+
+    try:
+        from pyarrow import fs
+    except ImportError:
+        raise UsageError('URI inputs are read with pyarrow, which is not installed: pip install '
+                         '"langsam[distributed]"') from None
+    found: dict[str, str] = {}  # URI -> path inside its file system
+    for text in uris:
+        scheme = text.partition("://")[0]
+        try:
+            filesystem, path = fs.FileSystem.from_uri(text)
+        except (ValueError, OSError) as error:
+            raise UsageError(f"{text}: cannot open ({error})") from None
+
+        def listing(folder: str) -> list[str]:
+            selector = fs.FileSelector(folder, recursive=True, allow_not_found=True)
+            files = [info.path for info in filesystem.get_file_info(selector) if info.type == fs.FileType.File]
+            return [f for f in files if posixpath.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in posixpath.relpath(f, folder).split("/"))]
+
+        matches: list[str]
+        if set("*?[") & set(path):
+            base = path[:min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0]
+            matches = [f for f in listing(base or "/") if fnmatch.fnmatchcase(f, path)]
+            if not matches:
+                raise UsageError(f"{text}: the pattern matches no image files")
+        else:
+            info = filesystem.get_file_info(path)
+            if info.type == fs.FileType.File:
+                matches = [path]
+            elif info.type == fs.FileType.Directory:
+                matches = listing(path)
+            else:
+                raise UsageError(f"{text}: no such file or folder")
+        for match in matches:
+            found.setdefault(f"{scheme}://{match}", match)
+    if not found:
+        raise UsageError(f"no image files found in {', '.join(uris)}")
+    ordered = sorted(found)
+    root = posixpath.commonpath([posixpath.dirname(found[uri]) or "/" for uri in ordered])
+    seen = set(_RESERVED_STEMS)
+    items = []
+    for uri in ordered:
+        relative = posixpath.relpath(found[uri], root)
+        parts = relative.split("/")
+        stem = "__".join([*parts[:-1], posixpath.splitext(parts[-1])[0]])
+        key = unique_stem(Path(stem + ".image"), seen)
+        items.append(Item(path=Path(posixpath.basename(found[uri])), file_name=relative, key=key, uri=uri))
     return items
 
 
@@ -132,6 +224,18 @@ def set_pixel_limit(max_pixels: int | None) -> int | None:
     return max_pixels
 
 
+def encode_image(image: Any, format: str, **options: Any) -> bytes:
+    """A PIL image as the bytes of an image file, as ``langsam.io.atomic_save_image`` would write
+    it (JPEG without alpha); the workers of a ``--ray`` run send these back to be written."""
+    import io
+
+    if format == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
 def load_reason(error: Exception) -> str:
     """The message of an ``ImageLoadError``, with the flag to use when the pixel limit refused it."""
     message = str(error)
@@ -161,7 +265,7 @@ def progress(total: int, initial: int, description: str, quiet: bool):
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def report_failure(report: RunReport, bar: Any, path: Path, reason: str) -> None:
+def report_failure(report: RunReport, bar: Any, path: Path | str, reason: str) -> None:
     """Say on stderr, at once, which input failed and why; the run goes on."""
     prefix = f"{path}: "
     if reason.startswith(prefix):  # io's messages already start with the path
@@ -190,3 +294,91 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+# ============================================================================================
+# --ray: the driver side
+# ============================================================================================
+
+
+class _StderrLines:
+    """Where :func:`report_failure` writes during a ``--ray`` run: Ray Data draws the progress."""
+
+    def write(self, text: str, file: Any = None) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_on_ray(ray_options: dict[str, Any], todo: Sequence[Item], build: Callable[[], Any],
+               process: Callable[..., dict[str, Any]], on_result: Callable[[Item, dict[str, Any]], None],
+               report: RunReport, max_pixels: int | None, quiet: bool, verbose: bool) -> None:
+    """Run ``process(pipeline, image, row)`` on every item of ``todo`` on a Ray cluster (the
+    pipeline built once per worker by ``build``) and hand each finished item's row to
+    ``on_result`` here, in this process, which writes the outputs. ``process`` gets rows with
+    ``image_id`` (the item's key), ``path`` (its source) and ``file_name``, and returns
+    ``{"document": JSON text, "file_names": [...], "file_data": [bytes, ...]}``.
+
+    Failed images are reported as locally and the run goes on. Each item is handed over at
+    most once even if Ray ran its batch twice (a worker died after finishing it). Raises
+    :class:`UsageError` when Ray is missing, :class:`ModelLoadError` when the workers cannot
+    load the models, :class:`ClusterError` when the cluster cannot be reached or gives up.
+    Ctrl-C stops the cluster's work (a cluster this call started is shut down) and propagates.
+    """
+    try:
+        from langsam import distributed
+
+        ray = distributed.require_ray()
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    import pyarrow as pa
+
+    address = ray_options["address"]
+    try:
+        started = distributed.connect(address, num_cpus=distributed.local_cpus(
+            ray_options["workers"], ray_options["cpus_per_worker"]), verbose=verbose)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {error}") from None
+    rows = None
+    try:
+        try:
+            resources = distributed.plan_resources(ray_options["workers"], ray_options["gpus_per_worker"],
+                                                   ray_options["cpus_per_worker"], ray_options["batch_size"])
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = not quiet
+        by_key = {item.key: item for item in todo}
+        inputs = ray.data.from_items([{"image_id": item.key, "path": item.source, "file_name": item.file_name}
+                                      for item in todo])
+        fields = [("document", pa.string()), ("file_names", pa.list_(pa.string())),
+                  ("file_data", pa.list_(pa.binary()))]
+        results = distributed.map_images(inputs, build, process, fields, resources, max_pixels)
+        bar = _StderrLines()
+        done: set[str] = set()
+        rows = iter(results.iter_rows())
+        for row in rows:
+            if row["fatal"]:
+                raise ModelLoadError(row["fatal"])
+            item = by_key.get(row["image_id"])
+            if item is None or item.key in done:
+                continue
+            done.add(item.key)
+            if row["error"] is not None:
+                reason = load_reason(ValueError(row["error"])) if row["error_kind"] == "image" else row["error"]
+                report_failure(report, bar, item.source, reason)
+                continue
+            try:
+                on_result(item, row)
+            except (ValueError, OSError) as error:  # a full disk, a name refused by safe_join
+                report_failure(report, bar, item.source, f"{type(error).__name__}: {error}")
+        for item in todo:
+            if item.key not in done:
+                report_failure(report, bar, item.source, "the cluster returned no result for this image")
+    except ray.exceptions.RayError as error:
+        raise ClusterError(f"the cluster run failed: {error}\nfinished images are complete on disk; rerun "
+                           "with --skip-existing to resume") from None
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # stops Ray Data's executor (and its workers) when the loop ended early
+        if started:
+            ray.shutdown()

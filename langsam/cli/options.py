@@ -6,6 +6,9 @@
   from them;
 * the mask-generator options (one flag per ``SamAutomaticMaskGenerator`` parameter), used by
   ``langsam auto-masks`` and by ``langsam segment --mode clip``;
+* the cluster options (``--ray [ADDRESS]``, ``--workers``, ``--gpus-per-worker``,
+  ``--cpus-per-worker``, ``--batch-size``) of the batch commands, which run on Ray Data
+  (:mod:`langsam.distributed`) when ``--ray`` is given;
 * small argument parsers, the exit statuses and the two errors every command may raise.
 
 Importing this module imports nothing heavy: the SAM registry (and with it torch) is read only
@@ -31,10 +34,12 @@ __all__ = [
     "EXIT_USAGE",
     "MODEL_ENVIRONMENT",
     "ModelLoadError",
+    "RAY_ONLY_OPTIONS",
     "UsageError",
     "add_device_argument",
     "add_generator_arguments",
     "add_model_arguments",
+    "add_ray_arguments",
     "add_sam_type_argument",
     "env_default",
     "exit_status",
@@ -44,6 +49,8 @@ __all__ = [
     "load_pipeline",
     "model_kwargs_from_args",
     "number",
+    "ray_address",
+    "ray_options_from_args",
     "sam_types",
     "validate_model_arguments",
 ]
@@ -57,6 +64,8 @@ EXIT_INTERRUPTED = 130
 MIN_DETECTOR_SIZE = 64
 
 _DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+#: ``--ray`` values: a new local cluster, the running one, or a head node's address.
+_RAY_ADDRESS_PATTERN = re.compile(r"^(local|auto|ray://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
 
 #: argparse ``dest`` of each model option -> the environment variable that sets its default.
 #: These are also the ``LangSAM(...)`` keyword names, and the settings ``langsam.demo.build_app``
@@ -302,3 +311,62 @@ def generator_params_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``SamAutomaticMaskGenerator`` keyword arguments of the flags the user set (in
     :data:`AMG_OPTIONS` order); unset ones are left out so the generator's defaults apply."""
     return {name: getattr(args, name) for name, _, _ in AMG_OPTIONS if getattr(args, name, None) is not None}
+
+
+# ============================================================================================
+# Cluster options (langsam segment / auto-masks --ray)
+# ============================================================================================
+
+
+def ray_address(text: str) -> str:
+    """A ``--ray`` value: ``local``, ``auto``, ``ray://HOST:PORT`` or ``HOST:PORT``.
+
+    ``--ray`` takes an optional value, so ``--ray photos/`` would swallow an input; anything
+    that is not an address is refused with a hint instead of being mistaken for one."""
+    if not _RAY_ADDRESS_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(
+            f"expected local, auto, ray://HOST:PORT or HOST:PORT, got {text!r} (to start a local cluster "
+            "put --ray after the inputs, or write --ray local)")
+    return text
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, *, batch_help: str) -> argparse._ArgumentGroup:
+    """Add ``--ray [ADDRESS]``, ``--workers``, ``--gpus-per-worker``, ``--cpus-per-worker`` and
+    ``--batch-size`` (which also means something locally: ``batch_help``) to ``parser``."""
+    group = parser.add_argument_group(
+        "cluster (Ray Data; needs pip install \"langsam[distributed]\")",
+        "every other option means the same on a cluster as locally, and the outputs are the same files")
+    group.add_argument("--ray", nargs="?", const="local", default=None, type=ray_address, metavar="ADDRESS",
+                       help="run on a Ray cluster: no ADDRESS (or 'local') starts one on this machine, 'auto' "
+                            "joins the running one (RAY_ADDRESS or 'ray start'), ray://HOST:PORT a remote head. "
+                            "Inputs may then also be URIs pyarrow reads (s3://, gs://, hdfs://)")
+    group.add_argument("--workers", type=number(int, 1), default=None, metavar="N",
+                       help="model replicas (Ray actors), each loads the models once (default: as many as the "
+                            "cluster's GPUs, or its CPUs less one, allow)")
+    group.add_argument("--gpus-per-worker", type=number(float, 0.0), default=None, metavar="G",
+                       help="GPUs per worker, fractions share a GPU (default 1 if the cluster has GPUs, else 0)")
+    group.add_argument("--cpus-per-worker", type=number(float, 0.0), default=None, metavar="C",
+                       help="CPUs per worker; also its torch threads (default 1)")
+    group.add_argument("--batch-size", type=number(int, 1), default=1, metavar="N", help=batch_help)
+    return group
+
+
+#: The cluster-only flags: given without --ray they would be silently ignored, so they are refused.
+RAY_ONLY_OPTIONS = ("workers", "gpus_per_worker", "cpus_per_worker")
+
+
+def ray_options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``{"address", "workers", "gpus_per_worker", "cpus_per_worker", "batch_size"}`` for a
+    ``--ray`` run (None values: the cluster decides), or None for a local run. Raises
+    :class:`UsageError` for a cluster-only flag without ``--ray``."""
+    if getattr(args, "ray", None) is None:
+        given = [generator_flag(name) for name in RAY_ONLY_OPTIONS if getattr(args, name, None) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: cluster options need --ray [ADDRESS]")
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # before any folder is made or model loaded
+        raise UsageError('--ray needs Ray Data, which is not installed: pip install "langsam[distributed]"')
+    return {"address": args.ray, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
+            "cpus_per_worker": args.cpus_per_worker, "batch_size": args.batch_size}

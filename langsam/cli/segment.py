@@ -1,12 +1,15 @@
 """``langsam segment``: segment what text queries name in many images.
 
 Per image: masks, an overlay and a ``result.json`` record (written last: it marks the image as
-done for ``--skip-existing``); per run: one COCO ``annotations.json``.
+done for ``--skip-existing``); per run: one COCO ``annotations.json``. With ``--ray`` the images
+are segmented by workers on a Ray cluster (:func:`_render` runs there) and this process writes
+the same files (:func:`_write_files`), so either engine can resume the other's run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from langsam.cli.batch import (
     RunReport,
     add_input_arguments,
     collect_items,
+    encode_image,
     load_reason,
     prefetch,
     prepare_out,
@@ -25,6 +29,7 @@ from langsam.cli.batch import (
     progress,
     read_json,
     report_failure,
+    run_on_ray,
     set_pixel_limit,
 )
 from langsam.cli.options import (
@@ -33,12 +38,14 @@ from langsam.cli.options import (
     UsageError,
     add_generator_arguments,
     add_model_arguments,
+    add_ray_arguments,
     fraction,
     generator_flag,
     generator_params_from_args,
     load_pipeline,
     model_kwargs_from_args,
     number,
+    ray_options_from_args,
     validate_model_arguments,
 )
 
@@ -69,6 +76,8 @@ examples:
   langsam segment cat.jpg --text cat --mode clip --points-per-side 16 --out results/
   langsam segment photos/ --text person --out results/ --skip-existing   # resume a run
   LANGSAM_DEVICE=cuda langsam segment photos/ --text car --sam-type vit_h --out results/
+  langsam segment photos/ --text car --out results/ --ray --workers 2     # Ray, this machine
+  langsam segment s3://bucket/photos/ --text car --out results/ --ray auto --gpus-per-worker 1
 """
 
 
@@ -119,8 +128,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     run_group.add_argument("--save", type=_save_list, default=frozenset(SAVE_CHOICES), metavar="LIST",
                            help="comma-separated outputs: masks, overlay, coco, json, or all (default all). "
                                 "The per-image result.json is always written: it marks the image as done")
-    run_group.add_argument("--batch-size", type=number(int, 1), default=1, metavar="N",
-                           help="images decoded ahead in a background thread while the models run (default 1)")
+    add_ray_arguments(parser, batch_help="locally: images decoded ahead in a background thread while the models "
+                                          "run; with --ray: images per call of a worker (default 1)")
     parser.set_defaults(handler=run, parser=parser)
     return parser
 
@@ -136,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     queries = _collect_queries(args)
     amg_params = _generator_params(args)
     validate_model_arguments(parser, args)
-    items = collect_items(args.inputs)
+    ray_options = ray_options_from_args(args)
+    items = collect_items(args.inputs, allow_uris=ray_options is not None)
     out_dir = prepare_out(args.out)
     max_pixels = set_pixel_limit(args.max_pixels)
     settings = _settings(args, queries, amg_params)
@@ -158,12 +168,17 @@ def run(args: argparse.Namespace) -> int:
             report.skipped += 1
             report.objects.update(obj["label"] for obj in record["objects"])
 
-    bar = progress(len(items), report.skipped, NAME, args.quiet)
+    # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
+    bar = progress(len(items), report.skipped, NAME, args.quiet or ray_options is not None)
     try:
         if todo:
             segment_kwargs = _segment_kwargs(args, amg_params)
-            _segment_images(args, todo, queries, segment_kwargs, settings, category_ids, out_dir, max_pixels,
-                            records, report, bar)
+            if ray_options is None:
+                _segment_images(args, todo, queries, segment_kwargs, settings, category_ids, out_dir, max_pixels,
+                                records, report, bar)
+            else:
+                _segment_on_ray(args, ray_options, todo, queries, segment_kwargs, settings, category_ids, out_dir,
+                                max_pixels, records, report)
     finally:
         bar.close()
 
@@ -262,7 +277,8 @@ def _segment_images(args, todo, queries, segment_kwargs, settings, category_ids,
             if pipeline is None:
                 pipeline = load_pipeline(args, args.mode)
             result = pipeline.segment(image, queries, **segment_kwargs)
-            record = _write_outputs(item, image, result, settings, category_ids, out_dir, args.save)
+            record, files = _render(item.file_name, item.source, image, result, settings, category_ids, args.save)
+            _write_files(out_dir, item.key, record, files)
         except ImageLoadError as error:
             report_failure(report, bar, item.path, load_reason(error))
         except (ValueError, RuntimeError, OSError, MemoryError) as error:
@@ -281,32 +297,59 @@ def _segment_images(args, todo, queries, segment_kwargs, settings, category_ids,
 # ============================================================================================
 
 
-def _write_outputs(item: Item, image, result, settings, category_ids, out_dir: Path,
-                   save: frozenset[str]) -> dict[str, Any]:
-    """Write one image's masks, overlay and (last) its record; returns the record."""
+def _segment_on_ray(args, ray_options, todo, queries, segment_kwargs, settings, category_ids, out_dir, max_pixels,
+                    records, report) -> None:
+    """The images of ``todo`` segmented by Ray workers, their files written here."""
+    from functools import partial
+
+    from langsam.distributed import PipelineBuilder
+
+    build = PipelineBuilder(args.mode, **model_kwargs_from_args(args))
+    process = partial(_render_on_worker, queries=queries, segment_kwargs=segment_kwargs, settings=settings,
+                      category_ids=category_ids, save=args.save)
+
+    def on_result(item: Item, row: dict[str, Any]) -> None:
+        record = json.loads(row["document"])
+        _write_files(out_dir, item.key, record, dict(zip(row["file_names"], row["file_data"])))
+        records[item.key] = record
+        report.processed += 1
+        report.objects.update(obj["label"] for obj in record["objects"])
+
+    run_on_ray(ray_options, todo, build, process, on_result, report, max_pixels, args.quiet, args.verbose)
+
+
+def _render_on_worker(pipeline, image, row, *, queries, segment_kwargs, settings, category_ids,
+                      save) -> dict[str, Any]:
+    """On a Ray worker: segment one image and encode its record and files (nothing is written)."""
+    result = pipeline.segment(image, queries, **segment_kwargs)
+    record, files = _render(row["file_name"], row["path"], image, result, settings, category_ids, save)
+    return {"document": json.dumps(record, ensure_ascii=False), "file_names": list(files),
+            "file_data": list(files.values())}
+
+
+# ============================================================================================
+# Outputs
+# ============================================================================================
+
+
+def _render(file_name: str, source: str, image, result, settings, category_ids,
+            save: frozenset[str]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One image's record and its files (``{name: encoded bytes}``: masks, overlay); writes nothing."""
     import numpy as np
     from PIL import Image
 
-    from langsam.io import atomic_save_image, atomic_write_json, safe_join, sanitize_name
-
-    folder = safe_join(out_dir, item.key)
-    record_path = safe_join(folder, RECORD_NAME)
-    previous = read_json(record_path)
-    # Until the new record exists the image counts as unfinished, even if the run stops midway.
-    record_path.unlink(missing_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    from langsam.io import sanitize_name
 
     annotations = result.to_coco(image_id=0, category_ids=category_ids) if len(result) else []
     objects = []
-    written: set[str] = set()
+    files: dict[str, bytes] = {}
     for index in range(len(result)):
         label = result.labels[index]
         mask_file = None
         if "masks" in save:
             mask_file = f"mask_{index:03d}_{sanitize_name(label, max_len=60)}.png"
             mask = np.asarray(result.masks[index], dtype=bool)
-            atomic_save_image(safe_join(folder, mask_file), Image.fromarray(mask.astype(np.uint8) * 255))
-            written.add(mask_file)
+            files[mask_file] = encode_image(Image.fromarray(mask.astype(np.uint8) * 255), "PNG")
         annotation = annotations[index]
         objects.append({
             "index": index,
@@ -321,20 +364,32 @@ def _write_outputs(item: Item, image, result, settings, category_ids, out_dir: P
             "mask_file": mask_file,
         })
     if "overlay" in save:
-        atomic_save_image(safe_join(folder, OVERLAY_NAME), result.overlay(image), quality=90)
-        written.add(OVERLAY_NAME)
-    _remove_stale(folder, previous, written)
-
+        files[OVERLAY_NAME] = encode_image(result.overlay(image), "JPEG", quality=90)
     height, width = image.shape[:2]
     record = {
         "format": RECORD_FORMAT,
-        "image": {"file_name": item.file_name, "path": str(item.path), "height": int(height), "width": int(width)},
+        "image": {"file_name": file_name, "path": source, "height": int(height), "width": int(width)},
         "settings": settings,
         "objects": objects,
     }
+    return record, files
+
+
+def _write_files(out_dir: Path, key: str, record: dict[str, Any], files: dict[str, bytes]) -> None:
+    """Write one image's files atomically, remove the ones an earlier run left, and (last) its record."""
+    from langsam.io import atomic_write_bytes, atomic_write_json, safe_join
+
+    folder = safe_join(out_dir, key)
+    record_path = safe_join(folder, RECORD_NAME)
+    previous = read_json(record_path)
+    # Until the new record exists the image counts as unfinished, even if the run stops midway.
+    record_path.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(safe_join(folder, name), data)
+    _remove_stale(folder, previous, set(files))
     # Written whatever --save says, and last: it marks the image as done for --skip-existing.
     atomic_write_json(record_path, record)
-    return record
 
 
 def _remove_stale(folder: Path, previous: Any, written: set[str]) -> None:

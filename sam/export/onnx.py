@@ -655,6 +655,15 @@ class OnnxSamPredictor(SamPredictor):
         self._batch = None
         self.reset_image()
 
+    def fork(self) -> "OnnxSamPredictor":
+        """A predictor with its own image state that shares this one's onnxruntime sessions
+        (loaded once; onnxruntime sessions may run from several threads), e.g. one per visitor
+        of the demo's click tab."""
+        twin = copy.copy(self)
+        twin._batch = None
+        twin.reset_image()
+        return twin
+
     def __repr__(self) -> str:
         kind = "int8 decoder" if self.quantized else "fp32"
         return f"OnnxSamPredictor(family={self.family!r}, model_type={self.manifest.get('model_type')!r}, {kind})"
