@@ -380,6 +380,14 @@ class LangSAM:
                              f"mode='clip', not mode={mode!r}")
         return self.amg_params if amg_params is None else check_amg_params(amg_params)
 
+    def track(self, video: Any, text: str | Sequence[str], detect_every: int = 10, **kwargs: Any):
+        """Track what ``text`` names through ``video``: a lazy :class:`langsam.video.TrackedVideo`
+        of per-frame masks with stable ids (see :func:`langsam.video.track_video`). Needs a
+        SAM 2 / 2.1 ``sam_type``."""
+        from langsam.video import track_video
+
+        return track_video(self, video, text, detect_every, **kwargs)
+
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:
         """SAM's automatic masks of ``image``, from the generator of the loaded model's family
         (``sam.make_mask_generator``: ``SamAutomaticMaskGenerator`` or

@@ -34,6 +34,7 @@ __all__ = [
     "make_mask_generator",
     "SamPredictor",
     "SamSpec",
+    "SamVideoPredictor",
     "build_sam",
     "load_state_dict_file",
     "sam_model_registry",
@@ -48,4 +49,8 @@ def __getattr__(name: str):
         from . import automatic_mask_generator
 
         return getattr(automatic_mask_generator, name)
+    if name == "SamVideoPredictor":  # video frames need PyAV; import it only when asked for
+        from .video import SamVideoPredictor
+
+        return SamVideoPredictor
     raise AttributeError(f"module 'sam' has no attribute {name!r}")

@@ -277,6 +277,33 @@ def test_click_tab_matches_predictor_and_embeds_once(demo, photos):
     assert len(encoder_runs) == 2 == decoder_state
 
 
+def test_click_tab_on_onnxruntime(model_settings, photos, tmp_path):
+    """``build_app(click_onnx=DIR)``: the click tab runs the exported SAM on onnxruntime, one
+    session set for all visitors, each visitor with their own image."""
+    pytest.importorskip("onnxruntime")
+    from sam import build_sam
+    from sam.export import OnnxSamPredictor, export_onnx
+
+    export_onnx(build_sam("auto", checkpoint=model_settings["sam_checkpoint"]), tmp_path / "onnx")
+    reference = OnnxSamPredictor(tmp_path / "onnx")
+    reference.set_image(photos.small)
+    app = build_app(model_settings, max_display_side=TEST_MAX_DISPLAY_SIDE, click_onnx=tmp_path / "onnx")
+    with serve(app) as url:
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(photos.small_path)), api_name="/click_set_image")
+        Client(url, verbose=False).predict(handle_file(str(photos.other_path)), api_name="/click_set_image")
+        _, _, mask_path, info, _ = client.predict(60, 40, CLICK_POSITIVE, api_name="/click_add_point")
+        masks, scores = best_first(reference, [[60.0, 40.0]], [1])
+        np.testing.assert_array_equal(read_mask_png(mask_path), masks[0])
+        np.testing.assert_allclose(info["scores"], scores, atol=1e-5)
+    # The visitors' predictors are forks of one loaded predictor: one set of sessions.
+    template = app.langsam_context._onnx_template
+    assert isinstance(template, OnnxSamPredictor) and template.decoder_session is not reference.decoder_session
+    fork = template.fork()
+    assert fork.decoder_session is template.decoder_session and not fork.is_image_set
+    assert not app.langsam_context.models.loaded  # the click tab never needed the PyTorch pipeline
+
+
 # --------------------------------------------------------------------------------------------
 # Tab 3: everything
 # --------------------------------------------------------------------------------------------

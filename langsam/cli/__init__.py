@@ -1,4 +1,4 @@
-"""The ``langsam`` command line: ``segment``, ``auto-masks``, ``serve``, ``export`` and ``demo``.
+"""The ``langsam`` command line: ``segment``, ``auto-masks``, ``track``, ``serve``, ``export`` and ``demo``.
 
 One module per command, listed in :data:`COMMANDS`; :mod:`langsam.cli.options` holds what
 they (and the demo's launcher) share, :mod:`langsam.cli.batch` what the batch commands share.
@@ -27,7 +27,7 @@ import logging
 import sys
 from typing import Sequence
 
-from langsam.cli import auto_masks, demo, export, segment, serve
+from langsam.cli import auto_masks, demo, export, segment, serve, track
 from langsam.cli.batch import ANNOTATIONS_NAME, OVERLAY_NAME, RECORD_NAME
 from langsam.cli.options import (
     EXIT_FAILURES,
@@ -62,6 +62,7 @@ __all__ = [
 COMMANDS = (
     segment,
     auto_masks,
+    track,
     serve,
     export,
     demo,

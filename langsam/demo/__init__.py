@@ -1,4 +1,4 @@
-"""The langsam web demo: a Gradio app with a model picker and three tabs, one module each.
+"""The langsam web demo: a Gradio app with a model picker and four tabs, one module each.
 
 1. **Text** (:mod:`~langsam.demo.text_tab`): an image and one or more text queries give a
    :class:`~langsam.result.Segmentation` (modes ``grounded``, ``clip``, ``hybrid``), shown as an
@@ -9,6 +9,8 @@
    only runs the mask decoder. The three multimask candidates are offered, best score first.
 3. **Everything** (:mod:`~langsam.demo.everything_tab`): the automatic mask generator, with its
    main parameters as sliders.
+4. **Video** (:mod:`~langsam.demo.video_tab`): a short clip and text queries give the tracked
+   objects (``LangSAM.track``) as an overlay video, a table and the YouTube-VIS JSON.
 
 :mod:`~langsam.demo.app` builds and launches the app, :mod:`~langsam.demo.models` holds the
 models (built lazily, on the first request, exactly once; the SAM type can be switched from the

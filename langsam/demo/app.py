@@ -1,4 +1,4 @@
-"""The demo app: :func:`build_app` puts the model picker and the three tabs together,
+"""The demo app: :func:`build_app` puts the model picker and the four tabs together,
 :func:`launch` serves it with the demo's safety settings, and :func:`main` is ``langsam demo``
 (and ``python demos/app.py``)."""
 
@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from langsam.cli.options import add_model_arguments, model_kwargs_from_args, validate_model_arguments
 from langsam.demo.click_tab import build_click_tab
@@ -26,6 +27,7 @@ from langsam.demo.common import (
 from langsam.demo.everything_tab import build_everything_tab
 from langsam.demo.models import LazyPipeline, PipelineSource
 from langsam.demo.text_tab import build_text_tab
+from langsam.demo.video_tab import build_video_tab
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ def build_app(
     max_display_side: int = DEFAULT_MAX_DISPLAY_SIDE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     title: str = "langsam",
+    click_onnx: str | os.PathLike | None = None,
 ):
     """Build the demo as a ``gr.Blocks`` (queued, one model job at a time).
 
@@ -48,6 +51,9 @@ def build_app(
             settings does the page offer to switch the SAM model.
         max_display_side: longest side of images sent back for display.
         max_pixels: largest uploaded image (width * height) the app decodes.
+        click_onnx: a folder written by ``langsam export onnx``: the Click and box tab then runs
+            SAM on onnxruntime (:class:`sam.export.OnnxSamPredictor`, loaded on first use and
+            shared by all visitors); the other tabs keep the pipeline's PyTorch models.
 
     Launch the result with :func:`launch`, which applies the upload limit and binds to
     127.0.0.1.
@@ -55,7 +61,7 @@ def build_app(
     import gradio as gr
 
     ctx = TabContext(models=LazyPipeline(pipeline), outputs=OutputFolder(), max_display_side=max_display_side,
-                     max_pixels=max_pixels)
+                     max_pixels=max_pixels, click_onnx=None if click_onnx is None else os.fspath(click_onnx))
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"# {title}\nText-prompted segmentation with Grounding DINO, SAM and CLIP. "
                     "Models load on the first request.")
@@ -66,8 +72,11 @@ def build_app(
             build_click_tab(ctx)
         with gr.Tab("Everything"):
             build_everything_tab(ctx)
+        with gr.Tab("Video"):
+            build_video_tab(ctx)
     app.queue(default_concurrency_limit=1)
     app.langsam_output_dir = ctx.outputs.root  # for tests and logs: everything the app writes is under it
+    app.langsam_context = ctx  # for tests: the models and settings every tab shares
     return app
 
 
@@ -137,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest upload, e.g. 20mb (default {DEFAULT_MAX_FILE_SIZE})")
     parser.add_argument("--max-display-side", type=int, default=DEFAULT_MAX_DISPLAY_SIDE,
                         help="longest side of the images shown in the browser")
+    parser.add_argument("--click-onnx", metavar="DIR", default=None,
+                        help="run the Click and box tab's SAM on onnxruntime from a folder written by "
+                             "'langsam export onnx' (needs langsam[export])")
     return parser
 
 
@@ -147,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate_model_arguments(parser, args)
     if args.max_display_side < 64:
         parser.error(f"--max-display-side must be at least 64, got {args.max_display_side}")
+    if args.click_onnx is not None:
+        from sam.export import MANIFEST_NAME
+
+        if not (Path(args.click_onnx) / MANIFEST_NAME).is_file():
+            parser.error(f"--click-onnx {args.click_onnx!r} is not a folder written by 'langsam export onnx' "
+                         f"(it has no {MANIFEST_NAME})")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not os.environ.get("GRADIO_TEMP_DIR"):
@@ -157,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = upload_dir
     # `kill` (SIGTERM) exits like Ctrl+C, so the atexit clean-up of the temp folders runs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    app = build_app(model_kwargs_from_args(args), max_display_side=args.max_display_side)
+    app = build_app(model_kwargs_from_args(args), max_display_side=args.max_display_side,
+                    click_onnx=args.click_onnx)
     launch(app, server_name=args.host, server_port=args.port, max_file_size=args.max_file_size)
     return 0

@@ -164,11 +164,9 @@ def build_click_tab(ctx: TabContext) -> None:
     @ctx.user_errors
     def click_set_image(image_path):
         image = ctx.read_upload(image_path)
-        from sam import SamPredictor
-
-        # A predictor of this visitor's own around the shared model: it keeps this image's
-        # embedding however many other visitors upload images meanwhile.
-        predictor = SamPredictor(ctx.models.get().predictor.model)
+        # A predictor of this visitor's own around the shared model (or the shared onnxruntime
+        # sessions): it keeps this image's embedding however many other visitors upload meanwhile.
+        predictor = ctx.click_predictor()
         predictor.set_image(image)  # the one encoder run for this image
         session = ClickSession(predictor=predictor, image=image)
         height, width = image.shape[:2]

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,6 +120,30 @@ class TabContext:
     outputs: OutputFolder
     max_display_side: int
     max_pixels: int
+    #: The click tab's SAM on onnxruntime: a folder written by ``langsam export onnx`` (None:
+    #: the pipeline's PyTorch SAM).
+    click_onnx: str | None = None
+    _onnx_template: Any = field(default=None, init=False, repr=False)
+    _onnx_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def click_predictor(self) -> Any:
+        """A SAM predictor of one visitor's own (it keeps that visitor's image embedding).
+
+        It shares the pipeline's PyTorch model, or, with :attr:`click_onnx`, the onnxruntime
+        sessions loaded once for the app (:meth:`sam.export.OnnxSamPredictor.fork`)."""
+        if self.click_onnx is None:
+            from sam import SamPredictor
+
+            return SamPredictor(self.models.get().predictor.model)
+        with self._onnx_lock:
+            if self._onnx_template is None:
+                from sam.export import OnnxSamPredictor
+
+                try:
+                    self._onnx_template = OnnxSamPredictor(self.click_onnx)
+                except (ImportError, OSError, ValueError) as error:
+                    raise ModelLoadError(f"Could not load the ONNX export {self.click_onnx!r}: {error}") from error
+            return self._onnx_template.fork()
 
     @property
     def model_event(self) -> dict[str, Any]:

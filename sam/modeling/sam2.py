@@ -175,7 +175,7 @@ class Sam2(nn.Module):
         dtype = self.no_mem_embed.dtype
         x = self.preprocess(pixels.to(self.pixel_mean.dtype)).to(dtype)
         if self._can_fuse_high_res():
-            return self._encode_fused(self.image_encoder.trunk.forward_tokens(x))
+            return self._encode_fused(self.image_encoder.trunk.forward_tokens(x), add_no_mem_embed=True)
         # General path (non-standard neck layouts): the neck as the reference runs it.
         levels = self.image_encoder(x, with_position=False)["backbone_fpn"]
         decoder = self.sam_mask_decoder
@@ -205,12 +205,13 @@ class Sam2(nn.Module):
             and all(conv.conv.kernel_size == (1, 1) and conv.conv.stride == (1, 1) for conv in neck.convs)
         )
 
-    def _encode_fused(self, tokens: list[torch.Tensor]) -> dict:
+    def _encode_fused(self, tokens: list[torch.Tensor], add_no_mem_embed: bool = True) -> dict:
         """The neck and conv_s0/conv_s1 on channels-last trunk maps, with each fine level's two
         1x1 convs (neck lateral, then conv_s0 or conv_s1) folded into one: the same linear map
         (up to float rounding) at a small fraction of the work. The stride-32 level only feeds
         the stride-16 one (its own output is dropped by scalp), and no position encodings are
-        computed: single images do not use them."""
+        computed: single images do not use them. Video frames (add_no_mem_embed=False) get
+        the raw stride-16 features, which memory attention conditions instead."""
         neck, decoder = self.image_encoder.neck, self.sam_mask_decoder
 
         fused = self.fused_kernels
@@ -229,7 +230,9 @@ class Sam2(nn.Module):
             upsampled = upsampled.reshape(batch, 2 * height, 2 * width, channels)
         else:
             upsampled = neck.upsample(coarse.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        embed = linear(tokens[2], neck.lateral(2)) + upsampled + self._single_image_embed().view(1, 1, 1, -1)
+        embed = linear(tokens[2], neck.lateral(2)) + upsampled
+        if add_no_mem_embed:
+            embed = embed + self._single_image_embed().view(1, 1, 1, -1)
         feat_s1 = folded(tokens[1], neck.lateral(1), decoder.conv_s1)
         feat_s0 = folded(tokens[0], neck.lateral(0), decoder.conv_s0)
 
@@ -291,3 +294,235 @@ class Sam2(nn.Module):
         is always the full 1024x1024 and is not needed)."""
         del input_size
         return F.interpolate(low_res_logits.float(), tuple(original_size), mode="bilinear", align_corners=False)
+
+    # ----------------------------------------------------------------------- video tracking
+    # One method per model step of a tracked frame; which memories a frame attends to is the
+    # video predictor's business (sam/video), these only compute. Tokens of the stride-16
+    # grid are row-major, (B, g*g, C), g = image_size / 16.
+
+    def encode_frame(self, pixels: torch.Tensor) -> "FrameFeatures":
+        """pixels: (1, 3, S, S) float RGB in [0, 1], S = image_size (the whole frame stretched
+        to the square, as the reference video predictor does). Returns the raw stride-16
+        features (no `no_mem_embed`: memory attention conditions them), their sine position
+        encoding, and the stride-4/8 features through conv_s0/conv_s1."""
+        size = self.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
+        x = self.preprocess(pixels.to(self.pixel_mean.dtype)).to(self.no_mem_embed.dtype)
+        if self._can_fuse_high_res():
+            out = self._encode_fused(self.image_encoder.trunk.forward_tokens(x), add_no_mem_embed=False)
+            embed, high_res = out["image_embed"], out["high_res_feats"]
+        else:
+            levels = self.image_encoder(x, with_position=False)["backbone_fpn"]
+            decoder = self.sam_mask_decoder
+            embed, high_res = levels[-1], [decoder.conv_s0(levels[0]), decoder.conv_s1(levels[1])]
+        position = self.image_encoder.neck.position_encoding(embed).to(embed.dtype)
+        return FrameFeatures(embed, position, high_res)
+
+    def use_multimask(self, is_init_cond_frame: bool, num_points: int) -> bool:
+        """Whether the decoder gives 3 candidates (the best is kept): one click (or none, when
+        tracking) yields an ambiguous prompt; a box counts as two points."""
+        options = self.tracking
+        return (
+            options.multimask_output_in_sam
+            and (is_init_cond_frame or options.multimask_output_for_tracking)
+            and options.multimask_min_pt_num <= num_points <= options.multimask_max_pt_num
+        )
+
+    def _pointer_from_token(self, token: torch.Tensor, appearing: torch.Tensor) -> torch.Tensor:
+        """Object pointer (B, C) from a decoder output token; `no_obj_ptr` where the object is
+        absent (appearing: (B, 1) float 0/1)."""
+        pointer = self.obj_ptr_proj(token)
+        if self.tracking.pred_obj_scores:
+            if self.tracking.fixed_no_obj_ptr:
+                pointer = appearing * pointer
+            pointer = pointer + (1 - appearing) * self.no_obj_ptr
+        return pointer
+
+    def track_heads(
+        self,
+        pix_feat: torch.Tensor,
+        high_res_feats: list[torch.Tensor],
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> "TrackOutput":
+        """The prompt encoder and mask decoder on one frame for B objects.
+
+        pix_feat: (B, C, g, g) memory-conditioned features; point_coords (B, N, 2) xy in the
+        S x S model-input frame with point_labels (B, N) (box corners labelled 2/3 first), or
+        None; mask_input: (B, 1, 4g, 4g) low-res logits (resized if another size) or None.
+        Masks of frames where the object score says "absent" are set to -1024.
+        """
+        batch = pix_feat.shape[0]
+        if point_coords is None:
+            # The reference always feeds at least one (padding) point.
+            point_coords = torch.zeros(batch, 1, 2, device=pix_feat.device)
+            point_labels = -torch.ones(batch, 1, dtype=torch.int32, device=pix_feat.device)
+        prompt_encoder = self.sam_prompt_encoder
+        if mask_input is not None and tuple(mask_input.shape[-2:]) != tuple(prompt_encoder.mask_input_size):
+            mask_input = F.interpolate(
+                mask_input.float(), prompt_encoder.mask_input_size, mode="bilinear", align_corners=False, antialias=True
+            )
+        sparse, dense = prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=mask_input)
+        low_res, ious, tokens, object_score_logits = self.sam_mask_decoder(
+            image_embeddings=pix_feat,
+            image_pe=prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            high_res_features=high_res_feats,
+        )
+        appearing = (object_score_logits > 0).float()
+        if self.tracking.pred_obj_scores:
+            low_res = torch.where(appearing[:, :, None, None] > 0, low_res, NO_OBJECT_LOGIT)
+        low_res = low_res.float()
+        token = tokens[:, 0]
+        if multimask_output:
+            best = torch.argmax(ious, dim=-1)
+            rows = torch.arange(batch, device=low_res.device)
+            low_res = low_res[rows, best].unsqueeze(1)
+            if tokens.shape[1] > 1:
+                token = tokens[rows, best]
+        high_res = F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return TrackOutput(low_res, high_res, self._pointer_from_token(token, appearing), object_score_logits)
+
+    def mask_as_output(
+        self, pix_feat: torch.Tensor, high_res_feats: list[torch.Tensor], mask: torch.Tensor
+    ) -> "TrackOutput":
+        """A mask prompt taken as the answer (SAM is not asked): (B, 1, S, S) 0/1 -> logits
+        -10/+10, its low-res version, an object score of +-10 by whether it is empty, and a
+        pointer from decoding the downsampled mask. pix_feat: raw (B, C, g, g) features."""
+        mask = mask.float()
+        high_res = mask * 20.0 - 10.0  # sigmoid(-10) ~ 4.5e-5
+        low_res = F.interpolate(
+            high_res, (high_res.shape[-2] // 4, high_res.shape[-1] // 4), mode="bilinear",
+            align_corners=False, antialias=True,
+        )
+        decoded = self.track_heads(pix_feat, high_res_feats, None, None, self.mask_downsample(mask), False)
+        appearing = (mask.flatten(1) > 0).any(dim=1, keepdim=True).float()
+        pointer = decoded.obj_ptr
+        if self.tracking.pred_obj_scores:
+            if self.tracking.fixed_no_obj_ptr:
+                pointer = appearing * pointer
+            pointer = pointer + (1 - appearing) * self.no_obj_ptr
+        return TrackOutput(low_res, high_res, pointer, appearing * 20.0 - 10.0)
+
+    def condition_on_memory(
+        self,
+        features: "FrameFeatures",
+        memories: list[tuple[int, torch.Tensor, torch.Tensor]],
+        pointers: list[tuple[int, torch.Tensor]],
+        max_pointer_offset: int,
+    ) -> torch.Tensor:
+        """Memory attention of the current frame's stride-16 features on the memory bank.
+
+        memories: (t_pos, features (B, 64, g, g), position encoding (B, 64, g, g)) with t_pos
+        0 for conditioning frames and 1..num_maskmem-1 for recent frames (num_maskmem-1 =
+        the previous one); pointers: (signed frame offset, pointer (B, C)); max_pointer_offset
+        normalises the offsets (the largest pointer window minus one).
+        Returns the conditioned features (B, C, g, g).
+        """
+        embed, position = features.vision_feats, features.vision_pos
+        batch, channels, height, width = embed.shape
+        num_maskmem = self.tracking.num_maskmem
+        memory_tokens, memory_pos = [], []
+        for t_pos, memory, memory_position in memories:
+            memory_tokens.append(memory.to(embed.device).flatten(2).transpose(1, 2))
+            encoding = memory_position.to(embed.device).flatten(2).transpose(1, 2)
+            memory_pos.append(encoding + self.maskmem_tpos_enc[num_maskmem - t_pos - 1].view(1, 1, -1))
+        num_pointer_tokens = 0
+        if pointers:
+            offsets = torch.tensor([offset for offset, _ in pointers], dtype=torch.float32, device=embed.device)
+            stacked = torch.stack([pointer.to(embed.device) for _, pointer in pointers], dim=1)  # (B, P, C)
+            if self.tracking.add_tpos_enc_to_obj_ptrs:
+                sine_dim = channels if self.tracking.proj_tpos_enc_in_obj_ptrs else self.mem_dim
+                pointer_pos = self.obj_ptr_tpos_proj(sine_encoding_1d(offsets / max_pointer_offset, sine_dim))
+                pointer_pos = pointer_pos[None].expand(batch, -1, self.mem_dim)
+            else:
+                pointer_pos = stacked.new_zeros(batch, len(pointers), self.mem_dim)
+            if self.mem_dim < channels:
+                # A C-wide pointer enters the 64-wide memory as C/64 consecutive tokens.
+                split = channels // self.mem_dim
+                stacked = stacked.reshape(batch, len(pointers) * split, self.mem_dim)
+                pointer_pos = pointer_pos.repeat_interleave(split, dim=1)
+            memory_tokens.append(stacked)
+            memory_pos.append(pointer_pos)
+            num_pointer_tokens = stacked.shape[1]
+        memory = torch.cat(memory_tokens, dim=1)
+        memory_position = torch.cat(memory_pos, dim=1)
+        conditioned = self.memory_attention(
+            embed.flatten(2).transpose(1, 2),
+            memory.to(embed.dtype),
+            position.flatten(2).transpose(1, 2),
+            memory_position.to(embed.dtype),
+            num_obj_ptr_tokens=num_pointer_tokens,
+        )
+        return conditioned.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def first_frame_features(self, features: "FrameFeatures") -> torch.Tensor:
+        """An object's first conditioning frame has no memory: `no_mem_embed` is added to its
+        stride-16 features instead (B, C, g, g)."""
+        if not self.tracking.directly_add_no_mem_embed:
+            raise NotImplementedError("only checkpoints with directly_add_no_mem_embed are supported")
+        return features.vision_feats + self.no_mem_embed.view(1, -1, 1, 1)
+
+    def encode_memory(
+        self,
+        features: "FrameFeatures",
+        high_res_masks: torch.Tensor,
+        object_score_logits: torch.Tensor,
+        binarize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A frame's memory from its raw features and (B, 1, S, S) mask logits: the mask
+        (0/1 if `binarize`, else its sigmoid) scaled to +-10, through the memory encoder,
+        plus `no_obj_embed_spatial` where the object is absent. Returns (B, 64, g, g)
+        features and position encoding."""
+        if binarize:
+            mask = (high_res_masks > 0).float()
+        else:
+            mask = torch.sigmoid(high_res_masks)
+        options = self.tracking
+        if options.sigmoid_scale_for_mem_enc != 1.0:
+            mask = mask * options.sigmoid_scale_for_mem_enc
+        if options.sigmoid_bias_for_mem_enc != 0.0:
+            mask = mask + options.sigmoid_bias_for_mem_enc
+        pix_feat = features.vision_feats.expand(mask.shape[0], -1, -1, -1)
+        memory, position = self.memory_encoder(pix_feat, mask, skip_mask_sigmoid=True)
+        if self.no_obj_embed_spatial is not None:
+            absent = 1.0 - (object_score_logits > 0).float()
+            memory = memory + absent[:, :, None, None] * self.no_obj_embed_spatial.view(1, -1, 1, 1)
+        return memory, position
+
+
+# Mask logit of frames where the object is judged absent (the reference's NO_OBJ_SCORE).
+NO_OBJECT_LOGIT = -1024.0
+
+
+@dataclass
+class FrameFeatures:
+    """One video frame through the image encoder (batch 1, or B objects by expansion)."""
+
+    vision_feats: torch.Tensor  # (1, C, g, g) stride-16 features, without no_mem_embed
+    vision_pos: torch.Tensor  # (1, C, g, g) their sine position encoding
+    high_res_feats: list[torch.Tensor]  # [(1, C/8, 4g, 4g), (1, C/4, 2g, 2g)] through conv_s0/s1
+
+
+@dataclass
+class TrackOutput:
+    """What the heads give for B objects on one frame (before any memory is encoded)."""
+
+    low_res_masks: torch.Tensor  # (B, 1, 4g, 4g) logits, -1024 where absent
+    high_res_masks: torch.Tensor  # (B, 1, S, S) logits, bilinear from low_res_masks
+    obj_ptr: torch.Tensor  # (B, C)
+    object_score_logits: torch.Tensor  # (B, 1); > 0 means the object is present
+
+
+def sine_encoding_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(N,) positions -> (N, dim): sines then cosines at temperature ** (2 * (k // 2) / (dim / 2))."""
+    half = dim // 2
+    steps = torch.arange(half, dtype=torch.float32, device=positions.device)
+    scales = temperature ** (2 * torch.div(steps, 2, rounding_mode="floor") / half)
+    angles = positions[:, None] / scales
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)

@@ -1,0 +1,208 @@
+"""`langsam track` end to end: the real SAM 2.1 video predictor on a tiny random model (at a
+128-pixel input, so a frame takes milliseconds), the tiny Grounding DINO saved with
+save_pretrained, and short clips made from a real photo (an H.264 .mp4 and a JPEG folder),
+next to a broken file, a folder with an unreadable frame and an over-long clip."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from langsam import cli
+from langsam.cli import track
+from tiny_gdino import save_tiny_grounding_dino
+from video_support import make_clip, make_video_sam2, write_frame_folder, write_mp4
+
+QUERIES = ["a cat", "a sofa"]
+FRAMES = 8
+#: Input side of the tiny SAM 2.1: an 8x8 memory grid, so a frame takes tens of milliseconds.
+VIDEO_SIZE = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny models run small ops, which two threads on a shared 2-core machine slow down
+    about tenfold (thread hand-offs while other jobs hold the cores); one thread is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+SETTINGS = ["--detect-every", "3", "--box-threshold", "0", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    """`langsam track` in the command table (the lead adds it to langsam/cli/__init__.py)."""
+    if track not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, track))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A LangSAM factory on the tiny models; the CLI's model loading is replaced by it (the tiny
+    SAM 2.1 runs at a 128-pixel input, which a checkpoint file cannot say)."""
+    from langsam.pipeline import LangSAM
+
+    gdino = save_tiny_grounding_dino(tmp_path_factory.mktemp("gdino"), logit_scale=0.1, num_queries=2)
+    model = make_video_sam2(VIDEO_SIZE)
+    loads = []
+
+    def load(args, mode):
+        loads.append(mode)
+        return LangSAM(sam_model=model, detector=str(gdino), device="cpu")
+
+    return load, loads
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    clip = make_clip(FRAMES, 120, 160)
+    write_mp4(clip, root / "clips" / "cat.mp4")
+    write_frame_folder(make_clip(FRAMES, 120, 160, photo="coffee"), root / "clips" / "frames", ext="jpg")
+    (root / "clips" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    bad_frames = write_frame_folder(clip[:4], root / "badframes", ext="png")
+    (bad_frames / "00002.png").write_bytes(b"not a png")
+    return root, clip
+
+
+def run_cli(monkeypatch, models, *argv):
+    load, _ = models
+    monkeypatch.setattr(track, "load_pipeline", load)
+    return cli.main(["track", *argv])
+
+
+def decode(rle) -> np.ndarray:
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+
+
+def test_batch_with_bad_videos_exits_1_and_finishes_the_good_ones(monkeypatch, models, inputs, tmp_path, capsys):
+    root, clip = inputs
+    out = tmp_path / "out"
+    loads = len(models[1])
+    code = run_cli(monkeypatch, models, str(root / "clips"), str(root / "badframes"), "--text", "a cat",
+                   "--text", "a sofa", "--out", str(out), "--save", "all", *SETTINGS)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"error: {root / 'clips' / 'broken.mp4'}:" in captured.err
+    assert f"error: {root / 'badframes'}:" in captured.err and "frame 2" in captured.err
+    assert "4 videos: 2 processed, 0 skipped, 2 failed" in captured.out
+    assert models[1][loads:] == ["grounded"]  # loaded once, at the first readable video, kept after a failure
+    # Outputs are named after the path under the common input folder.
+    assert sorted(p.name for p in out.iterdir()) == ["badframes", "clips_cat", "clips_frames"]
+    assert not (out / "badframes" / "tracks.json").exists()  # unfinished: no marker
+    assert not list(out.rglob("*.tmp"))
+
+    # The good video's JSON equals the same tracking run in-process, frame by frame.
+    from langsam.video import track_video
+
+    data = json.loads((out / "clips_cat" / "tracks.json").read_text())
+    assert data["videos"][0]["file_name"] == "clips/cat.mp4" and data["videos"][0]["length"] == FRAMES
+    assert [c["name"] for c in data["categories"]] == QUERIES
+    expected = track_video(models[0](None, "grounded"), root / "clips" / "cat.mp4", QUERIES, detect_every=3,
+                           box_threshold=0.0)
+    frames = list(expected)
+    assert data["info"]["detection_frames"] == [0, 3, 6]
+    annotations = {a["id"]: a for a in data["annotations"]}
+    seen = sorted({int(i) for f in frames for i in f.obj_ids})
+    assert sorted(annotations) == seen and seen
+    for frame in frames:
+        for obj_id in annotations:
+            mask = frame.mask_of(obj_id)
+            rle = annotations[obj_id]["segmentations"][frame.frame_index]
+            if mask is None:
+                assert rle is None
+            else:
+                np.testing.assert_array_equal(decode(rle), mask)
+    for obj_id, track_info in expected.tracks.items():
+        if obj_id in annotations:
+            assert annotations[obj_id]["label"] == track_info.label in QUERIES
+            assert annotations[obj_id]["first_frame"] == track_info.first_frame
+
+    # The overlay has every frame; the id maps match the JSON.
+    import av
+    from PIL import Image
+
+    with av.open(str(out / "clips_cat" / "overlay.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == FRAMES
+    for index in range(FRAMES):
+        ids = np.asarray(Image.open(out / "clips_cat" / "masks" / f"{index:06d}.png"))
+        for obj_id, annotation in annotations.items():
+            rle = annotation["segmentations"][index]
+            if rle is not None:  # the higher id wins where masks overlap
+                higher = np.zeros_like(ids, dtype=bool)
+                for other, other_annotation in annotations.items():
+                    if other > obj_id and other_annotation["segmentations"][index] is not None:
+                        higher |= decode(other_annotation["segmentations"][index])
+                np.testing.assert_array_equal(ids[decode(rle) & ~higher], obj_id)
+    assert json.loads((out / "clips_frames" / "tracks.json").read_text())["videos"][0]["length"] == FRAMES
+
+
+def test_skip_existing_really_skips_and_changed_settings_redo(monkeypatch, models, inputs, tmp_path, capsys):
+    root, _ = inputs
+    out = tmp_path / "out"
+    video = str(root / "clips" / "cat.mp4")
+    argv = [video, "--text", "a cat", "--out", str(out), *SETTINGS]
+    assert run_cli(monkeypatch, models, *argv, "-q") == 0
+    record = out / "cat" / "tracks.json"
+    before = (record.stat().st_mtime_ns, (out / "cat" / "overlay.mp4").stat().st_mtime_ns)
+
+    def must_not_load(args, mode):
+        raise AssertionError("a finished video must not load the models")
+
+    monkeypatch.setattr(track, "load_pipeline", must_not_load)
+    assert cli.main(["track", *argv, "--skip-existing"]) == 0
+    assert "1 videos: 0 processed, 1 skipped, 0 failed" in capsys.readouterr().out
+    assert (record.stat().st_mtime_ns, (out / "cat" / "overlay.mp4").stat().st_mtime_ns) == before
+    # Another detector interval is another result: redone, and the masks asked for now appear.
+    loads = len(models[1])
+    argv[argv.index("3")] = "4"
+    assert run_cli(monkeypatch, models, *argv, "--skip-existing", "--save", "json,masks", "-q") == 0
+    assert len(models[1]) == loads + 1
+    data = json.loads(record.read_text())
+    assert data["info"]["settings"]["detect_every"] == 4 and data["info"]["detection_frames"] == [0, 4]
+    assert len(list((out / "cat" / "masks").iterdir())) == FRAMES
+    assert not (out / "cat" / "overlay.mp4").exists()  # not asked for: the stale one is gone
+
+
+def test_limits_are_reported_with_the_flag(monkeypatch, models, inputs, tmp_path, capsys):
+    root, _ = inputs
+    code = run_cli(monkeypatch, models, str(root / "clips" / "cat.mp4"), "--text", "cat", "--out", str(tmp_path),
+                   "--max-frames", "5", *SETTINGS)
+    err = capsys.readouterr().err
+    assert code == 1 and f"{FRAMES} frames, more than the limit of 5" in err and "--max-frames" in err
+    code = run_cli(monkeypatch, models, str(root / "clips" / "cat.mp4"), "--text", "cat", "--out", str(tmp_path),
+                   "--max-side", "100", *SETTINGS)
+    err = capsys.readouterr().err
+    assert code == 1 and "160x120" in err and "limit of 100" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "no queries"),
+    (["--text", "cat", "--sam-type", "vit_b"], "needs a SAM 2"),
+    (["--text", "cat", "--save", "gif"], "unknown output gif"),
+    (["--text", "cat", "--detect-every", "0"], "must be at least 1"),
+])
+def test_usage_errors_exit_2_before_any_model_loads(monkeypatch, inputs, tmp_path, capsys, extra, message):
+    root, _ = inputs
+
+    def must_not_load(args, mode):
+        raise AssertionError("usage errors must not load the models")
+
+    monkeypatch.setattr(track, "load_pipeline", must_not_load)
+    assert cli.main(["track", str(root / "clips" / "cat.mp4"), "--out", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert cli.main(["track", str(tmp_path / "missing.mp4"), "--text", "cat", "--out", str(tmp_path)]) == 2
+
+
+def test_help_lists_outputs_and_examples(capsys):
+    assert cli.main(["track", "--help"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("--detect-every", "--save", "--skip-existing", "--max-frames", "--max-side", "tracks.json",
+                     "YouTube-VIS", "overlay.mp4", "--sam-type", "exit status"):
+        assert expected in text
