@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -384,7 +385,7 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"it would run code from the file. Only plain state dicts (or .safetensors) are accepted. "
             f"Details: {str(error).splitlines()[0]}"
         ) from error
-    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError) as error:
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, struct.error) as error:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); delete it and download again"

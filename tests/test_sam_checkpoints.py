@@ -124,6 +124,11 @@ def test_truncated_empty_and_foreign_checkpoints_are_clear_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         build_sam("auto", checkpoint=truncated)
+    for junk in (b"\x00\x01\x02\x03", b"PK\x03\x04", b"\x80\x02"):  # a few bytes of something
+        tiny = tmp_path / "tiny.pth"
+        tiny.write_bytes(junk)
+        with pytest.raises(CheckpointError, match="corrupt or truncated|refusing to load"):
+            build_sam("auto", checkpoint=tiny)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty"):

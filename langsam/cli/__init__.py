@@ -1,4 +1,5 @@
-"""The ``langsam`` command line: ``segment``, ``auto-masks``, ``track``, ``serve``, ``export`` and ``demo``.
+"""The ``langsam`` command line: ``segment``, ``auto-masks``, ``track``, ``eval``,
+``finetune``, ``serve``, ``export`` and ``demo``.
 
 One module per command, listed in :data:`COMMANDS`; :mod:`langsam.cli.options` holds what
 they (and the demo's launcher) share, :mod:`langsam.cli.batch` what the batch commands share.
@@ -27,7 +28,7 @@ import logging
 import sys
 from typing import Sequence
 
-from langsam.cli import auto_masks, demo, export, segment, serve, track
+from langsam.cli import auto_masks, demo, evaluate, export, finetune, segment, serve, track
 from langsam.cli.batch import ANNOTATIONS_NAME, OVERLAY_NAME, RECORD_NAME
 from langsam.cli.options import (
     EXIT_FAILURES,
@@ -63,6 +64,8 @@ COMMANDS = (
     segment,
     auto_masks,
     track,
+    evaluate,
+    finetune,
     serve,
     export,
     demo,
