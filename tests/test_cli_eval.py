@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from langsam import cli
 from langsam.cli import evaluate as evaluate_command
@@ -17,21 +16,13 @@ from test_cli_segment import run_main
 from tiny_gdino import save_tiny_grounding_dino
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: these small models run many tiny ops, which a second thread only slows
-    down on a shared 2-core machine (measured 8x slower under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture()
-def registered(monkeypatch):
-    """The command table with `eval` in it (the lead adds it to langsam/cli/__init__.py)."""
-    if evaluate_command not in cli.COMMANDS:
-        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, evaluate_command))
+def registered():
+    """The command is in ``langsam``'s command table (so ``langsam.cli.main`` dispatches to it)."""
+    assert evaluate_command in cli.COMMANDS
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from sam.training.synthetic import make_shapes_dataset
 from test_cli_segment import run_main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: these small models run many tiny ops, which a second thread only slows
-    down on a shared 2-core machine (measured 8x slower under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 QUICK = ["--device", "cpu", "--epochs", "1", "--batch-size", "2", "--objects-per-image", "2", "--points", "0",
@@ -29,10 +22,9 @@ QUICK = ["--device", "cpu", "--epochs", "1", "--batch-size", "2", "--objects-per
 
 
 @pytest.fixture()
-def registered(monkeypatch):
-    """The command table with `finetune` in it (the lead adds it to langsam/cli/__init__.py)."""
-    if finetune_command not in cli.COMMANDS:
-        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, finetune_command))
+def registered():
+    """The command is in ``langsam``'s command table (so ``langsam.cli.main`` dispatches to it)."""
+    assert finetune_command in cli.COMMANDS
 
 
 @pytest.fixture(scope="module")

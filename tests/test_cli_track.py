@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from pycocotools import mask as mask_utils
 
 from langsam import cli
@@ -24,22 +23,15 @@ FRAMES = 8
 VIDEO_SIZE = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run small ops, which two threads on a shared 2-core machine slow down
-    about tenfold (thread hand-offs while other jobs hold the cores); one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 SETTINGS = ["--detect-every", "3", "--box-threshold", "0", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    """`langsam track` in the command table (the lead adds it to langsam/cli/__init__.py)."""
-    if track not in cli.COMMANDS:
-        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, track))
+def registered():
+    """`langsam track` is in the command table (so ``langsam.cli.main`` dispatches to it)."""
+    assert track in cli.COMMANDS
 
 
 @pytest.fixture(scope="module")

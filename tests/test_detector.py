@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from langsam.detector import GroundingDinoDetector, parse_queries, post_process, query_token_spans
 from sam_factory import real_photo

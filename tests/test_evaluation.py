@@ -26,14 +26,7 @@ from sam.training.synthetic import make_shapes_dataset
 from sam_factory import make_tiny_sam
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: these small models run many tiny ops, which a second thread only slows
-    down on a shared 2-core machine (measured 8x slower under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 # ---------------------------------------------------------------------------- hand-worked clicks

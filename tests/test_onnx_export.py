@@ -25,15 +25,7 @@ ATOL = 1e-4
 PHOTOS = ("astronaut", "coffee")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread for PyTorch and onnxruntime here: on two cores shared with other processes,
-    two threads waiting on each other made decoder calls up to 20x slower. (Speed only; the
-    outputs compared are the same.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def make_onnx_predictor(directory, **kwargs) -> OnnxSamPredictor:

@@ -32,7 +32,6 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -139,15 +138,7 @@ def model_settings(tiny_sam_checkpoint, gdino_dir):
             "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One PyTorch thread, here and in the servers' workers: on two cores shared with pytest and
-    the servers, two threads waiting on each other made decoder calls up to 20x slower. The same
-    thread count on both sides also keeps the in-process references bit-for-bit comparable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

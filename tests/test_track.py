@@ -34,14 +34,7 @@ H, W = 48, 64
 VIDEO_SIZE = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run small ops, which two threads on a shared 2-core machine slow down
-    about tenfold (thread hand-offs while other jobs hold the cores); one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,14 +17,7 @@ from sam.training.trainer import low_res_masks
 from sam_factory import make_reference_sam, make_tiny_sam, randomize_parameters
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: these small models run many tiny ops, which a second thread only slows
-    down on a shared 2-core machine (measured 8x slower under load). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 # The cheapest recipe that still runs every part of a step: a point or a box, one error-region

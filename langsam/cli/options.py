@@ -24,7 +24,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 __all__ = [
     "AMG_OPTIONS",
@@ -134,6 +134,23 @@ def number(kind: Callable[[str], Any], minimum: float) -> Callable[[str], Any]:
 # ============================================================================================
 # Model options
 # ============================================================================================
+
+
+def output_list(choices: Sequence[str]) -> Callable[[str], frozenset[str]]:
+    """An argparse type for ``--save a,b`` (or ``all``): the chosen names of ``choices``."""
+
+    def parse(text: str) -> frozenset[str]:
+        items = {item.strip().lower() for item in text.split(",") if item.strip()}
+        if "all" in items:
+            return frozenset(choices)
+        unknown = sorted(items - set(choices))
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown output {', '.join(unknown) or '(empty)'}; choose from {','.join(choices)} or all"
+            )
+        return frozenset(items)
+
+    return parse
 
 
 def sam_types() -> list[str]:

@@ -45,6 +45,7 @@ from langsam.cli.options import (
     load_pipeline,
     model_kwargs_from_args,
     number,
+    output_list,
     ray_options_from_args,
     validate_model_arguments,
 )
@@ -81,18 +82,6 @@ examples:
 """
 
 
-def _save_list(text: str) -> frozenset[str]:
-    items = {item.strip().lower() for item in text.split(",") if item.strip()}
-    if "all" in items:
-        return frozenset(SAVE_CHOICES)
-    unknown = sorted(items - set(SAVE_CHOICES))
-    if unknown or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown output {', '.join(unknown) or '(empty)'}; choose from {','.join(SAVE_CHOICES)} or all"
-        )
-    return frozenset(items)
-
-
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``langsam segment`` and its options."""
     parser = commands.add_parser(
@@ -125,7 +114,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                             "(the same flags as 'langsam auto-masks'); unset ones keep the generator's defaults")
     add_model_arguments(parser)
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--save", type=_save_list, default=frozenset(SAVE_CHOICES), metavar="LIST",
+    run_group.add_argument("--save", type=output_list(SAVE_CHOICES), default=frozenset(SAVE_CHOICES), metavar="LIST",
                            help="comma-separated outputs: masks, overlay, coco, json, or all (default all). "
                                 "The per-image result.json is always written: it marks the image as done")
     add_ray_arguments(parser, batch_help="locally: images decoded ahead in a background thread while the models "

@@ -25,6 +25,7 @@ from langsam.cli.options import (
     load_pipeline,
     model_kwargs_from_args,
     number,
+    output_list,
     validate_model_arguments,
 )
 
@@ -91,18 +92,6 @@ class TrackReport:
     started: float = field(default_factory=time.perf_counter)
 
 
-def _save_list(text: str) -> frozenset[str]:
-    items = {item.strip().lower() for item in text.split(",") if item.strip()}
-    if "all" in items:
-        return frozenset(SAVE_CHOICES)
-    unknown = sorted(items - set(SAVE_CHOICES))
-    if unknown or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown output {', '.join(unknown) or '(empty)'}; choose from {','.join(SAVE_CHOICES)} or all"
-        )
-    return frozenset(items)
-
-
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``langsam track`` and its options."""
     from langsam.video import DEFAULT_DETECT_EVERY, DEFAULT_MAX_LOST_FRAMES, DEFAULT_NEW_OBJECT_IOU
@@ -147,7 +136,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              f"0 = no limit)")
     add_model_arguments(parser, clip=False)
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--save", type=_save_list, default=DEFAULT_SAVE, metavar="LIST",
+    run_group.add_argument("--save", type=output_list(SAVE_CHOICES), default=DEFAULT_SAVE, metavar="LIST",
                            help="comma-separated outputs: json, overlay, masks, or all (default json,overlay). "
                                 "tracks.json is always written: it marks the video as done")
     parser.set_defaults(handler=run, parser=parser)
