@@ -21,7 +21,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from langsam.cli.options import ModelLoadError, UsageError, number
 
@@ -100,7 +100,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 def collect_items(inputs: Sequence[str], allow_uris: bool = False) -> list[Item]:
     """Expand INPUTs and give each image a collision-free output key (usage errors raise UsageError).
     With ``allow_uris`` (``--ray``), INPUTs may instead all be URIs (see :func:`collect_uri_items`)."""
-    from langsam.io import iter_image_files, unique_stem
+    from langsam.io import iter_image_files
 
     if not inputs:
         raise UsageError("no INPUT given: pass image files, folders or glob patterns")
@@ -119,20 +119,30 @@ def collect_items(inputs: Sequence[str], allow_uris: bool = False) -> list[Item]
         raise UsageError(str(error)) from None
     if not paths:
         raise UsageError(f"no image files found in {', '.join(inputs)}")
+    return [Item(path=path, file_name=file_name, key=key)
+            for path, file_name, key in name_local_inputs(paths, reserved=_RESERVED_STEMS)]
+
+
+def name_local_inputs(paths: list[Path], reserved: Iterable[str] = ()) -> list[tuple[Path, str, str]]:
+    """``(path, file_name, key)`` for each input: ``file_name`` is the path relative to the
+    inputs' common folder (POSIX), ``key`` its output-folder name, made safe and unique (never
+    one of ``reserved``)."""
+    from langsam.io import unique_stem
+
     resolved = [path.resolve() for path in paths]
     try:
         root = Path(os.path.commonpath([str(path.parent) for path in resolved]))
     except ValueError:  # e.g. inputs on different Windows drives
         root = None
-    seen = set(_RESERVED_STEMS)
-    items = []
+    seen = set(reserved)
+    named = []
     for path, absolute in zip(paths, resolved):
         try:
             file_name = absolute.relative_to(root).as_posix() if root is not None else path.name
         except ValueError:
             file_name = path.name
-        items.append(Item(path=path, file_name=file_name, key=unique_stem(absolute, seen, root=root)))
-    return items
+        named.append((path, file_name, unique_stem(absolute, seen, root=root)))
+    return named
 
 
 def _is_uri(text: str) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from langsam.cli.batch import read_json
+from langsam.cli.batch import name_local_inputs, read_json
 from langsam.cli.options import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -150,8 +150,6 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def collect_videos(inputs: Sequence[str]) -> list[VideoItem]:
     """Expand INPUTs into videos with collision-free output keys (UsageError for missing ones)."""
-    from langsam.io import unique_stem
-
     if not inputs:
         raise UsageError("no INPUT given: pass video files, folders of frames or folders of videos")
     found: dict[Path, Path] = {}
@@ -179,20 +177,7 @@ def collect_videos(inputs: Sequence[str]) -> list[VideoItem]:
         else:
             raise UsageError(f"{text}: no such file or folder")
     paths = sorted(found.values(), key=lambda p: str(p))
-    resolved = [path.resolve() for path in paths]
-    try:
-        root = Path(os.path.commonpath([str(path.parent) for path in resolved]))
-    except ValueError:
-        root = None
-    seen: set[str] = set()
-    items = []
-    for path, absolute in zip(paths, resolved):
-        try:
-            file_name = absolute.relative_to(root).as_posix() if root is not None else path.name
-        except ValueError:
-            file_name = path.name
-        items.append(VideoItem(path=path, file_name=file_name, key=unique_stem(absolute, seen, root=root)))
-    return items
+    return [VideoItem(path=path, file_name=file_name, key=key) for path, file_name, key in name_local_inputs(paths)]
 
 
 def _is_frame_folder(folder: Path) -> bool:
