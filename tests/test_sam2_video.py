@@ -367,7 +367,7 @@ def test_bad_prompts_and_calls_raise_value_errors(predictor, model):
         (lambda: predictor.add_new_points_or_box(state, 0, 1, box=[1, 2, 3, 4], clear_old_points=False), "box must come"),
         (lambda: predictor.add_new_mask(state, 0, 1, np.zeros((2, 4, 4))), r"\(H, W\)"),
         (lambda: predictor.add_new_mask(state, 0, 1, np.full((4, 4), 0.5)), "boolean or 0/1"),
-        (lambda: predictor.remove_object(state, 9), "no object with id 9"),
+        (lambda: predictor.remove_object(state, 9, strict=True), "no object with id 9"),
         (lambda: predictor.object_scores(state, 7), "outside"),
         (lambda: predictor.init_state(make_clip(2, 32, 32), keep_memory="some"), "keep_memory"),
         (lambda: SamVideoPredictor(torch.nn.Linear(2, 2)), "SAM 2 model"),

@@ -1,8 +1,11 @@
 """SAM 2.1 video predictor: prompts on some frames, masks on every frame, frames streamed.
 
-The API is the reference's (`init_state`, `add_new_points_or_box`, `add_new_mask`,
-`propagate_in_video`, `remove_object`, `reset_state`) and so are the numbers, on the same
-weights. What differs is the bookkeeping: frames are decoded one at a time from a
+The API is the reference's, names, positional order, defaults and return values
+(`init_state`, `add_new_points_or_box`, `add_new_points`, `add_new_mask`,
+`propagate_in_video_preflight`, `propagate_in_video`, `clear_all_prompts_in_frame`,
+`remove_object`, `reset_state`; the `non_overlap_masks` option), and so are the numbers, on
+the same weights; our additions (`keep_memory`, frame limits, `object_scores`) are keywords
+the reference does not have. What differs is the bookkeeping: frames are decoded one at a time from a
 `FrameSource` (the reference decodes and resizes every frame up front), image features are
 cached for one frame, and with keep_memory="window" the memory bank only keeps what later
 frames can still read, so memory stays flat however long the video.
@@ -55,23 +58,27 @@ class SamVideoPredictor:
     makes it a conditioning frame (default False: it stays a tracked frame, and re-propagating
     through that frame recomputes it); fill_hole_area: fill background holes of at most this
     many low-res pixels in the output masks (the reference's CUDA extension does this on
-    GPU; on CPU the reference skips it, hence 0 here by default).
+    GPU; on CPU the reference skips it, hence 0 here by default); non_overlap_masks: where
+    objects overlap in an output, only the highest-scoring one keeps a positive logit (the
+    others are clamped to -10), in every returned mask; the memory is not affected.
     """
 
     def __init__(
         self,
         model: Sam2,
         *,
-        binarize_mask_from_pts_for_mem_enc: bool = True,
-        add_all_frames_to_correct_as_cond: bool = False,
         fill_hole_area: int = 0,
+        non_overlap_masks: bool = False,
+        add_all_frames_to_correct_as_cond: bool = False,
+        binarize_mask_from_pts_for_mem_enc: bool = True,
     ) -> None:
         if not isinstance(model, Sam2):
             raise ValueError(f"SamVideoPredictor needs a SAM 2 model (sam.Sam2), got {type(model).__name__}")
         self.model = model.eval()
-        self.binarize_mask_from_pts_for_mem_enc = binarize_mask_from_pts_for_mem_enc
-        self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
         self.fill_hole_area = int(fill_hole_area)
+        self.non_overlap_masks = bool(non_overlap_masks)
+        self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
+        self.binarize_mask_from_pts_for_mem_enc = binarize_mask_from_pts_for_mem_enc
 
     @classmethod
     def from_checkpoint(
@@ -93,23 +100,30 @@ class SamVideoPredictor:
     # ------------------------------------------------------------------ state
     def init_state(
         self,
-        video: str | Path | np.ndarray | Sequence[np.ndarray] | FrameSource,
+        video_path: str | Path | np.ndarray | Sequence[np.ndarray] | FrameSource,
+        offload_video_to_cpu: bool = False,
         offload_state_to_cpu: bool = False,
+        async_loading_frames: bool = False,
+        *,
         keep_memory: str = "all",
         max_frames: int | None = None,
         max_pixels: int | None = None,
     ) -> VideoState:
-        """Open `video` (see `open_frames`) for tracking; nothing is decoded yet.
+        """Open a video (anything `open_frames` reads: a file, a folder of frames, a
+        (T, H, W, 3) uint8 array, a list of frames) for tracking; nothing is decoded yet.
 
+        offload_video_to_cpu, async_loading_frames: accepted for the reference's callers and
+        nothing to do here: frames are always decoded on the CPU, one at a time, when reached.
         offload_state_to_cpu: keep memories and masks on the CPU when the model is on a GPU.
-        keep_memory: "all" keeps every frame's memory (corrections and reverse propagation
-        behave as the reference); "window" keeps only what later frames can still attend to
-        (conditioning frames, the last num_maskmem - 1 tracked memories, pointers of the last
-        max_obj_ptrs_in_encoder - 1 frames), so memory does not grow with video length.
+        keep_memory (keyword): "all" keeps every frame's memory (corrections and reverse
+        propagation behave as the reference); "window" keeps only what later frames can still
+        attend to (conditioning frames, the last num_maskmem - 1 tracked memories, pointers of
+        the last max_obj_ptrs_in_encoder - 1 frames), so memory does not grow with video length.
+        max_frames / max_pixels (keywords): limits passed to `open_frames`.
         """
         if keep_memory not in ("all", "window"):
             raise ValueError(f"keep_memory must be 'all' or 'window', got {keep_memory!r}")
-        frames = open_frames(video, max_frames=max_frames, max_pixels=max_pixels)
+        frames = open_frames(video_path, max_frames=max_frames, max_pixels=max_pixels)
         device = self.model.device
         return VideoState(
             frames=frames,
@@ -120,26 +134,61 @@ class SamVideoPredictor:
             keep_memory=keep_memory,  # type: ignore[arg-type]
         )
 
-    def reset_state(self, state: VideoState) -> None:
+    def reset_state(self, inference_state: VideoState) -> None:
         """Forget every object and prompt (the frames stay open)."""
-        state.objects.clear()
+        inference_state.objects.clear()
 
-    def remove_object(self, state: VideoState, obj_id: int) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
-        """Drop an object and its memory. Returns the remaining ids and, for each frame the
-        object was prompted on, that frame's masks of the remaining objects (video res)."""
+    def remove_object(
+        self, inference_state: VideoState, obj_id: int, strict: bool = False, need_output: bool = True
+    ) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
+        """Drop an object and its memory. Returns the remaining ids and, when need_output, for
+        each frame the object was prompted on, (frame_idx, masks (num_remaining, 1, H, W)
+        logits at video res) of the remaining objects. An unknown id does nothing (returns
+        (ids, [])) unless strict=True, which raises ValueError."""
+        state = inference_state
         obj_id = self._check_obj_id(obj_id)
         track = state.objects.pop(obj_id, None)
         if track is None:
-            raise ValueError(f"no object with id {obj_id}; the tracked ids are {state.obj_ids}")
+            if strict:
+                raise ValueError(f"no object with id {obj_id}; the tracked ids are {state.obj_ids}")
+            return state.obj_ids, []
+        if not need_output:
+            return state.obj_ids, []
         frames = sorted(set(track.points) | set(track.masks))
         with torch.inference_mode():
             updated = [(frame_idx, self._video_masks_at(state, frame_idx)) for frame_idx in frames if state.objects]
         return state.obj_ids, updated
 
+    def clear_all_prompts_in_frame(
+        self, inference_state: VideoState, frame_idx: int, obj_id: int, need_output: bool = True
+    ) -> FrameResult | None:
+        """Remove one object's clicks, box and mask on one frame. Its result there, if the
+        frame was a conditioning frame, stays as a tracked (non-conditioning) result, and the
+        frame counts as not yet visited, so a new prompt there starts afresh. Returns
+        (frame_idx, obj_ids, masks) as add_new_points_or_box, or None when need_output=False."""
+        state = inference_state
+        frame_idx = self._check_frame(state, frame_idx)
+        obj_id = self._check_obj_id(obj_id)
+        track = state.objects.get(obj_id)
+        if track is None:
+            raise ValueError(f"no object with id {obj_id}; the tracked ids are {state.obj_ids}")
+        track.points.pop(frame_idx, None)
+        track.masks.pop(frame_idx, None)
+        track.pending.pop(frame_idx, None)
+        output = track.cond.pop(frame_idx, None)
+        if output is not None:
+            output.is_cond = False
+            track.tracked[frame_idx] = output
+            track.directions.pop(frame_idx, None)
+        if not need_output:
+            return None
+        with torch.inference_mode():
+            return frame_idx, state.obj_ids, self._video_masks_at(state, frame_idx)
+
     # ------------------------------------------------------------------ prompts
     def add_new_points_or_box(
         self,
-        state: VideoState,
+        inference_state: VideoState,
         frame_idx: int,
         obj_id: int,
         points: Any = None,
@@ -154,9 +203,11 @@ class SamVideoPredictor:
         normalize_coords=True (default) coordinates are video pixels; with False they are
         already relative, in [0, 1] of the width and height (as in the reference).
         clear_old_points=False appends the clicks to this object's earlier ones on the frame.
+        points may also be torch tensors, with a leading batch of one ((1, N, 2), (1, N)).
         Returns (frame_idx, obj_ids, masks): float logits (num_objects, 1, H, W) at video
         resolution for every object on this frame.
         """
+        state = inference_state
         frame_idx = self._check_frame(state, frame_idx)
         obj_id = self._check_obj_id(obj_id)
         coords, point_labels = self._prompt_tensors(points, labels, box, clear_old_points)
@@ -187,10 +238,15 @@ class SamVideoPredictor:
             track.pending[frame_idx] = output
             return frame_idx, state.obj_ids, self._video_masks_at(state, frame_idx)
 
-    def add_new_mask(self, state: VideoState, frame_idx: int, obj_id: int, mask: Any) -> FrameResult:
+    def add_new_points(self, *args: Any, **kwargs: Any) -> FrameResult:
+        """The reference's older name of `add_new_points_or_box`."""
+        return self.add_new_points_or_box(*args, **kwargs)
+
+    def add_new_mask(self, inference_state: VideoState, frame_idx: int, obj_id: int, mask: Any) -> FrameResult:
         """A mask prompt (H', W') bool/0-1 for one object on one frame (any size; it is
         resized to S x S with antialiasing and thresholded at 0.5). The mask is taken as the
         answer on that frame. Returns (frame_idx, obj_ids, masks) as add_new_points_or_box."""
+        state = inference_state
         frame_idx = self._check_frame(state, frame_idx)
         obj_id = self._check_obj_id(obj_id)
         mask_tensor = self._mask_tensor(mask).to(state.device)
@@ -214,9 +270,15 @@ class SamVideoPredictor:
             return frame_idx, state.obj_ids, self._video_masks_at(state, frame_idx)
 
     # ------------------------------------------------------------------ propagation
+    def propagate_in_video_preflight(self, inference_state: VideoState) -> None:
+        """Fold the prompts given so far into the memory bank (propagate_in_video does this
+        itself; the reference exposes it, so do we). Raises ValueError without objects."""
+        with torch.inference_mode():
+            self._commit_pending(inference_state)
+
     def propagate_in_video(
         self,
-        state: VideoState,
+        inference_state: VideoState,
         start_frame_idx: int | None = None,
         max_frame_num_to_track: int | None = None,
         reverse: bool = False,
@@ -230,6 +292,7 @@ class SamVideoPredictor:
         remove one); it joins from the next frame on. Arguments are checked here, before the
         first frame is computed.
         """
+        state = inference_state
         with torch.inference_mode():
             self._commit_pending(state)
         if start_frame_idx is None:
@@ -271,9 +334,10 @@ class SamVideoPredictor:
             return self._absent_low_res(state)
         return output.low_res_masks.to(state.device)
 
-    def object_scores(self, state: VideoState, frame_idx: int) -> dict[int, float]:
+    def object_scores(self, inference_state: VideoState, frame_idx: int) -> dict[int, float]:
         """Object-score logits of every object with a result on `frame_idx` (> 0: present,
-        <= 0: occluded or gone)."""
+        <= 0: occluded or gone). Ours; the reference keeps these inside its state dict."""
+        state = inference_state
         frame_idx = self._check_frame(state, frame_idx)
         scores = {}
         for obj_id, track in state.objects.items():
@@ -477,10 +541,14 @@ class SamVideoPredictor:
         return self._to_video_res(state, torch.cat(low_res, dim=0))
 
     def _to_video_res(self, state: VideoState, low_res: torch.Tensor) -> torch.Tensor:
+        """(num_objects, 1, h, w) logits -> (num_objects, 1, H, W) at video res, the form
+        every public method returns (with non_overlap_masks applied)."""
         size = (state.video_height, state.video_width)
-        if tuple(low_res.shape[-2:]) == size:
-            return low_res
-        return F.interpolate(low_res.float(), size, mode="bilinear", align_corners=False)
+        masks = low_res if tuple(low_res.shape[-2:]) == size else \
+            F.interpolate(low_res.float(), size, mode="bilinear", align_corners=False)
+        if self.non_overlap_masks and masks.shape[0] > 1:
+            masks = keep_top_object(masks)
+        return masks
 
     def _empty_masks(self, state: VideoState) -> torch.Tensor:
         return torch.zeros(0, 1, state.video_height, state.video_width, device=state.device)
@@ -519,13 +587,17 @@ class SamVideoPredictor:
         coords = torch.zeros(0, 2)
         point_labels = torch.zeros(0, dtype=torch.int32)
         if points is not None:
-            point_array = np.asarray(points, dtype=np.float32)
+            point_array = _as_numpy(points, np.float32)
+            label_array = _as_numpy(labels, None)
+            if point_array.ndim == 3 and point_array.shape[0] == 1:  # the reference's (1, N, 2) batch
+                point_array = point_array[0]
+                if label_array.ndim == 2 and label_array.shape[0] == 1:
+                    label_array = label_array[0]
             if point_array.size == 0:
                 point_array = point_array.reshape(0, 2)
             if point_array.ndim != 2 or point_array.shape[1] != 2:
                 raise ValueError(f"points must be (N, 2) xy, got shape {point_array.shape}")
             coords = torch.as_tensor(point_array)
-            label_array = np.asarray(labels)
             if label_array.ndim != 1 or len(label_array) != len(coords):
                 raise ValueError(
                     f"{len(coords)} points but labels has shape {label_array.shape}; give one label per point"
@@ -534,7 +606,7 @@ class SamVideoPredictor:
                 raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {label_array.tolist()}")
             point_labels = torch.as_tensor(label_array.astype(np.int32))
         if box is not None:
-            box_array = np.asarray(box, dtype=np.float32).reshape(-1)
+            box_array = _as_numpy(box, np.float32).reshape(-1)
             if box_array.size != 4:
                 raise ValueError(f"box must be 4 numbers x0, y0, x1, y1, got {np.asarray(box).shape}")
             coords = torch.cat([torch.as_tensor(box_array).reshape(2, 2), coords])
@@ -547,14 +619,27 @@ class SamVideoPredictor:
 
     @staticmethod
     def _mask_tensor(mask: Any) -> torch.Tensor:
-        if isinstance(mask, torch.Tensor):
-            mask = mask.detach().cpu().numpy()
-        mask = np.asarray(mask)
+        mask = _as_numpy(mask, None)
         if mask.ndim != 2 or mask.size == 0:
             raise ValueError(f"mask must be a non-empty (H, W) array, got shape {mask.shape}")
         if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
             raise ValueError("mask must be boolean or 0/1")
         return torch.as_tensor(mask.astype(np.float32))[None, None]
+
+
+def _as_numpy(values: Any, dtype: Any) -> np.ndarray:
+    """A list, array or (any-device) tensor as a numpy array."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
+
+
+def keep_top_object(masks: torch.Tensor) -> torch.Tensor:
+    """(num_objects, 1, H, W) logits: at each pixel only the highest-scoring object keeps its
+    logit, the others are clamped to at most -10 (the reference's non_overlap_masks)."""
+    top = torch.argmax(masks, dim=0, keepdim=True)
+    own = torch.arange(masks.shape[0], device=masks.device)[:, None, None, None]
+    return torch.where(top == own, masks, masks.clamp(max=-10.0))
 
 
 def _closest_cond_frames(
