@@ -364,6 +364,12 @@ class TrackedVideo:
         self.fps = fps
         self.num_frames = len(frames)
         self.image_size = (int(frames.height), int(frames.width))
+        # The source's frame times (video files): the overlay keeps them, variable rates included.
+        self.timestamps = getattr(frames, "timestamps", None)
+        self.time_base = getattr(frames, "time_base", None)
+        #: After :meth:`save` of a video that breaks part-way: the error (its ``frame_index`` is
+        #: the first frame that did not decode); None otherwise.
+        self.damage: ValueError | None = None
         self.tracks: dict[int, TrackInfo] = {}
         self.detection_frames: list[int] = []
         self._lock = lock if lock is not None else contextlib.nullcontext()
@@ -406,8 +412,14 @@ class TrackedVideo:
         """Track the whole video once and write the outputs into ``directory`` (created).
 
         Files: ``tracks.json`` (YouTube-VIS style, see :class:`VideoJsonWriter`; written last,
-        atomically), ``overlay.mp4`` (H.264, one colour per id; moved into place when complete)
-        and ``masks/NNNNNN.png`` (one id map per frame, see :class:`MaskPngWriter`).
+        atomically), ``overlay.mp4`` (H.264, one colour per id, the source's frame times; moved
+        into place when complete) and ``masks/NNNNNN.png`` (one id map per frame, see
+        :class:`MaskPngWriter`).
+
+        A video file or folder that breaks part-way (cut short, a damaged frame): the frames
+        before the break are tracked and written (the JSON's ``length`` is their number and
+        ``info.damaged`` says where and why), then its ``VideoLoadError`` is raised (also kept in
+        :attr:`damage`), naming the frame. Any other error leaves no output behind.
 
         Args:
             outputs: any of ``"json"``, ``"overlay"``, ``"masks"``.
@@ -425,25 +437,37 @@ class TrackedVideo:
         root.mkdir(parents=True, exist_ok=True)
         root = root.resolve()
         writers: dict[str, Any] = {}
+        self.damage = None
         try:
             if "overlay" in outputs:
-                writers["overlay"] = OverlayVideoWriter(safe_join(root, OVERLAY_NAME), self.image_size, self.fps)
+                writers["overlay"] = OverlayVideoWriter(safe_join(root, OVERLAY_NAME), self.image_size, self.fps,
+                                                        timestamps=self.timestamps, time_base=self.time_base)
             if "masks" in outputs:
                 writers["masks"] = MaskPngWriter(safe_join(root, MASKS_DIR))
             if "json" in outputs:
                 writers["json"] = VideoJsonWriter(safe_join(root, JSON_NAME), self, source_name=source_name,
                                                   extra_info=extra_info)
-            for frame in self:
-                for writer in writers.values():
-                    writer.add(frame)
-                if on_frame is not None:
-                    on_frame(frame)
+            try:
+                for frame in self:
+                    for writer in writers.values():
+                        writer.add(frame)
+                    if on_frame is not None:
+                        on_frame(frame)
+            except ValueError as error:
+                if not getattr(error, "frame_index", None):  # only a source that broke after frame 0
+                    raise
+                self.damage = error
+                logger.warning("%s: tracked and wrote the %d frames before the damage: %s", self.name,
+                               error.frame_index, error)
             # The JSON goes last: a reader that finds it may trust the other files are complete.
-            return {output: writers[output].close() for output in ("overlay", "masks", "json") if output in writers}
+            written = {output: writers[output].close() for output in ("overlay", "masks", "json") if output in writers}
         except BaseException:
             for writer in writers.values():
                 writer.abort()
             raise
+        if self.damage is not None:
+            raise self.damage
+        return written
 
 
 class _TrackerRun:
@@ -761,7 +785,9 @@ class VideoJsonWriter:
     ``ended_at``, and per frame (lists of ``length``) ``segmentations`` (COCO compressed RLE,
     ``{"size": [H, W], "counts": str}``, or null where the object is not visible), ``bboxes``
     (``[x, y, w, h]`` or null), ``areas`` (pixels or null) and ``presence`` (SAM's object-presence
-    probability or null). ``info`` holds the settings and the frames the detector ran on.
+    probability or null). ``info`` holds the settings and the frames the detector ran on, and
+    for a video that broke part-way ``damaged`` (``first_bad_frame``, ``listed_frames``,
+    ``error``); ``length`` is then the number of frames before the break.
     Only RLE strings are kept in memory; the file is written once, atomically, on :meth:`close`.
     """
 
@@ -797,6 +823,11 @@ class VideoJsonWriter:
         video = self.video
         category_ids = {query: number for number, query in enumerate(video.queries, start=1)}
         height, width = video.image_size
+        damage = video.damage
+        length = damage.frame_index if damage is not None else video.num_frames
+        info_damage = {} if damage is None else {
+            "damaged": {"first_bad_frame": damage.frame_index, "listed_frames": video.num_frames, "error": str(damage)}
+        }
         annotations = []
         for obj_id in sorted(self.objects):
             track = video.tracks[obj_id]
@@ -812,15 +843,15 @@ class VideoJsonWriter:
                 "ended_at": track.ended_at,
                 "height": height,
                 "width": width,
-                "length": video.num_frames,
-                **self.objects[obj_id],
+                "length": length,
+                **{key: values[:length] for key, values in self.objects[obj_id].items()},
             })
         return {
             "info": {"description": "langsam track (YouTube-VIS layout)", "format": JSON_FORMAT,
                      "settings": video.settings, "detection_frames": list(video.detection_frames),
-                     **self.extra_info},
+                     **info_damage, **self.extra_info},
             "videos": [{"id": 1, "file_name": self.source_name, "height": height, "width": width,
-                        "length": video.num_frames, "fps": video.fps}],
+                        "length": length, "fps": video.fps}],
             "categories": [{"id": number, "name": query, "supercategory": "query"}
                            for query, number in category_ids.items()],
             "annotations": annotations,
@@ -837,10 +868,15 @@ class VideoJsonWriter:
 class OverlayVideoWriter:
     """An H.264 MP4 (yuv420p, PyAV) of :func:`render_overlay` frames, written to a temporary
     file next to ``path`` and moved into place by :meth:`close`. Odd frame sizes are padded by
-    one black row / column (yuv420p needs even sizes)."""
+    one black row / column (yuv420p needs even sizes).
+
+    With ``timestamps`` (the source's frame times in ``time_base`` units, as a video file's
+    frame source gives them) each frame keeps its source time, so a variable frame rate stays
+    as it was; without, frames are ``1 / fps`` apart. Frames are written upright (the frame
+    source already applied any rotation tag), so the file needs no display matrix."""
 
     def __init__(self, path: str | os.PathLike, image_size: tuple[int, int], fps: float = DEFAULT_FPS,
-                 crf: int = 18) -> None:
+                 crf: int = 18, *, timestamps: Sequence[int] | None = None, time_base: Any = None) -> None:
         import av
         from fractions import Fraction
 
@@ -856,6 +892,11 @@ class OverlayVideoWriter:
             self.stream.height, self.stream.width = self.size
             self.stream.pix_fmt = "yuv420p"
             self.stream.options = {"preset": "veryfast", "crf": str(crf)}
+            self.timestamps = None
+            if timestamps is not None and time_base and all(b > a for a, b in zip(timestamps, timestamps[1:])):
+                self.timestamps, self.time_base = list(timestamps), Fraction(time_base)
+                self.stream.codec_context.time_base = self.time_base
+                self.stream.time_base = self.time_base
         except BaseException:
             self.abort()
             raise
@@ -869,7 +910,10 @@ class OverlayVideoWriter:
             padded = np.zeros((*self.size, 3), dtype=np.uint8)
             padded[: pixels.shape[0], : pixels.shape[1]] = pixels
             pixels = padded
-        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")):
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+        if self.timestamps is not None:
+            video_frame.pts, video_frame.time_base = self.timestamps[frame.frame_index], self.time_base
+        for packet in self.stream.encode(video_frame):
             self.container.mux(packet)
         self.frames += 1
 

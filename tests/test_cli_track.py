@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from langsam import cli
 from langsam.cli import track
 from tiny_gdino import save_tiny_grounding_dino
-from video_support import make_clip, make_video_sam2, write_frame_folder, write_mp4
+from video_support import make_clip, make_video_sam2, read_mp4, write_frame_folder, write_mp4
 
 QUERIES = ["a cat", "a sofa"]
 FRAMES = 8
@@ -81,13 +81,18 @@ def test_batch_with_bad_videos_exits_1_and_finishes_the_good_ones(monkeypatch, m
                    "--text", "a sofa", "--out", str(out), "--save", "all", *SETTINGS)
     captured = capsys.readouterr()
     assert code == 1
-    assert f"error: {root / 'clips' / 'broken.mp4'}:" in captured.err
-    assert f"error: {root / 'badframes'}:" in captured.err and "frame 2" in captured.err
+    broken = [line for line in captured.err.splitlines() if "broken.mp4" in line]
+    assert broken == [f"error: {root / 'clips' / 'broken.mp4'}: cannot read the video: Invalid data found when "
+                      "processing input"]  # the path once, FFmpeg's reason without its errno
+    assert f"error: {root / 'badframes'}: cannot read frame 2 (00002.png): not an image file" in captured.err
     assert "4 videos: 2 processed, 0 skipped, 2 failed" in captured.out
     assert models[1][loads:] == ["grounded"]  # loaded once, at the first readable video, kept after a failure
     # Outputs are named after the path under the common input folder.
     assert sorted(p.name for p in out.iterdir()) == ["badframes", "clips_cat", "clips_frames"]
-    assert not (out / "badframes" / "tracks.json").exists()  # unfinished: no marker
+    # The frames before the unreadable one are tracked and written; the JSON says where it broke.
+    damaged = json.loads((out / "badframes" / "tracks.json").read_text())
+    assert damaged["videos"][0]["length"] == 2 and damaged["info"]["damaged"]["first_bad_frame"] == 2
+    assert sorted(p.name for p in (out / "badframes" / "masks").iterdir()) == ["000000.png", "000001.png"]
     assert not list(out.rglob("*.tmp"))
 
     # The good video's JSON equals the same tracking run in-process, frame by frame.
@@ -133,6 +138,74 @@ def test_batch_with_bad_videos_exits_1_and_finishes_the_good_ones(monkeypatch, m
                         higher |= decode(other_annotation["segmentations"][index])
                 np.testing.assert_array_equal(ids[decode(rle) & ~higher], obj_id)
     assert json.loads((out / "clips_frames" / "tracks.json").read_text())["videos"][0]["length"] == FRAMES
+
+
+def test_a_video_cut_short_is_tracked_up_to_the_cut_reported_and_retried(monkeypatch, models, tmp_path, capsys):
+    """A 12-frame MP4 (index first) cut to 60% of its bytes: the frames before the first one
+    that does not decode are tracked and written exactly as the same pixels are tracked
+    in-process; the error line names the path once and that frame; exit 1; --skip-existing
+    does not count it as done."""
+    clip = make_clip(12, 120, 160)
+    whole = write_mp4(clip, tmp_path / "whole" / "clip.mp4", faststart=True)
+    cut = tmp_path / "cut" / "clip.mp4"
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    argv = ["--text", "a cat", "--save", "all", *SETTINGS]
+    assert run_cli(monkeypatch, models, str(cut), "--out", str(tmp_path / "out_cut"), *argv) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].count(str(cut)) == 1, errors
+    assert errors[0].startswith(f"error: {cut}: cannot decode frame ")
+    bad = int(errors[0].split("cannot decode frame ")[1].split()[0])
+    assert 0 < bad < 12 and "1 videos: 0 processed, 0 skipped, 1 failed" in captured.out
+
+    # The same frames (decoded from the whole file), as many listed as in the cut file (the
+    # object-pointer time encoding depends on the video's length), tracked in-process.
+    from langsam.video import track_video
+    from sam.video import open_frames
+
+    listed = len(open_frames(cut))
+    decoded, _, _ = read_mp4(whole)
+    expected = track_video(models[0](None, "grounded"), decoded[:listed], ["a cat"], detect_every=3,
+                           box_threshold=0.0)
+    expected.save(tmp_path / "expected", ("json",))
+    expected = json.loads((tmp_path / "expected" / "tracks.json").read_text())
+    got = json.loads((tmp_path / "out_cut" / "clip" / "tracks.json").read_text())
+    assert got["videos"][0]["length"] == bad and got["info"]["damaged"]["first_bad_frame"] == bad
+    assert got["annotations"], "random weights still track something"
+    expected_by_id = {a["id"]: a for a in expected["annotations"]}
+    for annotation in got["annotations"]:  # the frames before the cut: the same masks as in the whole file
+        assert annotation["segmentations"] == expected_by_id[annotation["id"]]["segmentations"][:bad]
+    overlay, _, _ = read_mp4(tmp_path / "out_cut" / "clip" / "overlay.mp4")
+    assert len(overlay) == bad == len(list((tmp_path / "out_cut" / "clip" / "masks").iterdir()))
+
+    loads = len(models[1])
+    run_cli(monkeypatch, models, str(cut), "--out", str(tmp_path / "out_cut"), *argv, "--skip-existing", "-q")
+    assert len(models[1]) == loads + 1  # tracked again, not skipped
+
+
+@pytest.mark.parametrize("rotation", [90, -90])
+def test_overlay_keeps_the_inputs_orientation_and_frame_times(monkeypatch, models, tmp_path, rotation):
+    """A phone-style video: a rotation tag and a variable frame rate. The overlay shows the
+    frames the way the input is displayed (upright, no tag needed) and at the input's times,
+    and the JSON's sizes are the displayed ones (masks and boxes are in displayed pixels)."""
+    clip = make_clip(6, 120, 160)
+    pts_ms = [0, 33, 66, 200, 233, 400]
+    video = write_mp4(clip, tmp_path / "phone.mp4", rotation=rotation, pts_ms=pts_ms)
+    _, input_times, _ = read_mp4(video)
+    # --box-threshold 1: nothing is found, so the overlay is the frames themselves.
+    assert run_cli(monkeypatch, models, str(video), "--text", "a cat", "--out", str(tmp_path / "out"),
+                   *SETTINGS, "--box-threshold", "1", "-q") == 0
+    overlay, times, rotations = read_mp4(tmp_path / "out" / "phone" / "overlay.mp4")
+    assert times == pytest.approx(input_times, abs=1e-6) and input_times == pytest.approx([t / 1000 for t in pts_ms])
+    assert rotations == [0] * 6
+    displayed = np.rot90(clip, 1 if rotation == 90 else -1, axes=(1, 2))  # how a player shows the input
+    assert overlay.shape == displayed.shape == (6, 160, 120, 3)
+    upright = np.abs(overlay.astype(int) - displayed.astype(int)).mean()
+    turned = np.abs(overlay.astype(int) - np.rot90(displayed, 2, axes=(1, 2)).astype(int)).mean()
+    assert upright < 6 and turned > 5 * upright, (upright, turned)  # two H.264 generations apart
+    data = json.loads((tmp_path / "out" / "phone" / "tracks.json").read_text())
+    assert (data["videos"][0]["height"], data["videos"][0]["width"]) == (160, 120)
 
 
 def test_skip_existing_really_skips_and_changed_settings_redo(monkeypatch, models, inputs, tmp_path, capsys):

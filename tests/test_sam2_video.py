@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from video_support import (
     make_reference_video_predictor,
     make_video_sam2,
     read_frame_folder,
+    read_mp4,
     write_frame_folder,
     write_mp4,
 )
@@ -304,6 +306,59 @@ def test_frame_sources_decode_the_same_pixels(tmp_path, clip_folder):
     array = make_clip(3, HEIGHT, WIDTH)
     assert np.array_equal(open_frames(array)[2], array[2])
     assert np.array_equal(open_frames(list(array))[1], array[1])
+
+
+def test_a_file_cut_short_reads_up_to_the_cut_and_names_the_first_bad_frame(tmp_path):
+    """A 12-frame H.264 MP4 with its index first (faststart), cut to 60% of its bytes: the
+    index lists the frames whose packets survive; those before the cut decode exactly as in
+    the whole file; the first that does not decode raises VideoLoadError naming it (and the
+    path once), and so does every later one; earlier frames stay readable."""
+    clip = make_clip(12, 96, 128)
+    whole = write_mp4(clip, tmp_path / "whole.mp4", faststart=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    expected, _, _ = read_mp4(whole)
+    source = open_frames(cut)
+    assert 1 < len(source) < 12
+    readable = 0
+    while True:
+        try:
+            frame = source[readable]
+        except VideoLoadError as error:
+            bad, message = error.frame_index, str(error)
+            break
+        np.testing.assert_array_equal(frame, expected[readable])
+        readable += 1
+    assert bad == readable and 0 < bad < 12
+    assert message.startswith(f"{cut}: cannot decode frame {bad} of {len(source)}: the file is damaged or cut short")
+    assert message.count(str(cut)) == 1 and "Errno" not in message
+    for later in range(bad, len(source)):
+        with pytest.raises(VideoLoadError, match=f"frame {bad} of") as raised:
+            source[later]
+        assert raised.value.frame_index == bad
+    np.testing.assert_array_equal(source[0], expected[0])  # a seek back still works
+    source.close()
+
+
+def test_rotation_tags_are_applied_and_frame_times_kept(tmp_path):
+    """A display-matrix rotation tag turns the frames as players show them (counterclockwise
+    degrees, as PyAV reads them: 90 is np.rot90 once, -90 three times), and sizes follow;
+    a variable frame rate shows in the timestamps, exactly."""
+    clip = make_clip(3, 96, 128)
+    for degrees, turns in ((90, 1), (-90, 3), (180, 2)):
+        path = write_mp4(clip, tmp_path / f"rotated{degrees}.mp4", rotation=degrees)
+        stored, _, rotations = read_mp4(path)
+        assert [r % 360 for r in rotations] == [degrees % 360] * 3
+        source = open_frames(path)
+        assert (source.height, source.width) == np.rot90(clip[0], turns).shape[:2]
+        for index in range(3):
+            np.testing.assert_array_equal(source[index], np.rot90(stored[index], turns))
+            assert np.abs(source[index].astype(int) - np.rot90(clip[index], turns)).mean() < 4  # what was filmed
+        source.close()
+    pts_ms = [0, 40, 200, 230, 500]
+    source = open_frames(write_mp4(make_clip(5, 96, 128), tmp_path / "vfr.mp4", pts_ms=pts_ms))
+    assert [t * source.time_base for t in source.timestamps] == [Fraction(t, 1000) for t in pts_ms]
+    assert open_frames(make_clip(2, 8, 8)).timestamps is None
 
 
 def test_array_and_folder_inputs_track_identically(predictor, clip_folder):

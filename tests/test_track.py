@@ -454,6 +454,48 @@ def test_failed_save_leaves_no_overlay_or_temp_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class CutShortFrames(Frames):
+    """Frames whose source breaks at frame `bad`, as sam.video's file source does."""
+
+    def __init__(self, count: int, bad: int):
+        super().__init__(count)
+        self.bad = bad
+
+    def __getitem__(self, index):
+        if index >= self.bad:
+            from sam.video import VideoLoadError
+
+            raise VideoLoadError(f"clip.mp4: cannot decode frame {self.bad} of {self.count}", frame_index=self.bad)
+        return super().__getitem__(index)
+
+
+def test_a_video_cut_short_writes_the_frames_before_the_cut_then_raises(tmp_path):
+    """Frames 0-2 decode, frame 3 does not: the three frames are tracked and written (JSON of
+    length 3 with info.damaged, 3 id maps, a 3-frame overlay), equal to a run over an intact
+    3-frame video, and then the source's error is raised."""
+    world = World({"car": moving(2, 5, 16, 12, range(8))})
+    script = {0: [("car", "a car", 0.9, 0)]}
+    result = track_video(FakeLangSAM(ScriptedDetector(world, script)), CutShortFrames(8, bad=3), "a car",
+                         video_predictor=ScriptedPredictor(world))
+    with pytest.raises(ValueError, match="cannot decode frame 3 of 8") as raised:
+        result.save(tmp_path / "cut", ("json", "overlay", "masks"))
+    assert result.damage is raised.value and raised.value.frame_index == 3
+    intact = track_video(FakeLangSAM(ScriptedDetector(world, script)), Frames(3), "a car",
+                         video_predictor=ScriptedPredictor(world))
+    intact.save(tmp_path / "intact", ("json", "overlay", "masks"))
+    cut = json.loads((tmp_path / "cut" / "tracks.json").read_text())
+    whole = json.loads((tmp_path / "intact" / "tracks.json").read_text())
+    assert cut["info"].pop("damaged") == {"first_bad_frame": 3, "listed_frames": 8,
+                                          "error": "clip.mp4: cannot decode frame 3 of 8"}
+    assert cut == whole and cut["videos"][0]["length"] == 3 and cut["annotations"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "masks").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    import av
+
+    with av.open(str(tmp_path / "cut" / "overlay.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 3
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 # ------------------------------------------------------------------------------------------
 # End to end: the real SamVideoPredictor, tiny random SAM 2.1 and Grounding DINO
 # ------------------------------------------------------------------------------------------

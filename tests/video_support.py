@@ -9,7 +9,8 @@ sit in memory together. `write_mp4` (PyAV, H.264) and `write_frame_folder` (JPEG
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -54,28 +55,52 @@ def make_clip(num_frames: int = 10, height: int = 96, width: int = 128, photo: s
     return np.stack(list(iter_clip(num_frames, height, width, photo, pan, zoom)))
 
 
-def write_mp4(frames: Iterable[np.ndarray], path: str | Path, fps: int = 10) -> Path:
+def write_mp4(frames: Iterable[np.ndarray], path: str | Path, fps: int = 10, *, rotation: int = 0,
+              pts_ms: Sequence[int] | None = None, faststart: bool = False) -> Path:
     """Encode (H, W, 3) uint8 RGB frames (an array [T,H,W,3] or any iterable, consumed
-    lazily) as an H.264 .mp4 with PyAV. H and W must be even (yuv420p)."""
+    lazily) as an H.264 .mp4 with PyAV. H and W must be even (yuv420p).
+
+    rotation: a display-matrix rotation tag, counterclockwise degrees (players and our frame
+    sources show the frames turned by it); pts_ms: each frame's time in milliseconds (a
+    variable frame rate) instead of 1 / fps apart; faststart: the index (moov) goes first, as
+    for streaming, so a file cut short still lists every frame."""
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = None
-        for frame in frames:
+        for index, frame in enumerate(frames):
             if stream is None:
                 stream = container.add_stream("libx264", rate=fps)
                 stream.height, stream.width = frame.shape[:2]
                 stream.pix_fmt = "yuv420p"
                 stream.options = {"preset": "ultrafast", "crf": "18"}
+                if pts_ms is not None:
+                    stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+                if rotation:
+                    stream.set_display_rotation(rotation)
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            if pts_ms is not None:
+                video_frame.pts, video_frame.time_base = int(pts_ms[index]), Fraction(1, 1000)
             for packet in stream.encode(video_frame):
                 container.mux(packet)
         if stream is not None:
             for packet in stream.encode():
                 container.mux(packet)
     return path
+
+
+def read_mp4(path: str | Path) -> tuple[np.ndarray, list[float], list[int]]:
+    """Decode a video file with PyAV as stored (no rotation applied): (T, H, W, 3) uint8 RGB,
+    each frame's time in seconds, and each frame's display-matrix rotation."""
+    import av
+
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(video=0))
+    frames = np.stack([frame.to_ndarray(format="rgb24") for frame in decoded])
+    return frames, [float(frame.pts * frame.time_base) for frame in decoded], [frame.rotation for frame in decoded]
 
 
 def write_frame_folder(frames: Iterable[np.ndarray], folder: str | Path, ext: str = "jpg",

@@ -1,7 +1,9 @@
 """``langsam track``: follow what text queries name through videos, with stable object ids.
 
 Per video: ``tracks.json`` (YouTube-VIS layout; written last: it marks the video as done for
-``--skip-existing``), an overlay MP4 and, optionally, one id-map PNG per frame.
+``--skip-existing``), an overlay MP4 and, optionally, one id-map PNG per frame. A video that
+breaks part-way (cut short, a damaged frame) gets the outputs of the frames before the break
+and counts as failed (its JSON says ``info.damaged``, so ``--skip-existing`` retries it).
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ def _finished(json_path: Path, item: VideoItem, settings: dict[str, Any]) -> boo
         return False
     info = record["info"]
     videos = record.get("videos")
-    return (info.get("format") == JSON_FORMAT and info.get("run") == settings
+    return (info.get("format") == JSON_FORMAT and info.get("run") == settings and "damaged" not in info
             and isinstance(videos, list) and len(videos) == 1 and videos[0].get("file_name") == item.file_name)
 
 

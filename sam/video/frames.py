@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +28,15 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 
 class VideoLoadError(ValueError):
-    """A video (file, folder or array) that cannot be read as frames, said in plain words."""
+    """A video (file, folder or array) that cannot be read as frames, said in plain words.
+
+    frame_index: for a file or folder that breaks part-way (cut short, damaged), the first
+    frame that cannot be decoded; the frames before it can still be read. None otherwise.
+    """
+
+    def __init__(self, message: str, frame_index: int | None = None) -> None:
+        super().__init__(message)
+        self.frame_index = frame_index
 
 
 class FrameSource:
@@ -34,6 +44,10 @@ class FrameSource:
 
     height: int
     width: int
+    #: Presentation times of the frames, in `time_base` units from the first frame (None when
+    #: the source has no timing: a folder, an array). Variable frame rates show here.
+    timestamps: Sequence[int] | None = None
+    time_base: Fraction | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -132,16 +146,25 @@ class ImageFolderFrames(FrameSource):
         try:
             with Image.open(path) as image:
                 return np.asarray(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as error:
-            raise VideoLoadError(f"cannot read frame {index} ({path}): {error}") from error
+        except UnidentifiedImageError as error:
+            raise VideoLoadError(f"{self.folder}: cannot read frame {index} ({path.name}): not an image file",
+                                 frame_index=index) from error
+        except OSError as error:
+            raise VideoLoadError(f"{self.folder}: cannot read frame {index} ({path.name}): "
+                                 f"{error.strerror or error}", frame_index=index) from error
 
 
 class VideoFileFrames(FrameSource):
-    """A video file decoded on demand with PyAV.
+    """A video file decoded on demand with PyAV, upright and with its frame times.
 
     Reading frames in order decodes each packet once; a jump backwards (or far ahead) seeks
     to the nearest keyframe before it and decodes forward. The last `cache_size` frames stay
-    cached, so alternating between neighbouring frames costs nothing.
+    cached, so alternating between neighbouring frames costs nothing. Frames are turned to
+    the orientation the file's display matrix asks for (a phone's rotation tag), as players
+    show them, so masks and boxes are in the pixels a viewer sees.
+
+    A file that is cut short or damaged part-way reads up to the last frame that decodes;
+    from the first that does not, reads raise VideoLoadError naming that frame.
     """
 
     SEEK_AHEAD = 32  # decode forward rather than seek when the target is this close
@@ -156,11 +179,15 @@ class VideoFileFrames(FrameSource):
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_size = max(int(cache_size), 1)
         self._container = None
-        self._decoder = None
-        self._next_index = 0
-        self._timestamps = self._scan()
-        if not self._timestamps:
-            raise VideoLoadError(f"the video {path} has zero frames")
+        self._packets: Iterator[Any] | None = None
+        self._decoded: deque = deque()  # frames decoded from sent packets, not yet read
+        self._next_index: int | None = 0
+        self._damage: VideoLoadError | None = None  # the first frame that does not decode
+        pts, self.time_base = self._scan()
+        if not pts:
+            raise VideoLoadError(f"{path}: the video has zero frames")
+        self._pts = pts
+        self.timestamps = [value - pts[0] for value in pts]
         first = self._read(0)
         self.height, self.width = first.shape[:2]
 
@@ -168,74 +195,119 @@ class VideoFileFrames(FrameSource):
         try:
             container = self._av.open(str(self.path))
         except (self._av.error.FFmpegError, OSError) as error:
-            raise VideoLoadError(f"cannot read the video {self.path}: {error}") from error
+            raise VideoLoadError(f"{self.path}: cannot read the video: {_reason(error)}") from error
         if not container.streams.video:
             container.close()
-            raise VideoLoadError(f"{self.path} has no video stream")
+            raise VideoLoadError(f"{self.path}: the file has no video stream")
         return container
 
-    def _scan(self) -> list[int]:
+    def _scan(self) -> tuple[list[int], Fraction | None]:
         """Each frame's presentation timestamp, in display order, from the packets (no decoding)."""
         container = self._open()
         try:
             stream = container.streams.video[0]
             timestamps = [packet.pts for packet in container.demux(stream) if packet.pts is not None and packet.size]
+            time_base = stream.time_base
         except self._av.error.FFmpegError as error:
-            raise VideoLoadError(f"cannot read the video {self.path}: {error}") from error
+            raise VideoLoadError(f"{self.path}: cannot read the video: {_reason(error)}") from error
         finally:
             container.close()
-        return sorted(timestamps)
+        return sorted(timestamps), time_base
 
     def __len__(self) -> int:
-        return len(self._timestamps)
+        return len(self._pts)
 
     def _restart(self, index: int) -> None:
         """Position the decoder so that the next decoded frame is at or before `index`."""
         if self._container is None:
             self._container = self._open()
         stream = self._container.streams.video[0]
-        self._container.seek(self._timestamps[index], stream=stream, backward=True, any_frame=False)
-        self._decoder = self._container.decode(stream)
+        self._container.seek(self._pts[index], stream=stream, backward=True, any_frame=False)
+        self._packets = self._container.demux(stream)
+        self._decoded.clear()
         self._next_index = None  # known again after the first decoded frame
 
+    def _position(self, pts: int | None) -> int:
+        if pts is not None:
+            return int(np.searchsorted(self._pts, pts))
+        return self._next_index if self._next_index is not None else 0
+
+    def _damaged(self, index: int, reason: str) -> VideoLoadError:
+        return VideoLoadError(
+            f"{self.path}: cannot decode frame {index} of {len(self)}: the file is damaged or cut short there "
+            f"({reason}); frames 0-{index - 1} decode" if index else
+            f"{self.path}: cannot decode frame 0 of {len(self)}: the file is damaged ({reason})",
+            frame_index=index,
+        )
+
     def _decode_next(self) -> tuple[int, np.ndarray]:
-        try:
-            frame = next(self._decoder)
-        except StopIteration as error:
-            raise VideoLoadError(f"the video {self.path} ended before all its frames were decoded") from error
-        except self._av.error.FFmpegError as error:
-            raise VideoLoadError(f"cannot decode the video {self.path}: {error}") from error
-        if frame.pts is not None:
-            position = int(np.searchsorted(self._timestamps, frame.pts))
-        else:
-            position = self._next_index if self._next_index is not None else 0
+        """The next frame in decoding order, as (its index, upright RGB pixels). Packets are
+        sent one at a time, so a packet that does not decode names its own frame; the frames
+        the decoder still holds from before it are drained first."""
+        codec = self._container.streams.video[0].codec_context
+        while not self._decoded:
+            if self._packets is None:
+                raise self._damage or self._damaged(self._next_index or 0, "the video ends early")
+            try:
+                packet = next(self._packets, None)
+                self._decoded.extend(codec.decode(packet if packet is not None and packet.size else None))
+                if packet is None or not packet.size:
+                    self._packets = None  # drained: the end of the file
+            except self._av.error.FFmpegError as error:
+                bad = self._position(packet.pts if packet is not None else None)
+                self._damage = self._damaged(bad, _reason(error))
+                self._packets = None
+                try:
+                    self._decoded.extend(codec.decode(None))
+                except self._av.error.FFmpegError:
+                    pass
+                if not self._decoded:
+                    raise self._damage from error
+        frame = self._decoded.popleft()
+        position = self._position(frame.pts)
         self._next_index = position + 1
-        return position, frame.to_ndarray(format="rgb24")
+        pixels = frame.to_ndarray(format="rgb24")
+        turns = round((frame.rotation or 0) / 90) % 4  # counterclockwise quarter turns to display it
+        return position, np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
 
     def _read(self, index: int) -> np.ndarray:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
+        if self._damage is not None and index >= self._damage.frame_index:
+            raise self._damage
         ahead = self._next_index is not None and self._next_index <= index < self._next_index + self.SEEK_AHEAD
-        if self._decoder is None or not ahead:
+        if (self._packets is None and not self._decoded) or not ahead:
             self._restart(index)
         while True:
-            position, frame = self._decode_next()
+            try:
+                position, frame = self._decode_next()
+            except VideoLoadError as error:
+                if error.frame_index is not None and error.frame_index <= index:
+                    self._damage = error
+                raise
             if position >= index:
                 break
         self._cache[position] = frame
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         if position != index:
-            raise VideoLoadError(f"frame {index} of {self.path} could not be decoded (got frame {position})")
+            self._damage = self._damaged(index, "the frame is missing")
+            raise self._damage
         return frame
 
     def close(self) -> None:
         if self._container is not None:
             self._container.close()
             self._container = None
-            self._decoder = None
+            self._packets = None
+            self._decoded.clear()
         self._cache.clear()
+
+
+def _reason(error: Exception) -> str:
+    """FFmpeg's words for an error, without the errno and file name PyAV adds."""
+    return getattr(error, "strerror", None) or str(error)
 
 
 def open_frames(
