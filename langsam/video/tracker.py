@@ -1,4 +1,5 @@
-"""Text-prompted video tracking: what the text names, followed through a video with stable ids.
+"""The text-prompted tracker on SAM 2.1: :func:`track_video`, :class:`TrackedVideo` (the lazy
+result) and the association rules that keep ids stable.
 
 Data flow per frame: the frame (decoded on demand by :func:`sam.video.open_frames`) -> on the
 first frame and every ``detect_every``-th, Grounding DINO boxes for all queries in one pass ->
@@ -21,45 +22,28 @@ The rules, with their defaults (all keyword arguments of :func:`track_video`):
 
 The result iterates lazily: frames are decoded, tracked and handed out one at a time, and the
 predictor keeps a bounded window of memory (``keep_memory="window"``), so memory does not grow
-with video length. :meth:`TrackedVideo.save` writes the outputs in the same single pass: a
-YouTube-VIS style JSON, an overlay MP4 (one colour per id) and per-frame id-map PNGs.
+with video length. :meth:`TrackedVideo.save` writes the outputs in the same single pass
+(:mod:`langsam.video.writers`: a YouTube-VIS style JSON, an overlay MP4, per-frame id maps).
 """
 
 from __future__ import annotations
 
-import colorsys
 import contextlib
 import logging
 import os
-import secrets
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from langsam.detector import parse_queries
-from langsam.io import atomic_save_image, atomic_write_json, safe_join
 from langsam.result import Segmentation, clip_boxes
+from langsam.video.results import TrackedFrame, TrackInfo
+from langsam.video.sources import check_frame, frame_rate, open_video
+from langsam.video.writers import OUTPUTS, write_outputs
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "DEFAULT_DETECT_EVERY",
-    "DEFAULT_MAX_LOST_FRAMES",
-    "DEFAULT_NEW_OBJECT_IOU",
-    "OUTPUTS",
-    "TrackInfo",
-    "TrackedFrame",
-    "TrackedVideo",
-    "VideoJsonWriter",
-    "MaskPngWriter",
-    "OverlayVideoWriter",
-    "render_overlay",
-    "track_color",
-    "track_video",
-]
 
 DEFAULT_DETECT_EVERY = 10
 #: IoU (detection box vs a visible mask's bounding box, or the detection's box-prompted mask vs
@@ -68,95 +52,6 @@ DEFAULT_NEW_OBJECT_IOU = 0.5
 #: Consecutive frames an object may be absent (object score logit <= 0) before it ends; about
 #: one second at 30 fps, so a short occlusion does not end an object.
 DEFAULT_MAX_LOST_FRAMES = 30
-#: Frame rate written to the overlay when the source has none (a folder of images, an array).
-DEFAULT_FPS = 25.0
-#: What :meth:`TrackedVideo.save` can write.
-OUTPUTS = ("json", "overlay", "masks")
-JSON_NAME = "tracks.json"
-OVERLAY_NAME = "overlay.mp4"
-MASKS_DIR = "masks"
-#: Version of the JSON layout (``info.format``).
-JSON_FORMAT = 1
-
-
-# ============================================================================================
-# Results
-# ============================================================================================
-
-
-@dataclass(repr=False, eq=False)
-class TrackedFrame:
-    """The tracked objects visible on one frame.
-
-    Attributes:
-        frame_index: position of the frame in the video (0-based).
-        obj_ids: ``(N,)`` int64 object ids, stable from frame to frame (row ``i`` of every
-            array of ``segmentation`` belongs to ``obj_ids[i]``), in increasing order.
-        segmentation: the objects as a :class:`~langsam.result.Segmentation` (masks ``(N, H, W)``
-            bool in video pixels, boxes xyxy from the masks, ``labels`` the query that started
-            each object, ``scores`` its best detector score so far, ``mask_scores`` SAM's
-            object-presence probability on this frame) with the frame as ``image``.
-    """
-
-    frame_index: int
-    obj_ids: np.ndarray
-    segmentation: Segmentation
-
-    def __post_init__(self) -> None:
-        self.obj_ids = np.asarray(self.obj_ids, dtype=np.int64).reshape(-1)
-        if self.obj_ids.shape[0] != len(self.segmentation):
-            raise ValueError(f"obj_ids has {self.obj_ids.shape[0]} entries for {len(self.segmentation)} objects")
-
-    def __len__(self) -> int:
-        return len(self.segmentation)
-
-    @property
-    def masks(self) -> np.ndarray:
-        return self.segmentation.masks
-
-    @property
-    def boxes(self) -> np.ndarray:
-        return self.segmentation.boxes
-
-    @property
-    def labels(self) -> list[str]:
-        return self.segmentation.labels
-
-    @property
-    def scores(self) -> np.ndarray:
-        return self.segmentation.scores
-
-    @property
-    def image(self) -> np.ndarray | None:
-        return self.segmentation.image
-
-    def mask_of(self, obj_id: int) -> np.ndarray | None:
-        """The ``(H, W)`` mask of object ``obj_id`` on this frame, or None if it is not visible."""
-        rows = np.flatnonzero(self.obj_ids == int(obj_id))
-        return self.segmentation.masks[rows[0]] if len(rows) else None
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{i}:{label}" for i, label in zip(self.obj_ids.tolist()[:6], self.labels[:6]))
-        return f"TrackedFrame(frame_index={self.frame_index}, n={len(self)}, objects=[{shown}])"
-
-
-@dataclass
-class TrackInfo:
-    """One tracked object, as known so far while the video is iterated.
-
-    ``first_frame``/``last_frame``: first and last frame where it was visible; ``ended_at``: the
-    frame on which it was removed for being lost too long (None while it lives); ``score``: its
-    best detector score; ``detections``: how many detections matched it (the first included).
-    """
-
-    obj_id: int
-    label: str
-    score: float
-    started_at: int
-    first_frame: int | None = None
-    last_frame: int | None = None
-    ended_at: int | None = None
-    detections: int = 1
 
 
 # ============================================================================================
@@ -251,42 +146,9 @@ def track_video(
         offload_state_to_cpu=bool(offload_state_to_cpu),
         lock=getattr(langsam, "_lock", None),
         name=name,
-        fps=_frame_rate(video, frames),
+        fps=frame_rate(video, frames),
         owns_frames=owns_frames,
     )
-
-
-def open_video(video: Any, max_frames: int | None = None, max_side: int | None = None, name: str = "video"):
-    """``sam.video.open_frames(video)`` with the frame-count and size limits checked, in words.
-
-    Raises:
-        ValueError: unreadable, zero frames, more than ``max_frames`` frames, or a side longer
-            than ``max_side`` pixels.
-    """
-    if _is_frame_source(video):
-        frames = video
-    else:
-        if isinstance(video, (str, os.PathLike)) and not Path(video).exists():
-            raise ValueError(f"{name}: no such file or folder")
-        from sam.video import open_frames
-
-        frames = open_frames(video)
-    count = len(frames)
-    if count == 0:
-        raise ValueError(f"{name}: the video has no frames")
-    height, width = int(frames.height), int(frames.width)
-    if max_frames is not None and count > max_frames:
-        raise ValueError(f"{name}: the video has {count} frames, more than the limit of {max_frames} "
-                         f"(raise the frame limit to allow it)")
-    if max_side is not None and max(height, width) > max_side:
-        raise ValueError(f"{name}: the video is {width}x{height} pixels; its longer side is over the limit of "
-                         f"{max_side} (raise the size limit to allow it)")
-    return frames
-
-
-def _is_frame_source(video: Any) -> bool:
-    return (not isinstance(video, (str, os.PathLike, np.ndarray, list, tuple))
-            and hasattr(video, "__getitem__") and hasattr(video, "__len__") and hasattr(video, "height"))
 
 
 def _check_int(option: str, value: Any, minimum: int) -> None:
@@ -304,29 +166,6 @@ def _build_video_predictor(langsam: Any):
     from sam.video import SamVideoPredictor
 
     return SamVideoPredictor(model)
-
-
-def _frame_rate(video: Any, frames: Any) -> float:
-    """Frames per second of the source: the frame source's own, else the file's, else 25."""
-    for attribute in ("fps", "frame_rate", "average_rate"):
-        value = getattr(frames, attribute, None)
-        try:
-            if value is not None and float(value) > 0:
-                return float(value)
-        except (TypeError, ValueError):
-            pass
-    path = video if isinstance(video, (str, os.PathLike)) else getattr(frames, "path", None)
-    if isinstance(path, (str, os.PathLike)) and Path(path).is_file():
-        try:
-            import av
-
-            with av.open(os.fspath(path)) as container:
-                rate = container.streams.video[0].average_rate
-                if rate:
-                    return float(rate)
-        except Exception:  # the frame source read it already; a missing rate only changes the overlay's timing
-            pass
-    return DEFAULT_FPS
 
 
 # ============================================================================================
@@ -411,15 +250,11 @@ class TrackedVideo:
              on_frame: Callable[[TrackedFrame], None] | None = None) -> dict[str, Path]:
         """Track the whole video once and write the outputs into ``directory`` (created).
 
-        Files: ``tracks.json`` (YouTube-VIS style, see :class:`VideoJsonWriter`; written last,
-        atomically), ``overlay.mp4`` (H.264, one colour per id, the source's frame times; moved
-        into place when complete) and ``masks/NNNNNN.png`` (one id map per frame, see
-        :class:`MaskPngWriter`).
-
-        A video file or folder that breaks part-way (cut short, a damaged frame): the frames
-        before the break are tracked and written (the JSON's ``length`` is their number and
-        ``info.damaged`` says where and why), then its ``VideoLoadError`` is raised (also kept in
-        :attr:`damage`), naming the frame. Any other error leaves no output behind.
+        See :func:`langsam.video.writers.write_outputs`: ``tracks.json`` (YouTube-VIS style,
+        written last, atomically), ``overlay.mp4`` (H.264, one colour per id, the source's frame
+        times) and ``masks/NNNNNN.png`` (one id map per frame). A video that breaks part-way
+        gets the outputs of the frames before the break, then its ``VideoLoadError`` is raised
+        (also kept in :attr:`damage`), naming the frame. Any other error leaves no output.
 
         Args:
             outputs: any of ``"json"``, ``"overlay"``, ``"masks"``.
@@ -430,44 +265,8 @@ class TrackedVideo:
         Returns:
             ``{output: path}`` of what was written.
         """
-        unknown = sorted(set(outputs) - set(OUTPUTS))
-        if unknown:
-            raise ValueError(f"unknown outputs {unknown}; choose from {', '.join(OUTPUTS)}")
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        root = root.resolve()
-        writers: dict[str, Any] = {}
-        self.damage = None
-        try:
-            if "overlay" in outputs:
-                writers["overlay"] = OverlayVideoWriter(safe_join(root, OVERLAY_NAME), self.image_size, self.fps,
-                                                        timestamps=self.timestamps, time_base=self.time_base)
-            if "masks" in outputs:
-                writers["masks"] = MaskPngWriter(safe_join(root, MASKS_DIR))
-            if "json" in outputs:
-                writers["json"] = VideoJsonWriter(safe_join(root, JSON_NAME), self, source_name=source_name,
-                                                  extra_info=extra_info)
-            try:
-                for frame in self:
-                    for writer in writers.values():
-                        writer.add(frame)
-                    if on_frame is not None:
-                        on_frame(frame)
-            except ValueError as error:
-                if not getattr(error, "frame_index", None):  # only a source that broke after frame 0
-                    raise
-                self.damage = error
-                logger.warning("%s: tracked and wrote the %d frames before the damage: %s", self.name,
-                               error.frame_index, error)
-            # The JSON goes last: a reader that finds it may trust the other files are complete.
-            written = {output: writers[output].close() for output in ("overlay", "masks", "json") if output in writers}
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
-        if self.damage is not None:
-            raise self.damage
-        return written
+        return write_outputs(self, directory, outputs, source_name=source_name, extra_info=extra_info,
+                             on_frame=on_frame)
 
 
 class _TrackerRun:
@@ -486,7 +285,7 @@ class _TrackerRun:
     # ---------------------------------------------------------------- one frame
     def step(self, index: int) -> TrackedFrame:
         video = self.video
-        image = _check_frame(video.frames[index], index, video.image_size, video.name)
+        image = check_frame(video.frames[index], index, video.image_size, video.name)
         height, width = video.image_size
         obj_ids: list[int] = []
         masks = np.zeros((0, height, width), dtype=bool)
@@ -653,19 +452,8 @@ class _TrackerRun:
 
 
 # ============================================================================================
-# Small helpers
+# Association: is a detection a visible object, or a new one?
 # ============================================================================================
-
-
-def _check_frame(frame: Any, index: int, image_size: tuple[int, int], name: str) -> np.ndarray:
-    pixels = np.asarray(frame)
-    height, width = image_size
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f"{name}: frame {index} is not an RGB image ({pixels.shape} {pixels.dtype})")
-    if pixels.shape[:2] != (height, width):
-        raise ValueError(f"{name}: frame {index} is {pixels.shape[1]}x{pixels.shape[0]} but the video started at "
-                         f"{width}x{height}; all frames must have one size")
-    return pixels
 
 
 def _masks_from_logits(logits: Any, image_size: tuple[int, int]) -> np.ndarray:
@@ -733,233 +521,3 @@ def _best_mask_match(mask: np.ndarray, visible: list[tuple[int, np.ndarray]], th
 def _sigmoid(logit: float) -> float:
     return float(1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0))))
 
-
-def track_color(obj_id: int) -> tuple[int, int, int]:
-    """The RGB colour of object ``obj_id``: the same id always gets the same colour, and
-    golden-ratio hue steps keep consecutive ids far apart on the colour wheel."""
-    hue = (int(obj_id) * 0.618033988749895) % 1.0
-    red, green, blue = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
-    return (round(red * 255), round(green * 255), round(blue * 255))
-
-
-def render_overlay(frame: TrackedFrame, alpha: float = 0.5, draw_labels: bool = True) -> np.ndarray:
-    """The frame with each object's mask tinted in :func:`track_color` of its id, its box
-    outlined in the same colour and ``id label`` written above the box.
-
-    Inside a mask (away from the box outline and the text) a pixel is exactly
-    ``round((1 - alpha) * pixel + alpha * colour)``; where masks overlap, the higher id is on top.
-
-    Returns:
-        ``(H, W, 3)`` uint8 RGB.
-    """
-    if frame.image is None:
-        raise ValueError("the frame holds no image to draw on")
-    pixels = frame.image.astype(np.float32)
-    for obj_id, mask in zip(frame.obj_ids.tolist(), frame.masks):
-        color = np.array(track_color(obj_id), dtype=np.float32)
-        pixels[mask] = frame.image[mask].astype(np.float32) * (1.0 - alpha) + color * alpha
-    canvas = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    if draw_labels and len(frame):
-        draw = ImageDraw.Draw(canvas)
-        line = max(1, round(max(frame.segmentation.image_size) / 400))
-        for obj_id, box, label in zip(frame.obj_ids.tolist(), frame.boxes, frame.labels):
-            color = track_color(obj_id)
-            x0, y0, x1, y1 = (float(v) for v in box)
-            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=line)
-            draw.text((x0 + 2, max(0.0, y0 - 11)), f"{obj_id} {label}", fill=color)
-    return np.asarray(canvas)
-
-
-# ============================================================================================
-# Writers (one frame at a time)
-# ============================================================================================
-
-
-class VideoJsonWriter:
-    """The per-video JSON, in the YouTube-VIS layout (one video; ``annotations`` one per object).
-
-    ``videos[0]``: ``id``, ``file_name``, ``height``, ``width``, ``length`` (frames), ``fps``.
-    ``categories``: one per query (``id`` from 1 in query order, ``name`` the query).
-    ``annotations``: one per object: ``id`` (the object id), ``video_id``, ``category_id``,
-    ``label``, ``score`` (best detector score), ``iscrowd`` 0, ``first_frame``, ``last_frame``,
-    ``ended_at``, and per frame (lists of ``length``) ``segmentations`` (COCO compressed RLE,
-    ``{"size": [H, W], "counts": str}``, or null where the object is not visible), ``bboxes``
-    (``[x, y, w, h]`` or null), ``areas`` (pixels or null) and ``presence`` (SAM's object-presence
-    probability or null). ``info`` holds the settings and the frames the detector ran on, and
-    for a video that broke part-way ``damaged`` (``first_bad_frame``, ``listed_frames``,
-    ``error``); ``length`` is then the number of frames before the break.
-    Only RLE strings are kept in memory; the file is written once, atomically, on :meth:`close`.
-    """
-
-    def __init__(self, path: str | os.PathLike, video: TrackedVideo, source_name: str | None = None,
-                 extra_info: Mapping[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        self.video = video
-        self.source_name = source_name if source_name is not None else video.name
-        self.extra_info = dict(extra_info or {})
-        self.objects: dict[int, dict[str, list]] = {}
-
-    def add(self, frame: TrackedFrame) -> None:
-        from pycocotools import mask as mask_utils
-
-        if len(frame) == 0:
-            return
-        length = self.video.num_frames
-        rles = mask_utils.encode(np.asfortranarray(frame.masks.transpose(1, 2, 0).astype(np.uint8)))
-        for row, obj_id in enumerate(frame.obj_ids.tolist()):
-            record = self.objects.get(obj_id)
-            if record is None:
-                record = self.objects[obj_id] = {key: [None] * length
-                                                 for key in ("segmentations", "bboxes", "areas", "presence")}
-            x0, y0, x1, y1 = (float(v) for v in frame.boxes[row])
-            index = frame.frame_index
-            record["segmentations"][index] = {"size": [int(s) for s in rles[row]["size"]],
-                                              "counts": rles[row]["counts"].decode("ascii")}
-            record["bboxes"][index] = [x0, y0, x1 - x0, y1 - y0]
-            record["areas"][index] = int(frame.masks[row].sum())
-            record["presence"][index] = round(float(frame.segmentation.mask_scores[row]), 6)
-
-    def document(self) -> dict[str, Any]:
-        video = self.video
-        category_ids = {query: number for number, query in enumerate(video.queries, start=1)}
-        height, width = video.image_size
-        damage = video.damage
-        length = damage.frame_index if damage is not None else video.num_frames
-        info_damage = {} if damage is None else {
-            "damaged": {"first_bad_frame": damage.frame_index, "listed_frames": video.num_frames, "error": str(damage)}
-        }
-        annotations = []
-        for obj_id in sorted(self.objects):
-            track = video.tracks[obj_id]
-            annotations.append({
-                "id": obj_id,
-                "video_id": 1,
-                "category_id": category_ids.get(track.label, 0),
-                "label": track.label,
-                "score": float(track.score),
-                "iscrowd": 0,
-                "first_frame": track.first_frame,
-                "last_frame": track.last_frame,
-                "ended_at": track.ended_at,
-                "height": height,
-                "width": width,
-                "length": length,
-                **{key: values[:length] for key, values in self.objects[obj_id].items()},
-            })
-        return {
-            "info": {"description": "langsam track (YouTube-VIS layout)", "format": JSON_FORMAT,
-                     "settings": video.settings, "detection_frames": list(video.detection_frames),
-                     **info_damage, **self.extra_info},
-            "videos": [{"id": 1, "file_name": self.source_name, "height": height, "width": width,
-                        "length": length, "fps": video.fps}],
-            "categories": [{"id": number, "name": query, "supercategory": "query"}
-                           for query, number in category_ids.items()],
-            "annotations": annotations,
-        }
-
-    def close(self) -> Path:
-        atomic_write_json(self.path, self.document(), indent=None)
-        return self.path
-
-    def abort(self) -> None:
-        pass
-
-
-class OverlayVideoWriter:
-    """An H.264 MP4 (yuv420p, PyAV) of :func:`render_overlay` frames, written to a temporary
-    file next to ``path`` and moved into place by :meth:`close`. Odd frame sizes are padded by
-    one black row / column (yuv420p needs even sizes).
-
-    With ``timestamps`` (the source's frame times in ``time_base`` units, as a video file's
-    frame source gives them) each frame keeps its source time, so a variable frame rate stays
-    as it was; without, frames are ``1 / fps`` apart. Frames are written upright (the frame
-    source already applied any rotation tag), so the file needs no display matrix."""
-
-    def __init__(self, path: str | os.PathLike, image_size: tuple[int, int], fps: float = DEFAULT_FPS,
-                 crf: int = 18, *, timestamps: Sequence[int] | None = None, time_base: Any = None) -> None:
-        import av
-        from fractions import Fraction
-
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
-        height, width = image_size
-        self.size = (height + height % 2, width + width % 2)
-        self.container = av.open(os.fspath(self.temp), mode="w", format="mp4")
-        try:
-            rate = Fraction(fps).limit_denominator(1001)
-            self.stream = self.container.add_stream("libx264", rate=rate)
-            self.stream.height, self.stream.width = self.size
-            self.stream.pix_fmt = "yuv420p"
-            self.stream.options = {"preset": "veryfast", "crf": str(crf)}
-            self.timestamps = None
-            if timestamps is not None and time_base and all(b > a for a, b in zip(timestamps, timestamps[1:])):
-                self.timestamps, self.time_base = list(timestamps), Fraction(time_base)
-                self.stream.codec_context.time_base = self.time_base
-                self.stream.time_base = self.time_base
-        except BaseException:
-            self.abort()
-            raise
-        self.frames = 0
-
-    def add(self, frame: TrackedFrame) -> None:
-        import av
-
-        pixels = render_overlay(frame)
-        if pixels.shape[:2] != self.size:
-            padded = np.zeros((*self.size, 3), dtype=np.uint8)
-            padded[: pixels.shape[0], : pixels.shape[1]] = pixels
-            pixels = padded
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
-        if self.timestamps is not None:
-            video_frame.pts, video_frame.time_base = self.timestamps[frame.frame_index], self.time_base
-        for packet in self.stream.encode(video_frame):
-            self.container.mux(packet)
-        self.frames += 1
-
-    def close(self) -> Path:
-        try:
-            for packet in self.stream.encode():
-                self.container.mux(packet)
-            self.container.close()
-            os.replace(self.temp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        return self.path
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.container.close()
-        self.temp.unlink(missing_ok=True)
-
-
-class MaskPngWriter:
-    """Per-frame id maps, ``<folder>/NNNNNN.png`` (frame number, 6 digits): pixel value = object
-    id, 0 = background (the DAVIS layout, as a palette PNG whose palette is :func:`track_color`).
-    Where masks overlap, the higher id wins. Frames of videos with ids above 255 are 16-bit
-    grayscale PNGs. Each file is written atomically."""
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._palette = [0, 0, 0] + [channel for obj_id in range(1, 256) for channel in track_color(obj_id)]
-
-    def add(self, frame: TrackedFrame) -> None:
-        height, width = frame.segmentation.image_size
-        top = int(frame.obj_ids.max()) if len(frame) else 0
-        ids = np.zeros((height, width), dtype=np.uint16 if top > 255 else np.uint8)
-        for obj_id, mask in sorted(zip(frame.obj_ids.tolist(), frame.masks), key=lambda pair: pair[0]):
-            ids[mask] = obj_id
-        if ids.dtype == np.uint8:
-            image = Image.frombytes("P", (width, height), ids.tobytes())
-            image.putpalette(self._palette)
-        else:
-            image = Image.fromarray(ids)
-        atomic_save_image(safe_join(self.folder, f"{frame.frame_index:06d}.png"), image)
-
-    def close(self) -> Path:
-        return self.folder
-
-    def abort(self) -> None:
-        pass
