@@ -658,6 +658,27 @@ def test_demo_video_tab_gives_the_library_result(real_models, tmp_path, monkeypa
             Client(url, verbose=False).predict(handle_file(str(path)), "a cat", 3, 0.0, 0.25, api_name="/track_video")
 
 
+def test_demo_shows_what_was_tracked_before_a_clip_is_cut_short(real_models, tmp_path):
+    from video_support import write_mp4
+
+    from langsam.demo import video_tab
+
+    pipeline, clip = real_models
+    whole = write_mp4(np.concatenate([clip, clip[::-1]]), tmp_path / "whole.mp4", faststart=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    video, paths = video_tab.track_clip(pipeline, str(cut), ["a cat"], tmp_path / "out", detect_every=3,
+                                        box_threshold=0.0)
+    bad = video.damage.frame_index
+    assert 0 < bad < len(video) and json.loads(paths["json"].read_text())["videos"][0]["length"] == bad
+    import av
+
+    with av.open(str(paths["overlay"])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == bad
+    status = video_tab.clip_status(video)
+    assert f"over {bad} frames" in status and f"cut short at frame {bad} of {len(video)}" in status
+
+
 def test_real_predictor_ends_lost_objects_and_restarts_on_the_next_detection(real_models):
     """Object scores forced to "absent" on frames 2-4: every object ends on frame 3 (absent on
     more than 1 frame), is removed from the real predictor, and the detection on frame 5 starts

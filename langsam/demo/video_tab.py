@@ -34,11 +34,14 @@ def track_clip(pipeline: Any, video_path: str, queries: list[str], folder: Path,
     """Track ``queries`` through the clip at ``video_path``; write ``overlay.mp4`` and
     ``<clip>.tracks.json`` into ``folder`` (ours). Returns the tracked video and the paths.
 
+    A clip that breaks part-way (cut short, damaged) gives the outputs of the frames before
+    the break, and ``video.damage`` says where (see :func:`clip_status`).
+
     Raises:
         ValueError: unreadable clip, no frames, more than ``max_frames`` frames or a longer side
             over ``max_side`` pixels, or bad settings.
     """
-    from langsam.video import track_video
+    from langsam.video import JSON_NAME, OVERLAY_NAME, track_video
 
     if int(detect_every) < 1:
         raise ValueError(f"detect every must be at least 1 frame, got {detect_every}")
@@ -46,11 +49,29 @@ def track_clip(pipeline: Any, video_path: str, queries: list[str], folder: Path,
     video = track_video(pipeline, video_path, queries, detect_every=int(detect_every),
                         box_threshold=float(box_threshold), text_threshold=float(text_threshold),
                         max_frames=max_frames, max_side=max_side, name=name)
-    paths = video.save(folder, ("json", "overlay"), source_name=sanitize_name(name, max_len=80))
+    try:
+        paths = video.save(folder, ("json", "overlay"), source_name=sanitize_name(name, max_len=80))
+    except ValueError as error:
+        if video.damage is not error:
+            raise
+        paths = {"json": folder / JSON_NAME, "overlay": folder / OVERLAY_NAME}  # the frames before the break
     # Offer the JSON under the clip's (sanitised) name; the folder is always our own.
     named = folder / f"{sanitize_name(Path(video_path).stem, max_len=60)}.tracks.json"
     paths["json"] = paths["json"].replace(named)
     return video, paths
+
+
+def clip_status(video: Any) -> str:
+    """One line about a tracked clip for the tab's status."""
+    labels = ", ".join(sorted({track.label for track in video.tracks.values()})) or "nothing"
+    damage = getattr(video, "damage", None)
+    frames = len(video) if damage is None else damage.frame_index
+    status = (f"{len(video.tracks)} object(s) tracked over {frames} frames "
+              f"(detector on {len(video.detection_frames)} of them): {labels}.")
+    if damage is not None:
+        status += (f" The clip is damaged or cut short at frame {damage.frame_index} of {len(video)}: "
+                   "only the frames before it were tracked.")
+    return status
 
 
 def build_video_tab(ctx: TabContext, max_frames: int | None = None, max_side: int | None = None) -> None:
@@ -73,10 +94,7 @@ def build_video_tab(ctx: TabContext, max_frames: int | None = None, max_side: in
         video, paths = track_clip(ctx.models.get(), video_path, queries, folder, detect_every=int(detect_every),
                                   box_threshold=box_threshold, text_threshold=text_threshold,
                                   max_frames=max_frames, max_side=max_side)
-        labels = ", ".join(sorted({track.label for track in video.tracks.values()})) or "nothing"
-        status = (f"{len(video.tracks)} object(s) tracked over {len(video)} frames "
-                  f"(detector on {len(video.detection_frames)} of them): {labels}.")
-        return str(paths["overlay"]), str(paths["json"]), track_rows(video), status
+        return str(paths["overlay"]), str(paths["json"]), track_rows(video), clip_status(video)
 
     gr.Markdown(f"Upload a short clip (at most {max_frames} frames and {max_side} pixels on the longer side) "
                 "and say what to track. The detector runs on the first frame and every N frames; each object "
