@@ -178,6 +178,26 @@ def test_second_query_reuses_image_and_text(ours, photo):
     np.testing.assert_array_equal(first.scores, again.scores)
 
 
+def test_batched_queries_match_one_by_one(predictor):
+    texts = ["a dog", "the astronaut's helmet", "a red flag"]
+    batched = predictor.predict_many(texts, threshold=0.1)
+    for text, result in zip(texts, batched):
+        single = predictor.predict(text=text, threshold=0.1)
+        assert result.labels == single.labels and len(single) > 0
+        np.testing.assert_allclose(result.scores, single.scores, atol=1e-5)
+        np.testing.assert_allclose(result.boxes, single.boxes, atol=1e-3)
+        assert (result.masks != single.masks).mean() < 1e-3
+
+
+def test_exemplar_boxes_in_pixels_match_reference(reference, predictor, pixels):
+    """The predictor's exemplars are xyxy pixels; the model gets them as normalised cxcywh."""
+    box = [128.0, 64.0, 384.0, 256.0]
+    result = predictor.predict(text="a face", exemplars=[(box, True)], threshold=0.0)
+    ref = _reference(reference, pixels, "a face", torch.tensor([[[0.5, 0.3125, 0.5, 0.375]]]), torch.tensor([[1]]))
+    ref_scores = (ref.pred_logits.sigmoid() * ref.presence_logits.sigmoid())[0].numpy()
+    np.testing.assert_allclose(np.sort(result.scores), np.sort(ref_scores), atol=1e-4)
+
+
 def test_bad_inputs_get_clear_errors(ours, predictor, photo, checkpoints, tiny_sam_checkpoint, tmp_path):
     with pytest.raises(RuntimeError, match="set_image"):
         Sam3Predictor(ours).predict(text="a dog")
@@ -191,8 +211,10 @@ def test_bad_inputs_get_clear_errors(ours, predictor, photo, checkpoints, tiny_s
             predictor.predict(text="a dog", exemplars=[(box, True)])
     with pytest.raises(ValueError, match="exemplar is"):
         predictor.predict(exemplars=[[1, 2, 3, 4]])
-    with pytest.raises(ValueError, match="RGB uint8"):
-        predictor.set_image(photo[..., 0])
+    with pytest.raises(ValueError, match="channels"):
+        Sam3Predictor(ours).set_image(photo[..., :2])
+    with pytest.raises(ValueError, match="non-empty"):
+        predictor.predict_many(["a dog", ""])
     with pytest.raises(CheckpointError, match="looks like a SAM 1 checkpoint"):
         load_sam3(tiny_sam_checkpoint)
     (tmp_path / "model.safetensors").write_bytes((checkpoints["transformers"] / "model.safetensors").read_bytes())

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..image import to_rgb_uint8
 from .layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .model import ImageFeatures, Sam3Image
 from .text import tokenize
@@ -68,10 +69,9 @@ class Sam3Predictor:
 
     @torch.inference_mode()
     def set_image(self, image) -> None:
-        """image: RGB uint8 (H, W, 3) array or a PIL image. Runs the image encoder once."""
-        array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or min(array.shape[:2]) < 1:
-            raise ValueError(f"expected an RGB uint8 image of shape (H, W, 3); got {array.dtype} {array.shape}")
+        """image: (H, W, 3) RGB uint8 array (other layouts are converted by `sam.image.to_rgb_uint8`,
+        with a warning) or a PIL image. Runs the image encoder once."""
+        array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else to_rgb_uint8(image)
         self._features = self.model.encode_image(self.preprocess(array))
         self._hw = array.shape[:2]
         self.image_passes += 1
@@ -105,17 +105,38 @@ class Sam3Predictor:
         xyxy = torch.tensor([boxes], dtype=torch.float32, device=self.device)
         return box_xyxy_to_cxcywh(xyxy), torch.tensor([labels], device=self.device)
 
+    def _check_ready(self) -> None:
+        if self._features is None:
+            raise RuntimeError("call set_image(image) before predict()")
+
+    @staticmethod
+    def _query(text) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text must be a non-empty phrase; got {text!r}")
+        return text.strip()
+
+    @torch.inference_mode()
+    def predict_many(self, texts: Sequence[str], threshold: float = 0.5) -> list[Sam3Prediction]:
+        """Several text queries on the set image in one batched pass of the DETR heads (the image pass
+        is shared); the same results as calling predict once per query."""
+        self._check_ready()
+        queries = [self._query(text) for text in texts]
+        if not queries:
+            return []
+        encoded = [self._text(query) for query in queries]
+        tokens = torch.cat([t for t, _ in encoded])
+        valid = torch.cat([v for _, v in encoded])
+        out = self.model.decode(self._features, tokens, valid)
+        return [self.postprocess({k: v[i : i + 1] for k, v in out.items()}, threshold, text) for i, text in enumerate(texts)]
+
     @torch.inference_mode()
     def predict(self, text: str | None = None, exemplars: Sequence | None = None, threshold: float = 0.5) -> Sam3Prediction:
         """Find every instance of a concept given by a noun phrase, by exemplar boxes
         `[(xyxy_pixels, positive), ...]`, or both. Returns the instances scoring above `threshold`."""
-        if self._features is None:
-            raise RuntimeError("call set_image(image) before predict()")
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise ValueError(f"text must be a non-empty phrase; got {text!r}")
+        self._check_ready()
         if text is None and not exemplars:
             raise ValueError("give a text query, exemplar boxes, or both")
-        query = text.strip() if text is not None else EXEMPLAR_ONLY_TEXT
+        query = self._query(text) if text is not None else EXEMPLAR_ONLY_TEXT
         tokens, valid = self._text(query)
         boxes = labels = None
         if exemplars:
