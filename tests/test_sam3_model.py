@@ -8,6 +8,8 @@ the logits, then cut at 0) on both sides.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,8 @@ from sam3_factory import save_tiny_sam3
 from skimage import data
 
 from sam.build import CheckpointError
-from sam.sam3 import Sam3Predictor, load_sam3
-from sam.sam3.build import from_transformers, to_transformers
+from sam.sam3 import Sam3Config, Sam3Image, Sam3Predictor, load_sam3
+from sam.sam3.build import config_from_meta_weights, from_transformers, meta_checkpoint, to_transformers
 from sam.sam3.layers import box_cxcywh_to_xyxy
 from sam.sam3.text import tokenize
 
@@ -148,6 +150,19 @@ def test_both_layouts_load_identically(checkpoints, ours, pixels):
     assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
 
 
+def test_sizes_read_off_meta_weights(checkpoints, ours):
+    """Without a config.json, every size comes from the weights; only head counts leave no trace
+    outside the ViT (the released model's 64 channels per text head, 32 per detector head)."""
+    with torch.device("meta"):
+        full = Sam3Image(Sam3Config())
+    state = {k[len("detector."):]: v for k, v in meta_checkpoint(full)["model"].items()}
+    assert config_from_meta_weights(state) == Sam3Config()
+    tiny = torch.load(checkpoints["meta"], weights_only=True)["model"]
+    inferred = config_from_meta_weights({k[len("detector."):]: v for k, v in tiny.items() if k.startswith("detector.")})
+    expected = dataclasses.replace(ours.config, point_projections=False, text_heads=1, num_heads=1)
+    assert inferred == expected
+
+
 def test_predictor_matches_reference_at_image_size(reference, predictor, pixels, photo):
     ref = _reference(reference, pixels, "a dog")
     ref_scores = (ref.pred_logits.sigmoid() * ref.presence_logits.sigmoid())[0].numpy()
@@ -217,6 +232,15 @@ def test_bad_inputs_get_clear_errors(ours, predictor, photo, checkpoints, tiny_s
         predictor.predict_many(["a dog", ""])
     with pytest.raises(CheckpointError, match="looks like a SAM 1 checkpoint"):
         load_sam3(tiny_sam_checkpoint)
+    stray = torch.load(checkpoints["meta"], weights_only=True)
+    stray["model"]["optimizer.step"] = torch.zeros(1)
+    torch.save(stray, tmp_path / "stray.pt")
+    with pytest.raises(CheckpointError, match="unexpected keys outside 'detector.'"):
+        load_sam3(tmp_path / "stray.pt")
+    del stray["model"]["optimizer.step"], stray["model"]["detector.transformer.decoder.norm.bias"]
+    torch.save(stray, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="does not fit a SAM 3 image model"):
+        load_sam3(tmp_path / "missing.pt")
     (tmp_path / "model.safetensors").write_bytes((checkpoints["transformers"] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="no config.json"):
         load_sam3(tmp_path)

@@ -289,7 +289,10 @@ def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3I
                 config = config_from_transformers(raw)
                 config.vit_eps, config.point_projections = 1e-5, "geometry_encoder.points_direct_project.weight" in native
             else:
-                config = config_from_meta_weights({**native, **tables})
+                try:
+                    config = config_from_meta_weights({**native, **tables})
+                except (KeyError, IndexError) as error:
+                    raise CheckpointError(f"{file}: SAM 3 checkpoint lacks {error} needed to read its sizes") from error
         model = Sam3Image(config)
     else:
         raise _wrong_family(state, file)
