@@ -1,0 +1,24 @@
+"""SAM 3 (Meta, 2025) concept segmentation: every instance of a noun phrase and/or exemplar boxes.
+
+Checkpoint-exact with Meta's `sam3.pt` image model (the detector); written for this package.
+
+- `layers.py`    attention with nn.MultiheadAttention names, MLP, sine positions, box ops
+- `backbone.py`  Perception Encoder ViT (windowed + global attention, 2D RoPE) and the FPN neck
+- `text.py`      CLIP text encoder + open_clip's BPE tokenizer
+- `geometry.py`  the exemplar (box) encoder; its cls token always joins the prompt
+- `detr.py`      fusion encoder and query decoder (presence token, box refinement, box RPB)
+- `heads.py`     dot-product scoring and the segmentation head
+- `model.py`     Sam3Config, Sam3Image: encode_image / encode_text / decode
+- `build.py`     build_sam3 / load_sam3 for Meta's and transformers' layouts, converters
+- `predictor.py` Sam3Predictor: set_image once, predict(text=..., exemplars=...) many times
+
+Where the two references differ, this follows Meta: a text-only prompt still runs the geometry
+encoder (transformers' `Sam3Model` skips it unless given a box; pass one padded box, label -10, to
+make it match), masks are resized as logits before the sigmoid, and the default threshold is 0.5.
+"""
+
+from .build import build_sam3, load_sam3
+from .model import ImageFeatures, Sam3Config, Sam3Image
+from .predictor import Sam3Prediction, Sam3Predictor
+
+__all__ = ["ImageFeatures", "Sam3Config", "Sam3Image", "Sam3Prediction", "Sam3Predictor", "build_sam3", "load_sam3"]

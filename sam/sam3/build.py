@@ -1,0 +1,316 @@
+"""Building SAM 3 and loading its two checkpoint layouts, strictly and safely.
+
+- Meta's `sam3.pt`: `{"model": {"detector.<native key>": ..., "tracker.*": ...}}`, read with
+  `torch.load(weights_only=True)`. The native keys are this package's `Sam3Image.state_dict()`
+  keys. `pos_embed` keeps a cls slot; `attn.freqs_cis` are complex64 RoPE tables, checked against
+  ours and dropped; the tracker is not loaded (the image model does not use it).
+- transformers' `save_pretrained` directory (`config.json` + `model.safetensors`, `Sam3Model`),
+  converted by name: split q/k/v are fused, the cls slot is restored as zeros, CLIP's
+  `text_projection` is transposed.
+
+The sizes come from a `config.json` (transformers' `Sam3Config` format, as the hub repo ships it)
+next to the weights, or are read off the weights of a Meta checkpoint (heads: 64 channels per head
+in the text encoder, 32 in the detector, as in the released model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..build import CheckpointError, checkpoint_family, load_state_dict_file
+from .backbone import axial_rope
+from .model import Sam3Config, Sam3Image
+
+logger = logging.getLogger(__name__)
+
+# Native (Meta) key -> transformers key; the first matching rule applies.
+_RENAMES = [
+    (r"backbone\.vision_backbone\.trunk\.patch_embed\.proj\.", "vision_encoder.backbone.embeddings.patch_embeddings.projection."),
+    (r"backbone\.vision_backbone\.trunk\.pos_embed$", "vision_encoder.backbone.embeddings.position_embeddings"),
+    (r"backbone\.vision_backbone\.trunk\.ln_pre\.", "vision_encoder.backbone.layer_norm."),
+    (r"backbone\.vision_backbone\.trunk\.blocks\.(\d+)\.norm([12])\.", r"vision_encoder.backbone.layers.\1.layer_norm\2."),
+    (r"backbone\.vision_backbone\.trunk\.blocks\.(\d+)\.attn\.qkv\.", r"vision_encoder.backbone.layers.\1.attention.in_proj_"),
+    (r"backbone\.vision_backbone\.trunk\.blocks\.(\d+)\.attn\.proj\.", r"vision_encoder.backbone.layers.\1.attention.o_proj."),
+    (r"backbone\.vision_backbone\.trunk\.blocks\.(\d+)\.mlp\.", r"vision_encoder.backbone.layers.\1.mlp."),
+    (r"backbone\.vision_backbone\.convs\.(\d+)\.(dconv_2x2_0|dconv_2x2)\.", r"vision_encoder.neck.fpn_layers.\1.scale_layers.0."),
+    (r"backbone\.vision_backbone\.convs\.(\d+)\.dconv_2x2_1\.", r"vision_encoder.neck.fpn_layers.\1.scale_layers.2."),
+    (r"backbone\.vision_backbone\.convs\.(\d+)\.conv_1x1\.", r"vision_encoder.neck.fpn_layers.\1.proj1."),
+    (r"backbone\.vision_backbone\.convs\.(\d+)\.conv_3x3\.", r"vision_encoder.neck.fpn_layers.\1.proj2."),
+    (r"backbone\.language_backbone\.encoder\.token_embedding\.", "text_encoder.text_model.embeddings.token_embedding."),
+    (r"backbone\.language_backbone\.encoder\.positional_embedding$", "text_encoder.text_model.embeddings.position_embedding.weight"),
+    (r"backbone\.language_backbone\.encoder\.ln_final\.", "text_encoder.text_model.final_layer_norm."),
+    (r"backbone\.language_backbone\.encoder\.text_projection$", "text_encoder.text_projection.weight"),
+    (r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\.attn\.", r"text_encoder.text_model.encoder.layers.\1.self_attn."),
+    (r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\.ln_([12])\.", r"text_encoder.text_model.encoder.layers.\1.layer_norm\2."),
+    (r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"text_encoder.text_model.encoder.layers.\1.mlp.fc1."),
+    (r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"text_encoder.text_model.encoder.layers.\1.mlp.fc2."),
+    (r"backbone\.language_backbone\.resizer\.", "text_projection."),
+    (r"geometry_encoder\.encode\.(\d+)\.cross_attn_image\.", r"geometry_encoder.layers.\1.cross_attn."),
+    (r"geometry_encoder\.encode\.(\d+)\.self_attn\.", r"geometry_encoder.layers.\1.self_attn."),
+    (r"geometry_encoder\.encode\.(\d+)\.linear([12])\.", r"geometry_encoder.layers.\1.mlp.fc\2."),
+    (r"geometry_encoder\.encode\.(\d+)\.norm([123])\.", r"geometry_encoder.layers.\1.layer_norm\2."),
+    (r"geometry_encoder\.img_pre_norm\.", "geometry_encoder.vision_layer_norm."),
+    (r"geometry_encoder\.norm\.", "geometry_encoder.prompt_layer_norm."),
+    (r"geometry_encoder\.encode_norm\.", "geometry_encoder.output_layer_norm."),
+    (r"geometry_encoder\.points_", None),  # Meta only: transformers has no point prompts
+    (r"transformer\.encoder\.layers\.(\d+)\.cross_attn_image\.", r"detr_encoder.layers.\1.cross_attn."),
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"detr_encoder.layers.\1.self_attn."),
+    (r"transformer\.encoder\.layers\.(\d+)\.linear([12])\.", r"detr_encoder.layers.\1.mlp.fc\2."),
+    (r"transformer\.encoder\.layers\.(\d+)\.norm([123])\.", r"detr_encoder.layers.\1.layer_norm\2."),
+    (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.", r"detr_decoder.layers.\1.self_attn."),
+    (r"transformer\.decoder\.layers\.(\d+)\.ca_text\.", r"detr_decoder.layers.\1.text_cross_attn."),
+    (r"transformer\.decoder\.layers\.(\d+)\.cross_attn\.", r"detr_decoder.layers.\1.vision_cross_attn."),
+    (r"transformer\.decoder\.layers\.(\d+)\.norm1\.", r"detr_decoder.layers.\1.vision_cross_attn_layer_norm."),
+    (r"transformer\.decoder\.layers\.(\d+)\.catext_norm\.", r"detr_decoder.layers.\1.text_cross_attn_layer_norm."),
+    (r"transformer\.decoder\.layers\.(\d+)\.norm2\.", r"detr_decoder.layers.\1.self_attn_layer_norm."),
+    (r"transformer\.decoder\.layers\.(\d+)\.norm3\.", r"detr_decoder.layers.\1.mlp_layer_norm."),
+    (r"transformer\.decoder\.layers\.(\d+)\.linear([12])\.", r"detr_decoder.layers.\1.mlp.fc\2."),
+    (r"transformer\.decoder\.norm\.", "detr_decoder.output_layer_norm."),
+    (r"transformer\.decoder\.bbox_embed\.", "detr_decoder.box_head."),
+    (r"transformer\.decoder\.presence_token_head\.", "detr_decoder.presence_head."),
+    (r"transformer\.decoder\.presence_token_out_norm\.", "detr_decoder.presence_layer_norm."),
+    (r"transformer\.decoder\.boxRPB_embed_([xy])\.", r"detr_decoder.box_rpb_embed_\1."),
+    (r"transformer\.decoder\.", "detr_decoder."),
+    (r"dot_prod_scoring\.prompt_mlp\.out_norm\.", "dot_product_scoring.text_mlp_out_norm."),
+    (r"dot_prod_scoring\.prompt_mlp\.", "dot_product_scoring.text_mlp."),
+    (r"dot_prod_scoring\.prompt_proj\.", "dot_product_scoring.text_proj."),
+    (r"dot_prod_scoring\.hs_proj\.", "dot_product_scoring.query_proj."),
+    (r"segmentation_head\.pixel_decoder\.", "mask_decoder.pixel_decoder."),
+    (r"segmentation_head\.mask_predictor\.mask_embed\.", "mask_decoder.mask_embedder."),
+    (r"segmentation_head\.instance_seg_head\.", "mask_decoder.instance_projection."),
+    (r"segmentation_head\.semantic_seg_head\.", "mask_decoder.semantic_projection."),
+    (r"segmentation_head\.cross_attend_prompt\.", "mask_decoder.prompt_cross_attn."),
+    (r"segmentation_head\.cross_attn_norm\.", "mask_decoder.prompt_cross_attn_norm."),
+]
+_NUMBERED_MLPS = re.compile(r"\.(box_head|presence_head|ref_point_head|box_rpb_embed_[xy]|text_mlp)\.layers\.(\d+)\.")
+_TRANSFORMERS_IGNORED = ("tracker_model.", "tracker_neck.")
+_META_IGNORED = re.compile(r"^(tracker\.|detector\.backbone\.vision_backbone\.sam2_convs\.|detector\.inst_interactive_predictor\.)")
+
+
+def transformers_keys(native_key: str) -> list[str]:
+    """The transformers key(s) holding a native parameter: three for a fused q/k/v projection,
+    none for a parameter transformers lacks (the point projections)."""
+    for pattern, replacement in _RENAMES:
+        if re.match(pattern, native_key):
+            if replacement is None:
+                return []
+            key = re.sub(pattern, replacement, native_key, count=1)
+            break
+    else:
+        key = native_key
+    key = _NUMBERED_MLPS.sub(lambda m: f".{m[1]}.layer{int(m[2]) + 1}.", key)
+    if not key.startswith("text_encoder."):
+        key = key.replace(".out_proj.", ".o_proj.")
+    fused = re.match(r"(.*)\.in_proj_(weight|bias)$", key)
+    if fused:
+        return [f"{fused[1]}.{name}_proj.{fused[2]}" for name in "qkv"]
+    return [key]
+
+
+def from_transformers(hf_state: Mapping[str, torch.Tensor], model: Sam3Image) -> dict[str, torch.Tensor]:
+    """A transformers `Sam3Model` state dict -> this model's (Meta's) state dict. Strict: a missing or
+    unexpected key raises CheckpointError."""
+    native, used = {}, set()
+    for key, reference in model.state_dict().items():
+        names = transformers_keys(key)
+        if not names:
+            native[key] = reference.new_zeros(reference.shape)  # point projections: unused without point prompts
+            continue
+        missing = [name for name in names if name not in hf_state]
+        if missing:
+            raise CheckpointError(f"transformers SAM 3 checkpoint lacks {missing[0]!r} (for {key!r})")
+        used.update(names)
+        value = torch.cat([hf_state[name] for name in names]) if len(names) > 1 else hf_state[names[0]]
+        if key.endswith("trunk.pos_embed"):
+            value = torch.cat((value.new_zeros(1, 1, value.shape[-1]), value), dim=1)
+        elif key.endswith("encoder.text_projection"):
+            value = value.t()
+        native[key] = value
+    extra = [k for k in hf_state if k not in used and not k.startswith(_TRANSFORMERS_IGNORED)]
+    if extra:
+        raise CheckpointError(f"transformers SAM 3 checkpoint has {len(extra)} unexpected keys, e.g. {extra[:3]}")
+    return native
+
+
+def to_transformers(native_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This model's state dict -> transformers `Sam3Model` names (the inverse of from_transformers)."""
+    out = {}
+    for key, value in native_state.items():
+        names = transformers_keys(key)
+        if key.endswith("trunk.pos_embed"):
+            value = value[:, 1:]
+        elif key.endswith("encoder.text_projection"):
+            value = value.t()
+        for name, part in zip(names, value.chunk(len(names)) if len(names) > 1 else [value]):
+            out[name] = part.contiguous()
+    return out
+
+
+def meta_checkpoint(model: Sam3Image) -> dict:
+    """The model in Meta's `sam3.pt` layout: `{"model": {"detector.*": ...}}` with the RoPE buffers."""
+    state = {f"detector.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for name, buffer in model.named_buffers():
+        if name.endswith("attn.freqs_cis"):
+            state[f"detector.{name}"] = buffer.clone()
+    return {"model": state}
+
+
+def config_from_transformers(config: Mapping) -> Sam3Config:
+    """A transformers `Sam3Config` dict (its `config.json`) -> Sam3Config."""
+    config = config.get("detector_config") or config
+    vision, vit = config["vision_config"], config["vision_config"]["backbone_config"]
+    text, geo = config["text_config"], config["geometry_encoder_config"]
+    enc, dec, mask = config["detr_encoder_config"], config["detr_decoder_config"], config["mask_decoder_config"]
+    if text.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"SAM 3's text encoder uses exact GELU; this config says {text['hidden_act']!r}")
+    heads = {geo["num_attention_heads"], enc["num_attention_heads"], dec["num_attention_heads"], mask["num_attention_heads"]}
+    ffn = {geo["intermediate_size"], enc["intermediate_size"], dec["intermediate_size"]}
+    if len(heads) > 1 or len(ffn) > 1:
+        raise CheckpointError(f"SAM 3 detector parts must share heads and MLP width; config has {heads} and {ffn}")
+    eps = vit.get("layer_norm_eps", 1e-6)
+    if eps != 1e-5:
+        logger.warning("config.json sets the ViT LayerNorm eps to %g; Meta's SAM 3 uses 1e-5 (following the config)", eps)
+    return Sam3Config(
+        image_size=vit["image_size"], patch_size=vit["patch_size"], pretrain_image_size=vit["pretrain_image_size"],
+        vit_dim=vit["hidden_size"], vit_depth=vit["num_hidden_layers"], vit_heads=vit["num_attention_heads"],
+        vit_mlp_dim=vit["intermediate_size"], window_size=vit["window_size"], global_blocks=vit["global_attn_indexes"],
+        vit_eps=eps, rope_theta=(vit.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+        scale_factors=vision["scale_factors"], d_model=vision["fpn_hidden_size"], num_heads=heads.pop(),
+        ffn_dim=ffn.pop(), vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
+        text_width=text["hidden_size"], text_layers=text["num_hidden_layers"], text_heads=text["num_attention_heads"],
+        text_mlp_dim=text["intermediate_size"], text_output_dim=text["projection_dim"], geometry_layers=geo["num_layers"],
+        roi_size=geo["roi_size"], point_projections=False, encoder_layers=enc["num_layers"],
+        decoder_layers=dec["num_layers"], num_queries=dec["num_queries"], pixel_decoder_stages=mask["num_upsampling_stages"],
+    )
+
+
+def _count(state: Mapping, pattern: str) -> int:
+    return len({m[1] for k in state if (m := re.match(pattern, k))})
+
+
+def config_from_meta_weights(state: Mapping[str, torch.Tensor]) -> Sam3Config:
+    """Sizes read off native (Meta) weights. Heads: the ViT's from its RoPE tables, 64 channels per
+    text head and 32 per detector head otherwise (the released model's)."""
+    trunk = "backbone.vision_backbone.trunk."
+    pos = state[trunk + "pos_embed"]
+    patch = state[trunk + "patch_embed.proj.weight"].shape[-1]
+    depth = _count(state, r"backbone\.vision_backbone\.trunk\.blocks\.(\d+)\.")
+    tables = [state.get(f"{trunk}blocks.{i}.attn.freqs_cis") for i in range(depth)]
+    vit_dim, vit_heads, window, grid, global_blocks = pos.shape[-1], vit_dim_heads(pos.shape[-1]), 24, 72, (7, 15, 23, 31)
+    if all(t is not None for t in tables):
+        vit_heads = vit_dim // (2 * tables[0].shape[-1])
+        sizes = [t.shape[0] for t in tables]
+        grid = int(max(sizes) ** 0.5)
+        global_blocks = tuple(i for i, s in enumerate(sizes) if s == max(sizes))
+        window = int(min(sizes) ** 0.5) if min(sizes) != max(sizes) else grid
+    text = "backbone.language_backbone.encoder."
+    d_model = state["backbone.language_backbone.resizer.weight"].shape[0]
+    text_width = state[text + "token_embedding.weight"].shape[1]
+    return Sam3Config(
+        image_size=grid * patch, patch_size=patch, pretrain_image_size=int((pos.shape[1] - 1) ** 0.5) * patch,
+        vit_dim=vit_dim, vit_depth=depth, vit_heads=vit_heads, vit_mlp_dim=state[trunk + "blocks.0.mlp.fc1.weight"].shape[0],
+        window_size=window, global_blocks=global_blocks, d_model=d_model, num_heads=max(1, d_model // 32),
+        ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        vocab_size=state[text + "token_embedding.weight"].shape[0], context_length=state[text + "positional_embedding"].shape[0],
+        text_width=text_width, text_layers=_count(state, r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\."),
+        text_heads=max(1, text_width // 64), text_mlp_dim=state[text + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        text_output_dim=state[text + "text_projection"].shape[1], geometry_layers=_count(state, r"geometry_encoder\.encode\.(\d+)\."),
+        roi_size=state["geometry_encoder.boxes_pool_project.weight"].shape[-1],
+        point_projections="geometry_encoder.points_direct_project.weight" in state,
+        encoder_layers=_count(state, r"transformer\.encoder\.layers\.(\d+)\."),
+        decoder_layers=_count(state, r"transformer\.decoder\.layers\.(\d+)\."),
+        num_queries=state["transformer.decoder.query_embed.weight"].shape[0],
+        pixel_decoder_stages=_count(state, r"segmentation_head\.pixel_decoder\.conv_layers\.(\d+)\."),
+    )
+
+
+def vit_dim_heads(dim: int) -> int:
+    return max(1, dim // 64)
+
+
+def _wrong_family(state: Mapping[str, torch.Tensor], path: Path) -> CheckpointError:
+    family = checkpoint_family(state)
+    looks = {"sam1": "a SAM 1 checkpoint", "sam2": "a SAM 2 / 2.1 checkpoint"}.get(family, "no SAM 3 checkpoint")
+    return CheckpointError(
+        f"{path} is not a SAM 3 checkpoint: it looks like {looks} (no SAM 3 image-encoder keys such as "
+        f"'detector.backbone.vision_backbone.trunk.pos_embed' or 'vision_encoder.backbone.embeddings.position_embeddings'). "
+        f"Load SAM 1 / SAM 2 checkpoints with sam.build_sam."
+    )
+
+
+def _read_config(path: Path) -> dict | None:
+    config_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_path.is_file():
+        return None
+    return json.loads(config_path.read_text())
+
+
+def _native_from_meta(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    native, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith("detector."):
+            native[key[len("detector."):]] = value
+        elif not _META_IGNORED.match(key):
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected keys outside 'detector.' and 'tracker.', e.g. {unknown[:3]}")
+    return native
+
+
+def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3Image:
+    """Build a SAM 3 image model from Meta's `sam3.pt` (or any file in its layout) or from a
+    transformers `save_pretrained` directory / its `model.safetensors`. Raises CheckpointError for a
+    checkpoint of another family, a missing or unexpected key, a shape mismatch, or RoPE tables
+    that disagree with the config."""
+    path = Path(checkpoint)
+    file = path / "model.safetensors" if path.is_dir() else path
+    state = load_state_dict_file(file)
+    if "vision_encoder.backbone.embeddings.position_embeddings" in state:
+        if config is None:
+            raw = _read_config(path)
+            if raw is None:
+                raise CheckpointError(f"{file} is in transformers' layout but has no config.json beside it")
+            config = config_from_transformers(raw)
+        model = Sam3Image(config)
+        native = from_transformers(state, model)
+        tables = {}
+    elif "detector.backbone.vision_backbone.trunk.pos_embed" in state or "backbone.vision_backbone.trunk.pos_embed" in state:
+        native = _native_from_meta(state, path) if "detector.backbone.vision_backbone.trunk.pos_embed" in state else dict(state)
+        tables = {k: native.pop(k) for k in [k for k in native if k.endswith("attn.freqs_cis")]}
+        if config is None:
+            raw = _read_config(path)
+            if raw is not None:
+                config = config_from_transformers(raw)
+                config.vit_eps, config.point_projections = 1e-5, "geometry_encoder.points_direct_project.weight" in native
+            else:
+                try:
+                    config = config_from_meta_weights({**native, **tables})
+                except (KeyError, IndexError) as error:
+                    raise CheckpointError(f"{file}: SAM 3 checkpoint lacks {error} needed to read its sizes") from error
+        model = Sam3Image(config)
+    else:
+        raise _wrong_family(state, file)
+    for key, table in tables.items():
+        ours = model.get_buffer(key)
+        if table.shape != ours.shape or not torch.allclose(torch.view_as_real(table.to(torch.complex64)), torch.view_as_real(ours), atol=1e-4):
+            raise CheckpointError(f"{file}: RoPE table {key!r} {tuple(table.shape)} does not match the config (window/grid/heads)")
+    try:
+        model.load_state_dict(native, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{file} does not fit a SAM 3 image model of these sizes: {str(error).splitlines()[0]} ...") from error
+    logger.info("loaded SAM 3 image model from %s", file)
+    return model.eval()
+
+
+def build_sam3(checkpoint: str | Path | None = None, config: Sam3Config | None = None) -> Sam3Image:
+    """A SAM 3 image model: loaded from `checkpoint` (see load_sam3), or randomly initialised at the
+    given (default: released) sizes when no checkpoint is given."""
+    if checkpoint is not None:
+        return load_sam3(checkpoint, config)
+    return Sam3Image(config or Sam3Config()).eval()

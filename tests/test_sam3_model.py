@@ -1,0 +1,246 @@
+"""SAM 3 image model (sam.sam3) against transformers' Sam3Model on the same tiny random weights.
+
+Checkpoint-exact means Meta's behaviour. Where transformers differs, the reference side is steered to
+Meta's: a text-only prompt gets one padded box (label -10), so transformers runs the geometry encoder
+and its cls token joins the prompt as in Meta's `Sam3Image`; masks are binarised Meta's way (resize
+the logits, then cut at 0) on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sam3_factory import save_tiny_sam3
+from skimage import data
+
+from sam.build import CheckpointError
+from sam.sam3 import Sam3Config, Sam3Image, Sam3Predictor, load_sam3
+from sam.sam3.build import config_from_meta_weights, from_transformers, meta_checkpoint, to_transformers
+from sam.sam3.layers import box_cxcywh_to_xyxy
+from sam.sam3.text import tokenize
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return save_tiny_sam3(tmp_path_factory.mktemp("sam3"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    from transformers import Sam3Model
+
+    return Sam3Model.from_pretrained(checkpoints["transformers"]).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoints):
+    return load_sam3(checkpoints["transformers"])
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return data.astronaut()  # 512 x 512 RGB
+
+
+@pytest.fixture(scope="module")
+def predictor(ours, photo):
+    predictor = Sam3Predictor(ours)
+    predictor.set_image(photo)
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def pixels(predictor, photo):
+    return predictor.preprocess(photo)
+
+
+def _reference(reference, pixels, text, boxes=None, labels=None):
+    ids = tokenize([text])
+    if boxes is None:  # Meta's text-only path: geometry encoder on nothing but its cls token
+        boxes, labels = torch.zeros(1, 1, 4), torch.full((1, 1), -10)
+    with torch.no_grad():
+        return reference(pixel_values=pixels, input_ids=ids, attention_mask=(ids != 0).long(),
+                         input_boxes=boxes, input_boxes_labels=labels)
+
+
+def _ours(model, pixels, text, boxes=None, labels=None):
+    with torch.no_grad():
+        return model.decode(model.encode_image(pixels), *model.encode_text(tokenize([text])), boxes, labels)
+
+
+def _meta_masks(logits, size):
+    return (F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0] > 0).numpy()
+
+
+def _iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def _assert_nontrivial(scores, masks):
+    """Random weights must not give a reference where every score is equal or every mask empty/full."""
+    assert scores.max() - scores.min() > 0.1, scores
+    fill = masks.mean(axis=(-2, -1))
+    assert (fill > 0.05).all() and (fill < 0.95).all(), fill
+
+
+def _assert_matches(out, ref):
+    ref_scores = (ref.pred_logits.sigmoid() * ref.presence_logits.sigmoid()).numpy()
+    scores = (out["logits"].sigmoid() * out["presence"].sigmoid()[:, None]).numpy()
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
+    np.testing.assert_allclose(out["presence"].numpy(), ref.presence_logits[:, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(box_cxcywh_to_xyxy(out["boxes"]).numpy(), ref.pred_boxes.numpy(), atol=1e-4)
+    ours_masks, ref_masks = _meta_masks(out["masks"][0], (256, 256)), _meta_masks(ref.pred_masks[0], (256, 256))
+    _assert_nontrivial(ref_scores[0], ref_masks)
+    assert min(_iou(a, b) for a, b in zip(ours_masks, ref_masks)) >= 0.99
+
+
+def test_backbone_and_text_match_transformers(reference, ours, pixels):
+    with torch.no_grad():
+        ref = reference.get_vision_features(pixels)
+        image = ours.encode_image(pixels)
+        ids = tokenize(["a dog"])
+        ref_text = reference.get_text_features(input_ids=ids, attention_mask=(ids != 0).long()).pooler_output
+        text, valid = ours.encode_text(ids)
+    assert len(image.feats) == 3  # the 0.5x level is dropped, as in Meta's image model
+    for level, (a, b) in enumerate(zip(image.feats, ref.fpn_hidden_states)):
+        assert a.shape == b.shape and a.std() > 0.1
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"FPN level {level}")
+    for a, b in zip(image.pos, ref.fpn_position_encoding):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert valid.sum() == 4  # start, "a", "dog", end
+    torch.testing.assert_close(text[valid], ref_text[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_text_prompt_matches_meta_behaviour(reference, ours, pixels):
+    for text in ("a dog", "the astronaut's helmet"):
+        _assert_matches(_ours(ours, pixels, text), _reference(reference, pixels, text))
+
+
+def test_transformers_text_only_path_differs(reference, ours, pixels):
+    """The trap this package follows Meta on: without a box, transformers skips the geometry encoder."""
+    ids = tokenize(["a dog"])
+    with torch.no_grad():
+        plain = reference(pixel_values=pixels, input_ids=ids, attention_mask=(ids != 0).long())
+    assert (plain.pred_logits - _ours(ours, pixels, "a dog")["logits"]).abs().max() > 1e-3
+
+
+def test_exemplar_prompts_match(reference, ours, pixels):
+    boxes = torch.tensor([[[0.45, 0.3, 0.3, 0.35], [0.7, 0.75, 0.2, 0.3]]])  # cxcywh, normalised
+    labels = torch.tensor([[1, 0]])
+    _assert_matches(_ours(ours, pixels, "a face", boxes, labels), _reference(reference, pixels, "a face", boxes, labels))
+    _assert_matches(_ours(ours, pixels, "visual", boxes[:, :1], labels[:, :1]),
+                    _reference(reference, pixels, "visual", boxes[:, :1], labels[:, :1]))
+
+
+def test_both_layouts_load_identically(checkpoints, ours, pixels):
+    meta = load_sam3(checkpoints["meta"])
+    assert meta.state_dict().keys() == ours.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, meta.state_dict()[key]), key
+    a, b = _ours(ours, pixels, "a dog"), _ours(meta, pixels, "a dog")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hf = checkpoints["model"].state_dict()
+    back = to_transformers(from_transformers(hf, ours))
+    assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_sizes_read_off_meta_weights(checkpoints, ours):
+    """Without a config.json, every size comes from the weights; only head counts leave no trace
+    outside the ViT (the released model's 64 channels per text head, 32 per detector head)."""
+    with torch.device("meta"):
+        full = Sam3Image(Sam3Config())
+    state = {k[len("detector."):]: v for k, v in meta_checkpoint(full)["model"].items()}
+    assert config_from_meta_weights(state) == Sam3Config()
+    tiny = torch.load(checkpoints["meta"], weights_only=True)["model"]
+    inferred = config_from_meta_weights({k[len("detector."):]: v for k, v in tiny.items() if k.startswith("detector.")})
+    expected = dataclasses.replace(ours.config, point_projections=False, text_heads=1, num_heads=1)
+    assert inferred == expected
+
+
+def test_predictor_matches_reference_at_image_size(reference, predictor, pixels, photo):
+    ref = _reference(reference, pixels, "a dog")
+    ref_scores = (ref.pred_logits.sigmoid() * ref.presence_logits.sigmoid())[0].numpy()
+    threshold = float(np.median(ref_scores))  # half the queries pass: the cut is not trivially all/none
+    keep = ref_scores > threshold
+    result = predictor.predict(text="a dog", threshold=threshold)
+    assert len(result) == keep.sum() > 0 and result.labels == ["a dog"] * len(result)
+    assert result.masks.shape == (len(result), *photo.shape[:2]) and result.masks.dtype == bool
+    np.testing.assert_allclose(result.scores, ref_scores[keep], atol=1e-4)
+    np.testing.assert_allclose(result.boxes, ref.pred_boxes[0][keep].numpy() * 512, atol=0.05)
+    ref_masks = _meta_masks(ref.pred_masks[0][keep], photo.shape[:2])
+    assert min(_iou(a, b) for a, b in zip(result.masks, ref_masks)) >= 0.99
+
+
+def test_second_query_reuses_image_and_text(ours, photo):
+    predictor = Sam3Predictor(ours)
+    calls = []
+    encode_text = ours.encode_text
+    predictor.model.encode_text = lambda ids: calls.append(ids) or encode_text(ids)
+    try:
+        predictor.set_image(photo)
+        first = predictor.predict(text="a dog", threshold=0.0)
+        predictor.predict(text="a cat", threshold=0.0)
+        again = predictor.predict(text="a dog", threshold=0.0)
+    finally:
+        del predictor.model.encode_text
+    assert predictor.image_passes == 1 and len(calls) == 2
+    np.testing.assert_array_equal(first.scores, again.scores)
+
+
+def test_batched_queries_match_one_by_one(predictor):
+    texts = ["a dog", "the astronaut's helmet", "a red flag"]
+    batched = predictor.predict_many(texts, threshold=0.1)
+    for text, result in zip(texts, batched):
+        single = predictor.predict(text=text, threshold=0.1)
+        assert result.labels == single.labels and len(single) > 0
+        np.testing.assert_allclose(result.scores, single.scores, atol=1e-5)
+        np.testing.assert_allclose(result.boxes, single.boxes, atol=1e-3)
+        assert (result.masks != single.masks).mean() < 1e-3
+
+
+def test_exemplar_boxes_in_pixels_match_reference(reference, predictor, pixels):
+    """The predictor's exemplars are xyxy pixels; the model gets them as normalised cxcywh."""
+    box = [128.0, 64.0, 384.0, 256.0]
+    result = predictor.predict(text="a face", exemplars=[(box, True)], threshold=0.0)
+    ref = _reference(reference, pixels, "a face", torch.tensor([[[0.5, 0.3125, 0.5, 0.375]]]), torch.tensor([[1]]))
+    ref_scores = (ref.pred_logits.sigmoid() * ref.presence_logits.sigmoid())[0].numpy()
+    np.testing.assert_allclose(np.sort(result.scores), np.sort(ref_scores), atol=1e-4)
+
+
+def test_bad_inputs_get_clear_errors(ours, predictor, photo, checkpoints, tiny_sam_checkpoint, tmp_path):
+    with pytest.raises(RuntimeError, match="set_image"):
+        Sam3Predictor(ours).predict(text="a dog")
+    for text in ("", "   "):
+        with pytest.raises(ValueError, match="non-empty"):
+            predictor.predict(text=text)
+    with pytest.raises(ValueError, match="text query, exemplar boxes, or both"):
+        predictor.predict()
+    for box in ([10, 10, 600, 100], [-5, 0, 50, 50], [50, 50, 50, 80]):
+        with pytest.raises(ValueError, match="inside the 512x512 image"):
+            predictor.predict(text="a dog", exemplars=[(box, True)])
+    with pytest.raises(ValueError, match="exemplar is"):
+        predictor.predict(exemplars=[[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="channels"):
+        Sam3Predictor(ours).set_image(photo[..., :2])
+    with pytest.raises(ValueError, match="non-empty"):
+        predictor.predict_many(["a dog", ""])
+    with pytest.raises(CheckpointError, match="looks like a SAM 1 checkpoint"):
+        load_sam3(tiny_sam_checkpoint)
+    stray = torch.load(checkpoints["meta"], weights_only=True)
+    stray["model"]["optimizer.step"] = torch.zeros(1)
+    torch.save(stray, tmp_path / "stray.pt")
+    with pytest.raises(CheckpointError, match="unexpected keys outside 'detector.'"):
+        load_sam3(tmp_path / "stray.pt")
+    del stray["model"]["optimizer.step"], stray["model"]["detector.transformer.decoder.norm.bias"]
+    torch.save(stray, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="does not fit a SAM 3 image model"):
+        load_sam3(tmp_path / "missing.pt")
+    (tmp_path / "model.safetensors").write_bytes((checkpoints["transformers"] / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_sam3(tmp_path)
