@@ -38,8 +38,11 @@ import hmac
 import io
 import logging
 import math
+import multiprocessing
 import os
 import secrets
+import signal
+import threading
 import time
 import uuid
 import warnings
@@ -1120,10 +1123,12 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     else:
         apis = {"segment": LangSAMAPI(config, "segment"), "interactive": LangSAMAPI(config, "interactive")}
         workers = {_INTERNAL_PATHS["segment"]: config.workers, _INTERNAL_PATHS["interactive"]: 1}
-    server = ls.LitServer(
+    server = _LangSAMServer(
         list(apis.values()), accelerator=_accelerator(config.models.get("device")), devices=1,
         workers_per_device=workers, timeout=config.timeout, model_metadata=_models_info(config),
     )
+    # uvicorn's drain on shutdown outlasts every admitted request (answered, or 504 at its deadline).
+    server.uvicorn_graceful_timeout = config.timeout + 5
     app = server.app
     app.title = "langsam"
     app.version = __version__
@@ -1179,12 +1184,99 @@ def _mount_demo(app: Any, config: ServeConfig) -> None:
     gr.mount_gradio_app(app, demo, path="/demo", max_file_size=config.max_body_bytes)
 
 
+class _LangSAMServer(ls.LitServer):
+    """LitServer, with a shutdown (SIGINT or SIGTERM) that drains the HTTP side first.
+
+    LitServe's own shutdown closes the workers' answer channel before it stops uvicorn, so the
+    requests still open then never get an answer; and its main process keeps a copy of the
+    listening socket, which goes on accepting connections that nobody reads. Here the port
+    closes as soon as the shutdown starts (new connections are refused), the open requests are
+    answered by the still running workers, and only then do the workers and the manager stop."""
+
+    def _init_manager(self, num_api_servers):
+        # LitServe binds the port before it starts its manager process: a forked manager would
+        # inherit the listening socket and keep the port open (accepting, never answering) while
+        # it lives. A spawned one starts with no sockets.
+        start_method = multiprocessing.get_start_method(allow_none=True)
+        multiprocessing.set_start_method("spawn", force=True)
+        try:
+            return super()._init_manager(num_api_servers)
+        finally:
+            multiprocessing.set_start_method(start_method, force=True)
+
+    def _start_server(self, port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs):
+        workers = super()._start_server(port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type,
+                                        **kwargs)
+        if uvicorn_worker_type == "process":
+            for sock in sockets:  # the HTTP processes hold their own copies
+                sock.close()
+        return workers
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        processes = [worker for worker in uvicorn_workers.values() if isinstance(worker, multiprocessing.Process)]
+        for worker in processes:
+            if worker.is_alive():
+                worker.terminate()  # uvicorn: stop listening, finish the open requests, exit
+        for worker in processes:
+            worker.join(self.uvicorn_graceful_timeout + 5)
+            if worker.is_alive():
+                logger.warning("the HTTP process %s did not stop; killing it", worker.pid)
+                worker.kill()
+        rest = {key: worker for key, worker in uvicorn_workers.items() if worker not in processes}
+        super()._perform_graceful_shutdown(manager, rest, shutdown_reason)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main process where LitServe expects Ctrl+C."""
+
+
+def _on_sigterm(main_pid: int):
+    def handler(signum, frame):
+        if os.getpid() != main_pid:  # a process forked from this one before it set its own handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signal.signal(signum, signal.SIG_IGN)  # a second TERM must not interrupt the shutdown
+        raise _Terminated()
+
+    return handler
+
+
+def _stop_children(timeout: float = 10.0) -> None:
+    """Stop the processes this one started that are still running (a signal during start-up
+    leaves LitServe's workers and manager behind)."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 def serve(config: ServeConfig) -> None:
-    """Build the server and run it until interrupted (blocks)."""
+    """Build the server and run it until interrupted (blocks).
+
+    SIGTERM (what `docker stop`, systemd and supervisors send) stops it gracefully, and `serve`
+    then returns: the port closes, the requests already admitted are answered, then every
+    process of the server exits. Ctrl+C (SIGINT) does the same."""
     server = build_server(config)
     logger.warning("langsam serve: http://%s:%d (docs at /docs)%s", config.host, config.port,
                    "" if config.api_key else "; no API key, listening on 127.0.0.1 only")
-    # uvicorn's own cap on open requests bounds the memory of uploads being read before the
-    # queue limit applies (it answers 503 beyond it); the queue limit is the one clients meet.
-    server.run(host=config.host, port=config.port, num_api_servers=1, log_level=config.log_level,
-               generate_client_file=False, limit_concurrency=config.max_queue + 32)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+    try:
+        # uvicorn's own cap on open requests bounds the memory of uploads being read before the
+        # queue limit applies (it answers 503 beyond it); the queue limit is the one clients meet.
+        server.run(host=config.host, port=config.port, num_api_servers=1, log_level=config.log_level,
+                   generate_client_file=False, limit_concurrency=config.max_queue + 32)
+    except _Terminated:
+        pass  # during start-up: LitServe had not begun its shutdown
+    finally:
+        _stop_children()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    logger.warning("langsam serve: stopped")

@@ -517,6 +517,52 @@ def test_slow_request_gets_504(micro_server, gate, photo):
     assert retry.status_code == 200 and len(retry.json()["objects"]) == 2
 
 
+def test_sigterm_drains_then_stops_every_process(micro_server, gate, photo):
+    """SIGTERM (docker stop, systemd): the port closes at once, the request in flight (held in
+    the worker by the gate) is still answered, then every process of the server exits and the
+    port can be bound again. It stops the module's micro server, so it runs after its other tests."""
+    upload = png_bytes(photo[::4, ::4].copy())
+    processes = micro_server.processes()
+    names = " ".join(" ".join(process.cmdline()) for process in processes)
+    # main, the manager, the HTTP process, three model workers, the resource tracker
+    assert len(processes) >= 6 and "resource_tracker" in names, names
+    answers: list[httpx.Response] = []
+    gate.write_text("hold")
+    try:
+        thread = threading.Thread(target=lambda: answers.append(httpx.post(
+            micro_server.url + "/v1/segment", data={"text": "a cat"},
+            files={"image": ("i.png", upload, "image/png")}, timeout=60)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(micro_server.url + "/healthz").json()["queue"]["in_flight"] < 1:
+            assert time.monotonic() < deadline, "the request did not reach the server"
+            time.sleep(0.02)
+        micro_server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:  # the port stops accepting while the request is still held
+            try:
+                httpx.get(micro_server.url + "/healthz", timeout=5)
+            except httpx.ConnectError:
+                break
+            assert time.monotonic() < deadline, "the server still accepts connections after SIGTERM"
+            time.sleep(0.02)
+        assert thread.is_alive() and not answers
+    finally:
+        gate.unlink(missing_ok=True)
+    thread.join(60)
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert len(answers[0].json()["objects"]) == 2
+    assert micro_server.process.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    for process in alive:  # do not leave them to the rest of the suite
+        process.kill()
+    assert not alive, [process.pid for process in alive]
+    with socket.socket() as listener:  # what a restarted server does
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", micro_server.port))
+        listener.listen()
+
+
 # ============================================================================================
 # Without a server: configuration, decoding, the demo mount, the command line
 # ============================================================================================
