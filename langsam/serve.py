@@ -286,11 +286,15 @@ class RLE(BaseModel):
     counts: str = Field(description="COCO compressed RLE (pycocotools)")
 
 
+#: Scores are null where the model gives NaN (JSON has no NaN), e.g. the stability of an empty mask.
+Score = float | None
+
+
 class SegmentObject(BaseModel):
     label: str
-    score: float
-    mask_score: float
-    clip_score: float | None
+    score: Score
+    mask_score: Score
+    clip_score: Score
     box: list[float] = Field(description="x0, y0, x1, y1 in pixels")
     bbox: list[float] = Field(description="COCO x, y, w, h")
     area: float
@@ -308,8 +312,8 @@ class AutoMask(BaseModel):
     segmentation: RLE
     area: float
     bbox: list[float]
-    predicted_iou: float
-    stability_score: float
+    predicted_iou: Score
+    stability_score: Score
     point_coords: list[list[float]]
     crop_box: list[float]
 
@@ -331,7 +335,7 @@ class PredictResponse(BaseModel):
     width: int
     height: int
     masks: list[RLE]
-    scores: list[float]
+    scores: list[Score]
     low_res_masks: list[str] | None = None
 
 
@@ -720,15 +724,22 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
+def _score(value: Any) -> float | None:
+    """A score as JSON, which has no NaN: NaN -> null. (An empty automatic mask has stability
+    0 / 0 = NaN, in this generator and in Meta's alike.)"""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def _encode_segmentation(result: Any) -> dict[str, Any]:
     height, width = result.image_size
     objects = []
     for index, annotation in enumerate(result.to_coco()):
         objects.append({
             "label": annotation["label"],
-            "score": float(result.scores[index]),
-            "mask_score": float(result.mask_scores[index]),
-            "clip_score": None if result.clip_scores is None else float(result.clip_scores[index]),
+            "score": _score(result.scores[index]),
+            "mask_score": _score(result.mask_scores[index]),
+            "clip_score": None if result.clip_scores is None else _score(result.clip_scores[index]),
             "box": [float(v) for v in result.boxes[index]],
             "bbox": [float(v) for v in annotation["bbox"]],
             "area": float(annotation["area"]),
@@ -747,8 +758,8 @@ def _encode_auto_masks(payload: dict[str, Any]) -> dict[str, Any]:
                              "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
             "area": float(record["area"]),
             "bbox": [float(v) for v in record["bbox"]],
-            "predicted_iou": float(record["predicted_iou"]),
-            "stability_score": float(record["stability_score"]),
+            "predicted_iou": _score(record["predicted_iou"]),
+            "stability_score": _score(record["stability_score"]),
             "point_coords": [[float(v) for v in point] for point in record["point_coords"]],
             "crop_box": [float(v) for v in record["crop_box"]],
         })
@@ -761,7 +772,7 @@ def _encode_prediction(payload: dict[str, Any]) -> dict[str, Any]:
         "width": payload["width"],
         "height": payload["height"],
         "masks": [_rle(mask) for mask in payload["masks"]],
-        "scores": [float(score) for score in payload["scores"]],
+        "scores": [_score(score) for score in payload["scores"]],
     }
     if payload["low_res"] is not None:
         body["low_res_masks"] = [
@@ -1166,11 +1177,19 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     app.add_api_route("/v1/models", routes.models, methods=["GET"], summary="Models, limits and batching")
     app.add_api_route("/v1/stats", routes.stats, methods=["GET"],
                       summary="Worker counters: batches, requests, largest batch, images stored")
+    app.add_exception_handler(Exception, _internal_error)
     app.openapi_schema = None
     if config.demo:
         _mount_demo(app, config)
     app.add_middleware(_Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return server
+
+
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    """Any unexpected error: a JSON 500 like every other answer (Starlette's is plain text)."""
+    logger.error("unexpected error answering %s", request.url.path, exc_info=error)
+    return JSONResponse({"detail": f"internal error ({type(error).__name__}); see the server log"},
+                        status_code=500)
 
 
 def _mount_demo(app: Any, config: ServeConfig) -> None:

@@ -604,6 +604,59 @@ def test_worker_serves_sam2(photo):
     assert_same_segmentation(answer, expected)
 
 
+def _strict_json(text: bytes | str):
+    """json.loads that rejects NaN and Infinity, as a strict JSON parser does."""
+    def reject(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_auto_masks_nan_scores_are_null(photo):
+    """An empty automatic mask has stability 0 / 0 = NaN (here as in Meta's generator). The
+    worker's answer, rendered as the route sends it, is strict JSON with null there, and
+    otherwise equals the generator run in-process."""
+    import math
+
+    from fastapi.responses import JSONResponse
+
+    from langsam.serve import LangSAMAPI
+
+    api = LangSAMAPI(ServeConfig(pipeline_factory="test_serve_support:make_empty_candidate_pipeline",
+                                 models={"device": "cpu"}))
+    api.setup("cpu")
+    small = np.ascontiguousarray(photo[::2, ::2])
+    settings = {"points_per_side": 3, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    request = {"op": "auto_masks", "params": settings, "deadline": time.monotonic() + 600, "image": png_bytes(small)}
+    status, body = api.encode_response(api.predict([api.decode_request(request)])[0])
+    assert status == 200
+    masks = _strict_json(JSONResponse(body, status_code=status).body)["masks"]
+    reference = LangSAM(sam_model=make_micro_sam(empty_candidate=2), detector_model=object(), device="cpu")
+    expected = reference.auto_masks(small, output_mode="coco_rle", **settings)
+    empty = [math.isnan(record["stability_score"]) for record in expected]
+    assert any(empty) and not all(empty)
+    assert all(record["area"] == 0 for record, nan in zip(expected, empty) if nan)
+    assert [mask["stability_score"] is None for mask in masks] == empty
+    assert [mask["segmentation"]["counts"] for mask in masks] == [r["segmentation"]["counts"] for r in expected]
+    for mask, record in zip(masks, expected):
+        if mask["stability_score"] is not None:
+            assert np.float32(mask["stability_score"]) == np.float32(record["stability_score"])
+        assert np.float32(mask["predicted_iou"]) == np.float32(record["predicted_iou"])
+
+
+def test_unexpected_error_is_a_json_500(monkeypatch):
+    """Whatever fails unexpectedly, the answer is JSON (Starlette's own 500 is plain text)."""
+    from starlette.testclient import TestClient
+
+    import langsam.serve as serve_module
+
+    server = build_server(ServeConfig())
+    monkeypatch.setattr(serve_module, "_models_info", lambda config: {"limit": float("nan")})
+    response = TestClient(server.app, raise_server_exceptions=False).get("/v1/models")
+    assert response.status_code == 500
+    assert _strict_json(response.text) == {"detail": "internal error (ValueError); see the server log"}
+
+
 def test_config_rules():
     assert ServeConfig().host == "127.0.0.1"
     assert ServeConfig(api_key=KEY).host == "0.0.0.0"

@@ -51,8 +51,11 @@ class FixedBoxes:
                           list(labels), list(queries))
 
 
-def make_micro_sam(seed: int = 0):
-    """A random SAM 1 at the real 1024-px input with a 16-wide encoder and a 32-wide decoder."""
+def make_micro_sam(seed: int = 0, empty_candidate: int | None = None):
+    """A random SAM 1 at the real 1024-px input with a 16-wide encoder and a 32-wide decoder.
+
+    empty_candidate: k in 1..3 makes the k-th multimask candidate empty for every prompt (its
+    logits are -15 everywhere), so that its stability score is 0 / 0 = NaN; the others stay random."""
     import torch
 
     from sam.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -67,7 +70,19 @@ def make_micro_sam(seed: int = 0):
     decoder = MaskDecoder(transformer_dim=width,
                           transformer=TwoWayTransformer(depth=1, embedding_dim=width, num_heads=2, mlp_dim=64),
                           iou_head_hidden_dim=width)
-    return randomize_parameters(Sam(encoder, prompt_encoder, decoder), seed).eval()
+    sam = randomize_parameters(Sam(encoder, prompt_encoder, decoder), seed).eval()
+    if empty_candidate is not None:
+        with torch.no_grad():
+            # Channel 0 of the upscaled embedding becomes GELU(3) ~ 3 everywhere; candidate k
+            # reads only that channel, with weight -5.
+            last_upscaling = sam.mask_decoder.output_upscaling[3]
+            last_upscaling.weight[:, 0] = 0.0
+            last_upscaling.bias[0] = 3.0
+            hypernetwork = sam.mask_decoder.output_hypernetworks_mlps[empty_candidate].layers[-1]
+            hypernetwork.weight.zero_()
+            hypernetwork.bias.zero_()
+            hypernetwork.bias[0] = -5.0
+    return sam
 
 
 def make_micro_pipeline(**settings):
@@ -75,6 +90,14 @@ def make_micro_pipeline(**settings):
     from langsam.pipeline import LangSAM
 
     return LangSAM(sam_model=make_micro_sam(), detector_model=FixedBoxes(), device=settings.get("device", "cpu"))
+
+
+def make_empty_candidate_pipeline(**settings):
+    """Micro SAM whose second candidate is always empty (NaN stability) + fixed boxes."""
+    from langsam.pipeline import LangSAM
+
+    return LangSAM(sam_model=make_micro_sam(empty_candidate=2), detector_model=FixedBoxes(),
+                   device=settings.get("device", "cpu"))
 
 
 def make_sam2_pipeline(**settings):
