@@ -15,6 +15,13 @@ sends the same requests:
 
 Prints requests per second, p50 / p99 latency of each mode and the median ratio of concurrent to
 sequential throughput (target >= 1.3x on CPU).
+
+    python benchmarks/bench_serve.py --soak [--requests 2000] [--clients 16] [--rounds 5]
+
+The soak instead: the load test's micro server (tests/test_serve.py) and its mixed requests
+(`test_serve_support.soak`: clicks, uploads, /v1/segment, /v1/auto-masks, corrupt uploads) from 16
+clients, in rounds; prints the statuses, the unexpected errors (target 0), the server's memory
+after each round (target: flat after the first, the warm-up) and the image store's size.
 """
 
 from __future__ import annotations
@@ -90,6 +97,57 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
+def tree_rss(process) -> dict[str, int]:
+    """Resident memory of the server's processes, bytes, by role."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    memory: dict[str, int] = {}
+    for index, member in enumerate([root, *root.children(recursive=True)]):
+        try:
+            command = " ".join(member.cmdline())
+            role = ("main" if index == 0 else "tracker" if "resource_tracker" in command
+                    else "spawned" if "spawn_main" in command else "forked")
+            memory[f"{role}-{member.pid}"] = member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return memory
+
+
+def run_soak(args) -> None:
+    from sam_factory import real_photo
+    from test_serve_support import soak
+
+    import numpy as np
+
+    config = {"pipeline_factory": "test_serve_support:make_micro_pipeline", "models": {"device": "cpu"},
+              "max_queue": 64, "max_batch_size": 8, "max_images": 32, "workers": 2, "torch_threads": 1,
+              "encoder_batch_size": 4, "timeout": 600}
+    workdir = Path(tempfile.mkdtemp(prefix="bench_serve_soak_"))
+    process, url = start_server(config, workdir / "server.log")
+    half = np.ascontiguousarray(real_photo("chelsea")[::2, ::2])
+    images = [half, np.ascontiguousarray(half[:, ::-1]), np.ascontiguousarray(half[::-1]),
+              np.ascontiguousarray(half[20:130, 25:200])]
+    rounds: list[dict[str, int]] = []
+    try:
+        report = soak(url, images, requests=args.requests, clients=args.clients, phases=args.rounds,
+                      rss=lambda: rounds.append(tree_rss(process)) or sum(rounds[-1].values()))
+    finally:
+        stop_server(process)
+    print(f"soak: {report.requests} requests from {args.clients} clients in {args.rounds} rounds, "
+          f"{report.seconds:.1f} s ({report.requests / report.seconds:.1f} req/s), micro server, 3 workers")
+    for kind, counter in report.statuses.items():
+        print(f"  {kind:>10}: {dict(sorted(counter.items()))}")
+    print(f"unexpected errors: {len(report.unexpected)} (target 0) {report.unexpected[:3]}")
+    print("server memory after each round (MiB; the first is the warm-up): "
+          + ", ".join(f"{value / 2**20:.0f}" for value in report.rss)
+          + f"; after the warm-up: at the end {report.growth / 2**20:+.1f} MiB, largest {report.largest_growth / 2**20:+.1f} MiB")
+    for name in rounds[0]:
+        print(f"  {name:>16}: " + ", ".join(f"{memory.get(name, 0) / 2**20:.0f}" for memory in rounds))
+    print(f"image store: {report.stats['images_stored']} stored, configured {report.models['limits']['max_images']}; "
+          f"worker batches {report.stats['batches']} for {report.stats['requests']} requests")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=["predict", "segment"], default="predict")
@@ -104,7 +162,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server workers for /v1/segment")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.01)
+    parser.add_argument("--soak", action="store_true", help="the soak instead (2,000 mixed requests by default)")
     args = parser.parse_args()
+    if args.soak:
+        if args.requests == parser.get_default("requests"):
+            args.requests = 2000
+        if args.rounds == parser.get_default("rounds"):
+            args.rounds = 5
+        if args.clients == parser.get_default("clients"):
+            args.clients = 16
+        run_soak(args)
+        return
 
     import httpx
     import numpy as np

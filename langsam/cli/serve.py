@@ -38,6 +38,9 @@ security: without LANGSAM_API_KEY the server listens on 127.0.0.1 only. With it,
 request but /healthz and the docs must send 'X-API-Key: KEY' (or 'Authorization: Bearer KEY'),
 and --host 0.0.0.0 (the default then) opens it to the network.
 
+stopping: Ctrl+C or SIGTERM (docker stop, systemd) closes the port, answers the requests
+already admitted, then stops every process of the server.
+
 exit status: 0 stopped normally, 1 the server or its models failed to start, 2 usage error.
 
 examples:
