@@ -13,7 +13,8 @@ from .build import (
     save_checkpoint,
 )
 from .image import to_rgb_uint8
-from .modeling import Sam, Sam2
+from .sam1 import Sam
+from .sam2 import Sam2
 from .predictor import ImageNotSetError, SamPredictor
 from .transforms import ResizeLongestSide, ResizeSquare, transform_for
 

@@ -22,12 +22,13 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import nn
 
-from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-from .modeling.hiera import Hiera
-from .modeling.memory import MemoryAttention, MemoryAttentionLayer, MemoryEncoder, RoPEAttention
-from .modeling.neck import FpnNeck, PositionEmbeddingSine, Sam2ImageEncoder
-from .modeling.sam2 import Sam2, Sam2TrackingConfig
-from .modeling.sam2_decoder import Sam2MaskDecoder, Sam2PromptEncoder, Sam2TwoWayTransformer
+from .modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from .sam1 import ImageEncoderViT, Sam
+from .sam2.hiera import Hiera
+from .sam2.memory import MemoryAttention, MemoryAttentionLayer, MemoryEncoder, RoPEAttention
+from .sam2.neck import FpnNeck, PositionEmbeddingSine, Sam2ImageEncoder
+from .sam2.model import Sam2, Sam2TrackingConfig
+from .sam2.decoder import Sam2MaskDecoder, Sam2PromptEncoder, Sam2TwoWayTransformer
 
 logger = logging.getLogger(__name__)
 

@@ -55,7 +55,8 @@ def make_micro_sam(seed: int = 0):
     """A random SAM 1 at the real 1024-px input with a 16-wide encoder and a 32-wide decoder."""
     import torch
 
-    from sam.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from sam.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from sam.sam1 import ImageEncoderViT, Sam
     from sam_factory import randomize_parameters
 
     torch.manual_seed(seed)

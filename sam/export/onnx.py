@@ -134,7 +134,7 @@ def _exportable_copy(model: nn.Module) -> nn.Module:
 def _plain_linear_kernels() -> Iterator[None]:
     """Trace Hiera's linear layers through `F.linear`: on CPU they otherwise call a fused oneDNN
     kernel (`torch.ops.mkldnn._linear_pointwise`) that has no ONNX equivalent."""
-    from ..modeling import hiera
+    from ..sam2 import hiera
 
     saved = getattr(hiera, "_ONEDNN_LINEAR", None)
     if saved is None:

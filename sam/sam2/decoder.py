@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d
-from .prompt_encoder import PromptEncoder
-from .transformer import TwoWayTransformer
+from ..modeling.common import MLP, LayerNorm2d
+from ..modeling.prompt_encoder import PromptEncoder
+from ..modeling.transformer import TwoWayTransformer
 
 # Point labels understood by the SAM 2 prompt encoder.
 PADDING_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 0, 1, 2, 3
