@@ -109,7 +109,7 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     # Relative imports and function-level imports are both seen.
     modules = discover_modules()
-    assert "sam.modeling" in imports_of("sam.build", modules["sam.build"], modules)
+    assert "sam.modeling" in imports_of("sam.sam1.build", modules["sam.sam1.build"], modules)
     assert "langsam.pipeline" in imports_of("langsam.cli.options", modules["langsam.cli.options"], modules)
 
 
