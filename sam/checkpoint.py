@@ -1,5 +1,6 @@
 """Safe checkpoint reading, shared by every family: `load_state_dict_file` reads tensors only
-(`weights_only=True`, or safetensors) and `CheckpointError` says what is wrong with a file.
+(`weights_only=True`, or safetensors), `CheckpointError` says what is wrong with a file, and
+`CheckpointSpec` is the official file (URL, SHA-256, size) of a registry entry.
 `sam.build` re-exports both; the families' builders (`sam.sam1.build`, `sam.sam2.build`) raise
 `CheckpointError` when a state dict is not theirs."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import pickle
 import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +18,20 @@ import torch
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded safely or does not fit the model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSpec:
+    """The official file of a registry entry (each family's spec extends it): where it is
+    downloaded from, its SHA-256 and its size in bytes; all None for a model without one."""
+
+    url: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+    @property
+    def filename(self) -> str | None:
+        return self.url.rsplit("/", 1)[-1] if self.url else None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

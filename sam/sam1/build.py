@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, CheckpointSpec
 from ..modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from .image_encoder import ImageEncoderViT
 from .model import Sam
@@ -24,7 +24,7 @@ SAM1_KEY = "image_encoder.patch_embed.proj.weight"
 
 
 @dataclass(frozen=True)
-class SamSpec:
+class SamSpec(CheckpointSpec):
     """Encoder configuration and official checkpoint of one SAM size."""
 
     name: str
@@ -32,14 +32,7 @@ class SamSpec:
     encoder_depth: int
     encoder_num_heads: int
     encoder_global_attn_indexes: tuple[int, ...]
-    url: str | None = None
-    sha256: str | None = None
-    size_bytes: int | None = None
     family: str = "sam1"
-
-    @property
-    def filename(self) -> str | None:
-        return self.url.rsplit("/", 1)[-1] if self.url else None
 
     def encoder_config(self) -> dict[str, Any]:
         return {

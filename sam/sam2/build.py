@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, CheckpointSpec
 from .decoder import Sam2MaskDecoder, Sam2PromptEncoder, Sam2TwoWayTransformer
 from .hiera import Hiera
 from .memory import MemoryAttention, MemoryAttentionLayer, MemoryEncoder, RoPEAttention
@@ -24,7 +24,7 @@ SAM2_KEY = "image_encoder.trunk.patch_embed.proj.weight"
 
 
 @dataclass(frozen=True)
-class Sam2Spec:
+class Sam2Spec(CheckpointSpec):
     """Architecture and official checkpoint of one SAM 2.0 / 2.1 size.
 
     Only the Hiera trunk differs between sizes; the neck, decoder and memory modules are the
@@ -40,14 +40,7 @@ class Sam2Spec:
     trunk_global_att_blocks: tuple[int, ...]
     trunk_window_spec: tuple[int, ...] = (8, 4, 14, 7)
     trunk_pos_embed_size: tuple[int, int] = (14, 14)
-    url: str | None = None
-    sha256: str | None = None
-    size_bytes: int | None = None
     family: str = "sam2"
-
-    @property
-    def filename(self) -> str | None:
-        return self.url.rsplit("/", 1)[-1] if self.url else None
 
     def trunk_config(self) -> dict[str, Any]:
         return {
