@@ -1,4 +1,19 @@
-"""Segment Anything: checkpoint-exact implementations of Meta's SAM (ViT-B/L/H) and SAM 2 / 2.1 (Hiera)."""
+"""Segment Anything: checkpoint-exact implementations of Meta's SAM (ViT-B/L/H) and SAM 2 / 2.1 (Hiera).
+
+Layout, one place per capability:
+
+* `build` - THE registry table (name -> family, architecture, URL, SHA-256, size), `build_sam`;
+  `checkpoint` - safe checkpoint reading;
+* `modeling` - the blocks every family shares (prompt encoder, two-way transformer, the one
+  mask decoder);
+* one package per model family: `sam1` (ViT encoder, `Sam`), `sam2` (Hiera, neck, memory,
+  `Sam2`), `sam3` (SAM 3's image model);
+* `video` - frame sources, tracking state and the trackers (SAM 2.1's; SAM 3's joins it);
+* `transforms`, `image`, `predictor` (`SamPredictor`, both families), `automatic_mask_generator`
+  + `amg_utils`, `training`, `evaluation`, `export` (ONNX export apart from its runtime).
+
+Nothing here imports `langsam`.
+"""
 
 from .build import (
     MODEL_SPECS,
@@ -13,7 +28,8 @@ from .build import (
     save_checkpoint,
 )
 from .image import to_rgb_uint8
-from .modeling import Sam, Sam2
+from .sam1 import Sam
+from .sam2 import Sam2
 from .predictor import ImageNotSetError, SamPredictor
 from .transforms import ResizeLongestSide, ResizeSquare, transform_for
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 import numpy as np
@@ -53,6 +52,11 @@ class SamPredictor:
     @property
     def dtype(self) -> torch.dtype:
         return self.prompt_encoder.no_mask_embed.weight.dtype
+
+    @property
+    def mask_threshold(self) -> float:
+        """Mask logits above this are the object."""
+        return self.model.mask_threshold
 
     # ----------------------------------------------------------------------- image
     def _prepare(self, image: np.ndarray, image_format: str) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
@@ -271,6 +275,10 @@ class SamPredictor:
         """
         self._require_image()
         self._check_prompt_batch(point_coords, point_labels, boxes, mask_input)
+        return self._decode_low_res(point_coords, point_labels, boxes, mask_input, multimask_output)
+
+    def _decode_low_res(self, point_coords, point_labels, boxes, mask_input, multimask_output: bool):
+        """`decode` once its inputs are checked: the model's decoder on B prompt sets."""
         dtype, device = self.dtype, self.device
         points = None
         if point_coords is not None:
@@ -306,13 +314,21 @@ class SamPredictor:
         Returns masks (B, C, H, W) (bool unless return_logits), iou_predictions (B, C) and
         low_res_logits (B, C, 256, 256), as float32.
         """
-        low_res_logits, iou_predictions = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output)
-        masks = self.model.postprocess_masks(low_res_logits, self.input_size, self.original_size)
+        masks, iou_predictions, low_res_logits = self._decode_full_size(
+            point_coords, point_labels, boxes, mask_input, multimask_output
+        )
         if not return_logits:
-            masks = masks > self.model.mask_threshold
+            masks = masks > self.mask_threshold
         if self.family == "sam2":
             # As SAM2ImagePredictor: masks come from the raw logits, the returned ones are clamped.
             low_res_logits = low_res_logits.clamp(-32.0, 32.0)
+        return masks, iou_predictions, low_res_logits
+
+    def _decode_full_size(self, point_coords, point_labels, boxes, mask_input, multimask_output: bool):
+        """`decode` plus the upscaling: mask logits (B, C, H, W) in the original frame, IoU
+        predictions (B, C) and low-res logits (B, C, 256, 256)."""
+        low_res_logits, iou_predictions = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output)
+        masks = self.model.postprocess_masks(low_res_logits, self.input_size, self.original_size)
         return masks, iou_predictions, low_res_logits
 
     # ----------------------------------------------------------------------- checks

@@ -17,7 +17,7 @@ import torch
 from sam_factory import randomize_parameters
 
 from sam import build_sam, save_checkpoint
-from sam.modeling import Sam2
+from sam.sam2 import Sam2
 
 TINY_WIDTH = 16
 # Two official block layouts at a tiny width. "tiny": stages (1, 2, 7, 2), windows (8, 4, 14, 7)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sam import build_sam, save_checkpoint
-from sam.modeling import Sam
+from sam.sam1 import Sam
 
 TINY_SAM_OVERRIDES = {
     "encoder_embed_dim": 64,

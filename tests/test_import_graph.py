@@ -23,9 +23,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("langsam", "sam")
 HEAVY = ("gradio", "open_clip", "transformers")
-#: The layer on top: nothing else may import these (``langsam.serve`` / ``langsam.distributed``
-#: join it when they exist).
+#: The layer on top: nothing else may import these. Each entry is a package prefix, so the
+#: subpackages (``langsam.serve.*``, ``langsam.cli.*``) belong to it too.
 TOP_LAYER = ("langsam.cli", "langsam.demo", "langsam.__main__", "langsam.serve", "langsam.distributed")
+#: Heavy optional libraries and the only modules (package prefixes) that may import them: the
+#: module built on the library, and the command that checks for it to give a clear error.
+HEAVY_OWNERS = {
+    "gradio": ("langsam.demo", "langsam.serve"),
+    "open_clip": ("langsam.clip_scorer",),
+    "transformers": ("langsam.detector",),
+    "ray": ("langsam.distributed",),
+    "litserve": ("langsam.serve", "langsam.cli.serve"),
+    "onnxruntime": ("sam.export", "langsam.cli.export"),
+    "onnx": ("sam.export", "langsam.cli.export"),
+    "peft": ("sam.training", "langsam.cli.finetune"),
+}
 
 
 def discover_modules() -> dict[str, Path]:
@@ -109,13 +121,15 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     # Relative imports and function-level imports are both seen.
     modules = discover_modules()
-    assert "sam.modeling" in imports_of("sam.build", modules["sam.build"], modules)
+    assert "sam.modeling" in imports_of("sam.sam1.build", modules["sam.sam1.build"], modules)
     assert "langsam.pipeline" in imports_of("langsam.cli.options", modules["langsam.cli.options"], modules)
+    # Layers are package prefixes: a subpackage of the top layer is in it, a look-alike name is not.
+    assert _in("langsam.serve.routes", TOP_LAYER) and not _in("langsam.server_utils", TOP_LAYER)
 
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert {"langsam", "langsam.cli", "langsam.demo", "sam", "sam.build"} <= set(graph)
+    assert {"langsam", "langsam.cli", "langsam.demo", "sam", "sam.build", "sam.sam1", "sam.sam2", "sam.export.runtime"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -132,6 +146,30 @@ def test_layers_import_downwards_only():
             elif _in(module, ("langsam.demo",)) and _in(target, ("langsam.cli",)) and target != "langsam.cli.options":
                 upward.append(f"{module} -> {target} (the demo shares only langsam.cli.options)")
     assert upward == [], "\n".join(upward)
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports in a file, at any depth (``import ray.data`` -> ray)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_heavy_optional_libraries_are_imported_only_in_their_own_modules():
+    modules = discover_modules()
+    # The scan sees function-level imports (the lazy ones) too.
+    assert "open_clip" in third_party_imports(modules["langsam.clip_scorer"])
+    strays = [
+        f"{name} imports {library} (only {', '.join(owners)} may)"
+        for name, path in sorted(modules.items())
+        for library, owners in HEAVY_OWNERS.items()
+        if library in third_party_imports(path) and not _in(name, owners)
+    ]
+    assert strays == [], "\n".join(strays)
 
 
 _FRESH_PROBE = r"""

@@ -25,7 +25,7 @@ from sam.build import (
     load_state_dict_file,
     resolve_model_type,
 )
-from sam.modeling import Sam2
+from sam.sam2 import Sam2
 
 OFFICIAL_CONFIGS = {
     "tiny": "sam2{v}_hiera_t.yaml",

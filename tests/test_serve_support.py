@@ -63,7 +63,8 @@ def make_micro_sam(seed: int = 0, empty_candidate: int | None = None):
     logits are -15 everywhere), so that its stability score is 0 / 0 = NaN; the others stay random."""
     import torch
 
-    from sam.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from sam.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from sam.sam1 import ImageEncoderViT, Sam
     from sam_factory import randomize_parameters
 
     torch.manual_seed(seed)

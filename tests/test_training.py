@@ -29,7 +29,8 @@ def small_input_sam(seed: int = 0, image_size: int = 256, width: int = 64):
     """A SAM with every official part but a 256-pixel input (16x16 embedding grid, 64x64 low-res
     masks) and `width`-wide prompt encoder and decoder: a decoder step costs about 1/50 of the
     standard tiny SAM's, so a test can afford hundreds of them."""
-    from sam.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from sam.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from sam.sam1 import ImageEncoderViT, Sam
 
     grid = image_size // 16
     torch.manual_seed(seed)

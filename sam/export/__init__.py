@@ -1,6 +1,10 @@
-"""Export SAM models to other runtimes: `sam.export.onnx` (ONNX graphs and an onnxruntime
-`SamPredictor`). Nothing here is imported by `sam` itself; onnx and onnxruntime load only when
-an export or a session needs them (the optional extra `langsam[export]`)."""
+"""Export SAM models to other runtimes, and run them there.
+
+* `sam.export.onnx` - the export: graph wrappers, `export_onnx`, int8 quantisation, the manifest;
+* `sam.export.runtime` - `OnnxSamPredictor`, a `SamPredictor` on onnxruntime sessions.
+
+Nothing here is imported by `sam` itself; onnx and onnxruntime load only when an export or a
+session needs them (the optional extra `langsam[export]`)."""
 
 from .onnx import (
     DECODER_NAME,
@@ -8,13 +12,13 @@ from .onnx import (
     MANIFEST_NAME,
     QUANTIZED_DECODER_NAME,
     OnnxExport,
-    OnnxSamPredictor,
     export_decoder,
     export_encoder,
     export_onnx,
     quantize_decoder,
     read_manifest,
 )
+from .runtime import OnnxSamPredictor
 
 __all__ = [
     "DECODER_NAME",

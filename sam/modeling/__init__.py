@@ -1,24 +1,11 @@
-from .image_encoder import ImageEncoderViT
+"""Blocks every SAM family shares (`nn.Module`s only, official parameter names): the common
+layers, the two-way transformer, the prompt encoder and the mask decoder. Each family's own
+modules sit in its package: `sam.sam1` (ViT encoder, `Sam`), `sam.sam2` (Hiera, neck, memory,
+`Sam2`), `sam.sam3` (SAM 3's image model)."""
+
+from .common import MLP, LayerNorm2d, MLPBlock
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
-from .sam import Sam
 from .transformer import TwoWayTransformer
 
-__all__ = ["ImageEncoderViT", "MaskDecoder", "PromptEncoder", "Sam", "TwoWayTransformer"]
-
-from .hiera import Hiera
-from .memory import MemoryAttention, MemoryEncoder
-from .neck import FpnNeck, Sam2ImageEncoder
-from .sam2 import Sam2
-from .sam2_decoder import Sam2MaskDecoder, Sam2PromptEncoder
-
-__all__ += [
-    "FpnNeck",
-    "Hiera",
-    "MemoryAttention",
-    "MemoryEncoder",
-    "Sam2",
-    "Sam2ImageEncoder",
-    "Sam2MaskDecoder",
-    "Sam2PromptEncoder",
-]
+__all__ = ["LayerNorm2d", "MLP", "MLPBlock", "MaskDecoder", "PromptEncoder", "TwoWayTransformer"]

@@ -83,6 +83,10 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
+    #: Point labels with a learned embedding: 0 background, 1 foreground (SAM 2 adds the box
+    #: corners, 2 and 3). Padding points are labelled -1.
+    point_labels = 2
+
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image-embedding grid, (1, C, 64, 64)."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
@@ -96,8 +100,8 @@ class PromptEncoder(nn.Module):
         embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)
         labels = labels[..., None]
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
-        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        embedding = embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        for label in range(self.point_labels):
+            embedding = embedding + torch.where(labels == label, self.point_embeddings[label].weight, 0.0)
         return embedding
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:

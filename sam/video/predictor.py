@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..modeling.sam2 import NO_OBJECT_LOGIT, FrameFeatures, Sam2, TrackOutput
+from ..sam2.model import NO_OBJECT_LOGIT, FrameFeatures, Sam2, TrackOutput
 from .frames import FrameSource, open_frames
 from .state import CachedFeatures, FrameMemory, ObjectTrack, PointPrompt, VideoState
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from ..modeling.sam2 import FrameFeatures
+from ..sam2.model import FrameFeatures
 from .frames import FrameSource
 
 KeepMemory = Literal["all", "window"]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .image_encoder import ImageEncoderViT
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
+from ..modeling.mask_decoder import MaskDecoder
+from ..modeling.prompt_encoder import PromptEncoder
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP
+from ..modeling.common import MLP
 from .hiera import linear_weights
 from .memory import MemoryAttention, MemoryEncoder
 from .neck import Sam2ImageEncoder
-from .sam2_decoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, Sam2MaskDecoder, Sam2PromptEncoder
+from .decoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, Sam2MaskDecoder, Sam2PromptEncoder
 
 # ImageNet statistics for images scaled to [0, 1] (SAM 2's normalisation).
 PIXEL_MEAN = (0.485, 0.456, 0.406)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from ..modeling.common import LayerNorm2d
 from .neck import PositionEmbeddingSine
 
 

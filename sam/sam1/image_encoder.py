@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from ..modeling.common import LayerNorm2d, MLPBlock
 
 
 class PatchEmbed(nn.Module):

@@ -1,0 +1,94 @@
+"""Safe checkpoint reading, shared by every family: `load_state_dict_file` reads tensors only
+(`weights_only=True`, or safetensors), `CheckpointError` says what is wrong with a file, and
+`CheckpointSpec` is the official file (URL, SHA-256, size) of a registry entry.
+`sam.build` re-exports both; the families' builders (`sam.sam1.build`, `sam.sam2.build`) raise
+`CheckpointError` when a state dict is not theirs."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely or does not fit the model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSpec:
+    """The official file of a registry entry (each family's spec extends it): where it is
+    downloaded from, its SHA-256 and its size in bytes; all None for a model without one."""
+
+    url: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+    @property
+    def filename(self) -> str | None:
+        return self.url.rsplit("/", 1)[-1] if self.url else None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from `.pth`/`.pt` (tensors only, `weights_only=True`) or `.safetensors`.
+
+    Never unpickles arbitrary objects: a pickle that holds anything but tensors and plain
+    containers is refused with CheckpointError. The official SAM 2 layout `{"model": ...}` is
+    unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); delete it and download again")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}") from error
+    else:
+        state = _torch_load_weights_only(path)
+    if isinstance(state, Mapping):
+        # Some training scripts wrap the weights; accept the common wrappers.
+        for wrapper in ("model", "state_dict"):
+            inner = state.get(wrapper)
+            if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
+                state = inner
+                break
+    if not isinstance(state, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} does not hold a state dict (a mapping of parameter names to tensors)"
+        )
+    return dict(state)
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            # Legacy (non-zip) files cannot be memory-mapped; read them normally.
+            if "mmap" not in str(error) and "zip" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains Python objects other than tensors, and loading "
+            f"it would run code from the file. Only plain state dicts (or .safetensors) are accepted. "
+            f"Details: {str(error).splitlines()[0]}"
+        ) from error
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError, struct.error) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); delete it and download again"
+        ) from error
