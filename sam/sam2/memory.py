@@ -116,7 +116,8 @@ class RoPEAttention(nn.Module):
                     )
                 frames = rotated // q.shape[-2]
                 cos, sin = cos.repeat(frames, 1), sin.repeat(frames, 1)
-            k = torch.cat([rotate_pairs(k[:, :, :rotated], cos, sin), k[:, :, rotated:]], dim=2)
+            # In place into the fresh projection: no concatenation of the whole key tensor.
+            k[:, :, :rotated] = rotate_pairs(k[:, :, :rotated], cos, sin)
         dropout = self.dropout_p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         batch, heads, tokens, head_dim = out.shape
