@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sam.modeling.memory import RoPEAttention, axial_rope_angles
+from sam.sam2.memory import RoPEAttention, axial_rope_angles
 
 SIDE, WIDTH, MEM_DIM, HEADS = 4, 16, 8, 2
 
@@ -62,7 +62,7 @@ def test_temporal_encoding_is_an_exact_correction_of_the_cached_key_projection()
     rotations, at every distance t of the memory bank."""
     torch.manual_seed(1)
     attention = RoPEAttention(WIDTH, 1, kv_in_dim=MEM_DIM, rope_k_repeat=True)
-    from sam.modeling.memory import rotate_pairs
+    from sam.sam2.memory import rotate_pairs
 
     angles = axial_rope_angles(WIDTH, SIDE, SIDE)
     cos, sin = angles.cos(), angles.sin()
