@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import logging
 import os
-import secrets
 import unicodedata
 import warnings
 from pathlib import Path
@@ -21,6 +19,9 @@ from typing import Any, Iterable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# The one atomic-write implementation lives in sam (the lowest layer); langsam re-exports it.
+from sam.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -350,52 +351,6 @@ def unique_stem(path: str | os.PathLike, seen: set[str] | None = None, *, root: 
 # --------------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    A reader never sees a half-written file; on failure the temporary file is removed and
-    any previous file at ``path`` is untouched. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 lets the umask decide the final permissions (mkstemp would force 0600).
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Atomically write ``text`` (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (bytes, bytearray)):
-        return value.decode("utf-8")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """Atomically write ``obj`` as UTF-8 JSON; numpy scalars/arrays and paths are converted."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
-    return atomic_write_text(path, text + "\n")
 
 
 _FORMAT_BY_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",

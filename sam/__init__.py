@@ -15,23 +15,24 @@ Layout, one place per capability:
 Nothing here imports `langsam`.
 """
 
-from .build import (
-    MODEL_SPECS,
-    SAM2_SPECS,
-    SAM_SPECS,
-    Sam2Spec,
-    CheckpointError,
-    SamSpec,
-    build_sam,
-    load_state_dict_file,
-    sam_model_registry,
-    save_checkpoint,
-)
-from .image import to_rgb_uint8
-from .sam1 import Sam
-from .sam2 import Sam2
-from .predictor import ImageNotSetError, SamPredictor
-from .transforms import ResizeLongestSide, ResizeSquare, transform_for
+import importlib
+
+# Every public name is imported on first use (PEP 562), so ``import sam.files`` (which the light
+# ``langsam.cli`` uses) loads no torch, and the generator's pycocotools and the video's PyAV load
+# only when asked for.
+_EXPORTS = {
+    **dict.fromkeys(("MODEL_SPECS", "SAM2_SPECS", "SAM_SPECS", "Sam2Spec", "CheckpointError", "SamSpec",
+                     "build_sam", "load_state_dict_file", "sam_model_registry", "save_checkpoint"), "build"),
+    "to_rgb_uint8": "image",
+    "Sam": "sam1",
+    "Sam2": "sam2",
+    "ImageNotSetError": "predictor",
+    "SamPredictor": "predictor",
+    **dict.fromkeys(("ResizeLongestSide", "ResizeSquare", "transform_for"), "transforms"),
+    **dict.fromkeys(("SamAutomaticMaskGenerator", "Sam2AutomaticMaskGenerator", "make_mask_generator"),
+                    "automatic_mask_generator"),
+    "SamVideoPredictor": "video",
+}
 
 __all__ = [
     "MODEL_SPECS",
@@ -46,8 +47,8 @@ __all__ = [
     "ResizeLongestSide",
     "Sam",
     "Sam2AutomaticMaskGenerator",
-    "SamAutomaticMaskGenerator",
     "make_mask_generator",
+    "SamAutomaticMaskGenerator",
     "SamPredictor",
     "SamSpec",
     "SamVideoPredictor",
@@ -60,13 +61,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The generator pulls in pycocotools; import it only when asked for.
-    if name in ("SamAutomaticMaskGenerator", "Sam2AutomaticMaskGenerator", "make_mask_generator"):
-        from . import automatic_mask_generator
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return getattr(automatic_mask_generator, name)
-    if name == "SamVideoPredictor":  # video frames need PyAV; import it only when asked for
-        from .video import SamVideoPredictor
 
-        return SamVideoPredictor
-    raise AttributeError(f"module 'sam' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

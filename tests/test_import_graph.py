@@ -30,7 +30,7 @@ TOP_LAYER = ("langsam.cli", "langsam.demo", "langsam.__main__", "langsam.serve",
 #: module built on the library, and the command that checks for it to give a clear error.
 HEAVY_OWNERS = {
     "gradio": ("langsam.demo", "langsam.serve"),
-    "open_clip": ("langsam.clip_scorer",),
+    "open_clip": ("langsam.clip_scorer", "sam.sam3.text"),  # sam3.text: only the CLIP BPE tokenizer, lazily
     "transformers": ("langsam.detector",),
     "ray": ("langsam.distributed",),
     "litserve": ("langsam.serve", "langsam.cli.serve"),

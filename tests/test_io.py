@@ -271,3 +271,27 @@ def test_multi_picture_jpeg_from_a_camera_loads(tmp_path):
     with Image.open(path) as image:
         assert image.format == "MPO"
     assert np.abs(load_image(path).astype(int) - 200).max() <= 2  # the first picture (JPEG rounding)
+
+
+def test_one_atomic_write_implementation_serves_langsam_and_training(tmp_path):
+    import sam.files
+    import sam.training.embedding_cache as embedding_cache
+    import sam.training.trainer as trainer
+    import langsam.io
+
+    assert langsam.io.atomic_write_json is sam.files.atomic_write_json is trainer.atomic_write_json
+    assert embedding_cache.atomic_write_json is sam.files.atomic_write_json
+    assert langsam.io.atomic_write_bytes is sam.files.atomic_write_bytes
+
+    # A writer that fails half-way leaves the previous file and no temporary file behind.
+    target = sam.files.atomic_write_json(tmp_path / "report.json", {"epoch": np.int64(3), "loss": np.float32(0.5)})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"epoch": 3, "loss": 0.5}
+
+    def half_write(temporary):
+        temporary.write_bytes(b"{\"epo")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        sam.files.atomic_write(target, half_write)
+    assert json.loads(target.read_text(encoding="utf-8")) == {"epoch": 3, "loss": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

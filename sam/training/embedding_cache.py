@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .data import SegmentationDataset
-from .files import atomic_write_json
+from ..files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from .data import SegmentationDataset, boxes_from_masks
 from .embedding_cache import EmbeddingCache
-from .files import atomic_torch_save, atomic_write, atomic_write_json
+from ..files import atomic_torch_save, atomic_write, atomic_write_json
 from .losses import LossTerms, sam_loss
 from .prompts import error_points, first_points, noisy_boxes, round_schedule
 
