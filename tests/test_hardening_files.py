@@ -3,7 +3,7 @@
 * Every model loader refuses a pickle that would run code, and never runs it.
 * Output names made from file names and queries never leave ``--out``: ``../``, absolute
   paths, backslashes, control characters, unicode, very long names, ``CON``, ``.``, ``..``.
-* A CLI run interrupted by SIGINT in the middle of the batch leaves every finished image
+* A CLI run interrupted by SIGINT or SIGTERM in the middle of the batch leaves every finished image
   complete and valid, no temporary file behind, and ``--skip-existing`` finishes the rest.
 """
 
@@ -242,27 +242,51 @@ def hostile_inputs(tmp_path_factory, tiny_sam_checkpoint):
     return workspace, inputs, flags
 
 
-def test_interrupted_run_resumes_and_no_name_escapes_out(hostile_inputs):
+#: Run in the CLI's subprocess: after the second image is written, say so (the marker file) and
+#: wait for a signal, so the test's signal lands in the middle of the batch whatever the speed.
+_PAUSE_AFTER_TWO = """
+import pathlib, signal, sys
+from langsam.cli import main, segment
+write, marker, written = segment._write_files, pathlib.Path(sys.argv[1]), []
+def write_then_wait(*args, **kwargs):
+    write(*args, **kwargs)
+    written.append(args[1])
+    if len(written) == 2:
+        marker.write_text("2")
+        signal.pause()  # returns only through the signal's exception
+segment._write_files = write_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("signal_number", "exit_status", "word"), [
+    (signal.SIGINT, cli.EXIT_INTERRUPTED, "interrupted"),
+    (signal.SIGTERM, cli.EXIT_TERMINATED, "terminated"),
+])
+def test_interrupted_run_resumes_and_no_name_escapes_out(hostile_inputs, tmp_path, signal_number, exit_status, word):
     workspace, inputs, flags = hostile_inputs
-    out = workspace / "out"
+    out = workspace / f"out_{signal_number.name}"
     query_flags = sum((["--text", q] for q in HOSTILE_QUERIES), [])
     before = _snapshot(workspace, out)
     sources = [str(inputs), str(inputs / "..png")]
-    command = [sys.executable, "-m", "langsam", "segment", *sources, *query_flags, "--out", str(out), *flags]
+    marker = tmp_path / "two_written"
+    command = [sys.executable, "-c", _PAUSE_AFTER_TWO, str(marker), "segment", *sources, *query_flags,
+               "--out", str(out), *flags]
     process = subprocess.Popen(command, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=workspace)
     deadline = time.monotonic() + 240
-    while not list(out.glob(f"*/{cli.RECORD_NAME}")):  # wait for the first finished image
+    while not marker.exists():  # the CLI is now blocked after its second image, until the signal
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "no image finished in time"
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == cli.EXIT_INTERRUPTED, stderr
-    assert "rerun with --skip-existing" in stderr and "Traceback" not in stderr
+    assert process.returncode == exit_status, stderr
+    assert f"{word}; finished outputs are complete" in stderr and "rerun with --skip-existing" in stderr
+    assert "Traceback" not in stderr
 
     finished = _check_finished_images(out)
-    assert 1 <= len(finished) < len(HOSTILE_FILE_NAMES), "SIGINT did not land in the middle of the batch"
+    assert len(finished) == 2, "the signal did not land after the second image"
 
     status, summary = _run_in_process(["segment", *sources, *query_flags, "--out", str(out), *flags,
                                        "--skip-existing"])

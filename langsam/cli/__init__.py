@@ -18,7 +18,7 @@ Everything heavy (torch, the models, tqdm, pycocotools) is imported inside the c
 that needs it, so ``langsam --help`` and every usage error answer at once, before any
 model loads. Exit status: 0 when every image was processed, 1 when some input failed
 (each failure is reported on stderr and the run goes on), 2 for a usage error, 130 when
-interrupted.
+interrupted (Ctrl-C, SIGINT), 143 when stopped by SIGTERM (``kill``, ``docker stop``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import sys
 from typing import Sequence
 
 from langsam.cli import auto_masks, demo, evaluate, export, finetune, segment, serve, track
-from langsam.cli.batch import ANNOTATIONS_NAME, OVERLAY_NAME, RECORD_NAME
+from langsam.cli.batch import ANNOTATIONS_NAME, OVERLAY_NAME, RECORD_NAME, Terminated
 from langsam.cli.options import (
     EXIT_FAILURES,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     ModelLoadError,
     UsageError,
@@ -49,6 +50,7 @@ __all__ = [
     "EXIT_FAILURES",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_USAGE",
     "OVERLAY_NAME",
     "RECORD_NAME",
@@ -113,10 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as error:
         print(f"{args.parser.prog}: error: {error}", file=sys.stderr)
         return EXIT_FAILURES
-    except KeyboardInterrupt:
-        print("\ninterrupted; finished images are complete on disk, rerun with --skip-existing to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:  # Ctrl-C (SIGINT), or SIGTERM as batch.Terminated
+        terminated = isinstance(interrupt, Terminated)
+        print(f"\n{'terminated' if terminated else 'interrupted'}; finished outputs are complete on disk, "
+              "rerun with --skip-existing to resume", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from langsam.cli.batch import (
     report_failure,
     run_on_ray,
     set_pixel_limit,
+    stop_on_sigterm,
 )
 from langsam.cli.options import (
     EXIT_FAILURES,
@@ -118,13 +120,11 @@ def run(args: argparse.Namespace) -> int:
 
     # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
     bar = progress(len(items), report.skipped, NAME, args.quiet or ray_options is not None)
-    try:
+    with stop_on_sigterm(), closing(bar):
         if todo and ray_options is None:
             _auto_mask_images(args, todo, amg_params, out_dir, max_pixels, report, bar)
         elif todo:
             _auto_mask_on_ray(args, ray_options, todo, amg_params, out_dir, max_pixels, report)
-    finally:
-        bar.close()
     if not args.quiet:
         print_summary(NAME, report, [f"masks: {report.objects['masks']}"])
     return EXIT_FAILURES if report.failures else EXIT_OK

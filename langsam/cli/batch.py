@@ -15,9 +15,12 @@ import fnmatch
 import json
 import os
 import posixpath
+import signal
 import sys
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ __all__ = [
     "ClusterError",
     "Item",
     "RunReport",
+    "Terminated",
     "add_input_arguments",
     "collect_items",
     "encode_image",
@@ -44,6 +48,7 @@ __all__ = [
     "report_failure",
     "run_on_ray",
     "set_pixel_limit",
+    "stop_on_sigterm",
 ]
 
 # Per-run files at the top of --out; no per-image output may take these names.
@@ -82,6 +87,44 @@ class RunReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     objects: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run stops as on Ctrl-C (finished outputs stay valid, nothing half
+    written is left) and the command exits with ``EXIT_TERMINATED`` (143) instead of 130."""
+
+
+_sigterm_blocks = 0  # stop_on_sigterm blocks now open in the main thread
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread, so ``kill``,
+    ``docker stop`` and systemd stop a batch command the way Ctrl-C does (Python's default
+    would end the process at once, skipping every ``finally``). The previous handler comes back
+    afterwards. Outside the main thread (signals go to the main thread only) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    global _sigterm_blocks
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _sigterm_blocks += 1
+    try:
+        yield
+    finally:
+        _sigterm_blocks -= 1
+        signal.signal(signal.SIGTERM, previous)
+
+
+def rearm_sigterm() -> None:
+    """Put :func:`stop_on_sigterm`'s handler back after a library replaced it (``ray.init``
+    installs one that calls ``sys.exit``), if a ``stop_on_sigterm`` block is active."""
+    if _sigterm_blocks and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -347,6 +390,7 @@ def run_on_ray(ray_options: dict[str, Any], todo: Sequence[Item], build: Callabl
             ray_options["workers"], ray_options["cpus_per_worker"]), verbose=verbose)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {error}") from None
+    rearm_sigterm()
     rows = None
     try:
         try:

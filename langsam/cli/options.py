@@ -31,6 +31,7 @@ __all__ = [
     "EXIT_FAILURES",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_USAGE",
     "MODEL_ENVIRONMENT",
     "ModelLoadError",
@@ -59,6 +60,8 @@ EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: Stopped by SIGTERM (128 + 15, the shell's convention), e.g. by ``kill``, ``docker stop`` or systemd.
+EXIT_TERMINATED = 143
 
 #: Smallest ``--detector-size``: below this Grounding DINO's last feature map is a few pixels.
 MIN_DETECTOR_SIZE = 64

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from langsam.cli.batch import (
     report_failure,
     run_on_ray,
     set_pixel_limit,
+    stop_on_sigterm,
 )
 from langsam.cli.options import (
     EXIT_FAILURES,
@@ -159,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
     bar = progress(len(items), report.skipped, NAME, args.quiet or ray_options is not None)
-    try:
+    with stop_on_sigterm(), closing(bar):
         if todo:
             segment_kwargs = _segment_kwargs(args, amg_params)
             if ray_options is None:
@@ -168,8 +170,6 @@ def run(args: argparse.Namespace) -> int:
             else:
                 _segment_on_ray(args, ray_options, todo, queries, segment_kwargs, settings, category_ids, out_dir,
                                 max_pixels, records, report)
-    finally:
-        bar.close()
 
     annotations_path = None
     if "coco" in args.save:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from langsam.cli.batch import name_local_inputs, read_json
+from langsam.cli.batch import name_local_inputs, read_json, stop_on_sigterm
 from langsam.cli.options import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -236,15 +236,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             todo.append(item)
     models: dict[str, Any] = {}  # the pipeline, loaded at the first readable video (none for only broken files)
-    for item in todo:
-        try:
-            _track_one(args, item, queries, settings, out_dir, models, report)
-        except ModelLoadError:
-            raise
-        except (ValueError, RuntimeError, OSError, MemoryError) as error:
-            _report_failure(report, item.path, error)
-        else:
-            report.processed += 1
+    with stop_on_sigterm():  # SIGTERM stops the run as Ctrl-C does (exit 143, see langsam.cli.batch)
+        for item in todo:
+            try:
+                _track_one(args, item, queries, settings, out_dir, models, report)
+            except ModelLoadError:
+                raise
+            except (ValueError, RuntimeError, OSError, MemoryError) as error:
+                _report_failure(report, item.path, error)
+            else:
+                report.processed += 1
     if not args.quiet:
         _print_summary(report)
     return EXIT_FAILURES if report.failures else EXIT_OK
