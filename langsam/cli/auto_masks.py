@@ -7,44 +7,16 @@ With ``--ray`` the masks are generated and encoded by workers on a Ray cluster
 from __future__ import annotations
 
 import argparse
-import json
 import re
-from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from langsam.cli.batch import (
-    OVERLAY_NAME,
-    Item,
-    RunReport,
-    add_input_arguments,
-    collect_items,
-    encode_image,
-    load_reason,
-    prefetch,
-    prepare_out,
-    print_summary,
-    progress,
-    read_json,
-    report_failure,
-    run_on_ray,
-    set_pixel_limit,
-    stop_on_sigterm,
-)
-from langsam.cli.options import (
-    EXIT_FAILURES,
-    EXIT_OK,
-    add_device_argument,
-    add_generator_arguments,
-    add_ray_arguments,
-    add_sam_type_argument,
-    env_default,
-    generator_params_from_args,
-    load_pipeline,
-    model_kwargs_from_args,
-    ray_options_from_args,
-    validate_model_arguments,
-)
+from langsam.cli.batch import (OVERLAY_NAME, Item, RunReport, add_input_arguments, collect_items,
+    encode_image, prepare_out, print_summary, process_items, read_json, set_pixel_limit)
+from langsam.cli.options import (EXIT_FAILURES, EXIT_OK, add_device_argument, add_generator_arguments,
+    add_ray_arguments, add_sam_type_argument, env_default, generator_params_from_args, ray_options_from_args,
+    validate_model_arguments)
 
 NAME = "auto-masks"
 
@@ -118,45 +90,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             todo.append(item)
 
-    # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
-    bar = progress(len(items), report.skipped, NAME, args.quiet or ray_options is not None)
-    with stop_on_sigterm(), closing(bar):
-        if todo and ray_options is None:
-            _auto_mask_images(args, todo, amg_params, out_dir, max_pixels, report, bar)
-        elif todo:
-            _auto_mask_on_ray(args, ray_options, todo, amg_params, out_dir, max_pixels, report)
+    def finish(item: Item, document: dict[str, Any], files: dict[str, bytes]) -> None:
+        _write_files(out_dir, item.key, document, files)
+        report.objects["masks"] += len(document["annotations"])
+
+    process_items(args, todo, command=NAME, mode=NAME, render=partial(_render_image, amg_params=amg_params, png=args.png),
+                  finish=finish, ray_options=ray_options, max_pixels=max_pixels, report=report,
+                  postfix=lambda report: {"masks": report.objects["masks"]})
     if not args.quiet:
         print_summary(NAME, report, [f"masks: {report.objects['masks']}"])
     return EXIT_FAILURES if report.failures else EXIT_OK
 
 
-def _auto_mask_images(args, todo, amg_params, out_dir, max_pixels, report, bar) -> None:
-    from langsam.io import ImageLoadError, load_image
-
-    pipeline = None  # loaded at the first readable image
-
-    def load(path: Path):
-        return load_image(path, max_pixels=max_pixels)
-
-    for item, future in prefetch(todo, load, depth=args.batch_size):
-        try:
-            image = future.result()
-            if pipeline is None:
-                pipeline = load_pipeline(args, NAME)
-            # coco_rle: masks leave the generator already compressed, as SA-1B stores them.
-            masks = pipeline.auto_masks(image, output_mode="coco_rle", **amg_params)
-            document, files = _render(item.file_name, image, masks, args.png)
-            _write_files(out_dir, item.key, document, files)
-            count = len(document["annotations"])
-        except ImageLoadError as error:
-            report_failure(report, bar, item.path, load_reason(error))
-        except (ValueError, RuntimeError, OSError, MemoryError) as error:
-            report_failure(report, bar, item.path, f"{type(error).__name__}: {error}")
-        else:
-            report.processed += 1
-            report.objects["masks"] += count
-        bar.set_postfix(masks=report.objects["masks"], failed=len(report.failures), refresh=False)
-        bar.update(1)
+def _render_image(pipeline, image, file_name: str, source: str, *, amg_params, png: bool
+                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One image's masks as its SA-1B document and files (here or on a Ray worker; writes nothing)."""
+    # coco_rle: masks leave the generator already compressed, as SA-1B stores them.
+    masks = pipeline.auto_masks(image, output_mode="coco_rle", **amg_params)
+    return _render(file_name, image, masks, png)
 
 
 def _plain(value: Any) -> Any:
@@ -170,32 +121,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _auto_mask_on_ray(args, ray_options, todo, amg_params, out_dir, max_pixels, report) -> None:
-    """The images of ``todo`` run through the mask generator by Ray workers, their files written here."""
-    from functools import partial
-
-    from langsam.distributed import PipelineBuilder
-
-    build = PipelineBuilder(NAME, **model_kwargs_from_args(args))
-    process = partial(_render_on_worker, amg_params=amg_params, png=args.png)
-
-    def on_result(item: Item, row: dict[str, Any]) -> None:
-        document = json.loads(row["document"])
-        _write_files(out_dir, item.key, document, dict(zip(row["file_names"], row["file_data"])))
-        report.processed += 1
-        report.objects["masks"] += len(document["annotations"])
-
-    run_on_ray(ray_options, todo, build, process, on_result, report, max_pixels, args.quiet, args.verbose)
-
-
-def _render_on_worker(pipeline, image, row, *, amg_params, png) -> dict[str, Any]:
-    """On a Ray worker: one image's masks, encoded as the SA-1B document and its files."""
-    masks = pipeline.auto_masks(image, output_mode="coco_rle", **amg_params)
-    document, files = _render(row["file_name"], image, masks, png)
-    return {"document": json.dumps(document, ensure_ascii=False), "file_names": list(files),
-            "file_data": list(files.values())}
 
 
 def _render(file_name: str, image, masks: list[dict[str, Any]], png: bool) -> tuple[dict[str, Any], dict[str, bytes]]:

@@ -20,13 +20,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from langsam.cli.options import ModelLoadError, UsageError, number
+from langsam.cli.options import ModelLoadError, UsageError, load_pipeline, model_kwargs_from_args, number
 
 __all__ = [
     "ANNOTATIONS_NAME",
@@ -347,6 +347,82 @@ def read_json(path: Path) -> Any | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+# ============================================================================================
+# The per-image engine `segment` and `auto-masks` share: locally or on Ray
+# ============================================================================================
+
+#: One image's outputs, made anywhere (here or on a Ray worker, so it must pickle):
+#: ``render(pipeline, image, file_name, source) -> (document, {file name: encoded bytes})``.
+Render = Callable[[Any, Any, str, str], "tuple[dict[str, Any], dict[str, bytes]]"]
+#: Writes one image's outputs here, last its document, then counts its objects in the report:
+#: ``finish(item, document, files)``.
+Finish = Callable[[Item, dict, dict], None]
+
+
+def process_items(args: argparse.Namespace, todo: Sequence[Item], *, command: str, mode: str, render: Render,
+                  finish: Finish, ray_options: dict[str, Any] | None, max_pixels: int | None, report: RunReport,
+                  postfix: Callable[[RunReport], dict[str, Any]]) -> None:
+    """Run every item of ``todo`` through the ``mode`` pipeline and write its outputs here, under
+    a progress bar that starts at ``report.skipped``; SIGTERM stops it as Ctrl-C does.
+
+    Locally the images decode ahead in a thread (:func:`prefetch`, ``--batch-size`` deep) and the
+    models load at the first readable image (a run of only broken files loads nothing); with
+    ``ray_options`` Ray workers run ``render`` and this process writes (:func:`run_on_ray`). An
+    image that fails is reported and the run goes on; ``report.processed`` counts the rest.
+    """
+    # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
+    bar = progress(report.total, report.skipped, command, args.quiet or ray_options is not None)
+    with stop_on_sigterm(), closing(bar):
+        if todo:
+            _process(args, todo, mode, render, finish, ray_options, max_pixels, report, bar, postfix)
+
+
+def _process(args, todo, mode, render, finish, ray_options, max_pixels, report, bar, postfix) -> None:
+    if ray_options is not None:
+        from functools import partial
+
+        from langsam.distributed import PipelineBuilder
+
+        def on_result(item: Item, row: dict[str, Any]) -> None:
+            finish(item, json.loads(row["document"]), dict(zip(row["file_names"], row["file_data"])))
+            report.processed += 1
+
+        run_on_ray(ray_options, todo, PipelineBuilder(mode, **model_kwargs_from_args(args)),
+                   partial(_render_row, render=render), on_result, report, max_pixels, args.quiet, args.verbose)
+        return
+
+    from langsam.io import ImageLoadError, load_image
+
+    pipeline = None
+
+    def load(path: Path):
+        return load_image(path, max_pixels=max_pixels)
+
+    for item, future in prefetch(todo, load, depth=args.batch_size):
+        try:
+            image = future.result()
+            if pipeline is None:
+                pipeline = load_pipeline(args, mode)
+            document, files = render(pipeline, image, item.file_name, item.source)
+            finish(item, document, files)
+        except ImageLoadError as error:
+            report_failure(report, bar, item.path, load_reason(error))
+        except (ValueError, RuntimeError, OSError, MemoryError) as error:
+            # Unreadable files (permissions, I/O), a model error on this one image, a full disk.
+            report_failure(report, bar, item.path, f"{type(error).__name__}: {error}")
+        else:
+            report.processed += 1
+        bar.set_postfix(**postfix(report), failed=len(report.failures), refresh=False)
+        bar.update(1)
+
+
+def _render_row(pipeline: Any, image: Any, row: dict[str, Any], *, render: Render) -> dict[str, Any]:
+    """On a Ray worker: one image's outputs, encoded as a result row (nothing is written there)."""
+    document, files = render(pipeline, image, row["file_name"], row["path"])
+    return {"document": json.dumps(document, ensure_ascii=False), "file_names": list(files),
+            "file_data": list(files.values())}
 
 
 # ============================================================================================

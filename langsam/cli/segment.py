@@ -9,48 +9,16 @@ the same files (:func:`_write_files`), so either engine can resume the other's r
 from __future__ import annotations
 
 import argparse
-import json
-from contextlib import closing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from langsam.cli.batch import (
-    ANNOTATIONS_NAME,
-    OVERLAY_NAME,
-    RECORD_NAME,
-    Item,
-    RunReport,
-    add_input_arguments,
-    collect_items,
-    encode_image,
-    load_reason,
-    prefetch,
-    prepare_out,
-    print_summary,
-    progress,
-    read_json,
-    report_failure,
-    run_on_ray,
-    set_pixel_limit,
-    stop_on_sigterm,
-)
-from langsam.cli.options import (
-    EXIT_FAILURES,
-    EXIT_OK,
-    UsageError,
-    add_generator_arguments,
-    add_model_arguments,
-    add_ray_arguments,
-    fraction,
-    generator_flag,
-    generator_params_from_args,
-    load_pipeline,
-    model_kwargs_from_args,
-    number,
-    output_list,
-    ray_options_from_args,
-    validate_model_arguments,
-)
+from langsam.cli.batch import (ANNOTATIONS_NAME, OVERLAY_NAME, RECORD_NAME, Item, RunReport,
+    add_input_arguments, collect_items, encode_image, prepare_out, print_summary, process_items, read_json,
+    set_pixel_limit)
+from langsam.cli.options import (EXIT_FAILURES, EXIT_OK, UsageError, add_generator_arguments,
+    add_model_arguments, add_ray_arguments, fraction, generator_flag, generator_params_from_args,
+    model_kwargs_from_args, number, output_list, ray_options_from_args, validate_model_arguments)
 
 NAME = "segment"
 MODES = ("grounded", "clip", "hybrid")
@@ -159,17 +127,15 @@ def run(args: argparse.Namespace) -> int:
             report.skipped += 1
             report.objects.update(obj["label"] for obj in record["objects"])
 
-    # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
-    bar = progress(len(items), report.skipped, NAME, args.quiet or ray_options is not None)
-    with stop_on_sigterm(), closing(bar):
-        if todo:
-            segment_kwargs = _segment_kwargs(args, amg_params)
-            if ray_options is None:
-                _segment_images(args, todo, queries, segment_kwargs, settings, category_ids, out_dir, max_pixels,
-                                records, report, bar)
-            else:
-                _segment_on_ray(args, ray_options, todo, queries, segment_kwargs, settings, category_ids, out_dir,
-                                max_pixels, records, report)
+    def finish(item: Item, record: dict[str, Any], files: dict[str, bytes]) -> None:
+        _write_files(out_dir, item.key, record, files)
+        records[item.key] = record
+        report.objects.update(obj["label"] for obj in record["objects"])
+
+    render = partial(_render_image, queries=queries, segment_kwargs=_segment_kwargs(args, amg_params),
+                     settings=settings, category_ids=category_ids, save=args.save)
+    process_items(args, todo, command=NAME, mode=args.mode, render=render, finish=finish, ray_options=ray_options,
+                  max_pixels=max_pixels, report=report, postfix=lambda report: {"objects": sum(report.objects.values())})
 
     annotations_path = None
     if "coco" in args.save:
@@ -251,69 +217,11 @@ def _finished_record(record_path: Path, item: Item, settings: dict[str, Any]) ->
     return record
 
 
-def _segment_images(args, todo, queries, segment_kwargs, settings, category_ids, out_dir, max_pixels, records,
-                    report, bar) -> None:
-    from langsam.io import ImageLoadError, load_image
-
-    pipeline = None  # loaded at the first readable image: a run of only broken files loads nothing
-
-    def load(path: Path):
-        return load_image(path, max_pixels=max_pixels)
-
-    for item, future in prefetch(todo, load, depth=args.batch_size):
-        try:
-            image = future.result()
-            if pipeline is None:
-                pipeline = load_pipeline(args, args.mode)
-            result = pipeline.segment(image, queries, **segment_kwargs)
-            record, files = _render(item.file_name, item.source, image, result, settings, category_ids, args.save)
-            _write_files(out_dir, item.key, record, files)
-        except ImageLoadError as error:
-            report_failure(report, bar, item.path, load_reason(error))
-        except (ValueError, RuntimeError, OSError, MemoryError) as error:
-            # Unreadable files (permissions, I/O), a model error on this one image, a full disk.
-            report_failure(report, bar, item.path, f"{type(error).__name__}: {error}")
-        else:
-            records[item.key] = record
-            report.processed += 1
-            report.objects.update(obj["label"] for obj in record["objects"])
-        bar.set_postfix(objects=sum(report.objects.values()), failed=len(report.failures), refresh=False)
-        bar.update(1)
-
-
-# ============================================================================================
-# Outputs
-# ============================================================================================
-
-
-def _segment_on_ray(args, ray_options, todo, queries, segment_kwargs, settings, category_ids, out_dir, max_pixels,
-                    records, report) -> None:
-    """The images of ``todo`` segmented by Ray workers, their files written here."""
-    from functools import partial
-
-    from langsam.distributed import PipelineBuilder
-
-    build = PipelineBuilder(args.mode, **model_kwargs_from_args(args))
-    process = partial(_render_on_worker, queries=queries, segment_kwargs=segment_kwargs, settings=settings,
-                      category_ids=category_ids, save=args.save)
-
-    def on_result(item: Item, row: dict[str, Any]) -> None:
-        record = json.loads(row["document"])
-        _write_files(out_dir, item.key, record, dict(zip(row["file_names"], row["file_data"])))
-        records[item.key] = record
-        report.processed += 1
-        report.objects.update(obj["label"] for obj in record["objects"])
-
-    run_on_ray(ray_options, todo, build, process, on_result, report, max_pixels, args.quiet, args.verbose)
-
-
-def _render_on_worker(pipeline, image, row, *, queries, segment_kwargs, settings, category_ids,
-                      save) -> dict[str, Any]:
-    """On a Ray worker: segment one image and encode its record and files (nothing is written)."""
+def _render_image(pipeline, image, file_name: str, source: str, *, queries, segment_kwargs, settings, category_ids,
+                  save) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Segment one image and encode its record and files (here or on a Ray worker; writes nothing)."""
     result = pipeline.segment(image, queries, **segment_kwargs)
-    record, files = _render(row["file_name"], row["path"], image, result, settings, category_ids, save)
-    return {"document": json.dumps(record, ensure_ascii=False), "file_names": list(files),
-            "file_data": list(files.values())}
+    return _render(file_name, source, image, result, settings, category_ids, save)
 
 
 # ============================================================================================
