@@ -40,9 +40,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def reference(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return make_reference_video_predictor(model)
+    return make_reference_video_predictor(model)
 
 
 @pytest.fixture(scope="module")

@@ -153,14 +153,19 @@ def set_image_size(model, image_size: int):
 def make_reference_video_predictor(our_model, layout: str = "tiny"):
     """Meta's `SAM2VideoPredictor` (with the reference's inference post-processing switches,
     as `build_sam2_video_predictor` sets them) carrying exactly our model's weights and input
-    size. Its hole filling needs sam2's CUDA extension and is skipped on CPU."""
+    size. Its hole filling needs sam2's CUDA extension and is skipped on CPU (the warning that
+    says so is silenced)."""
+    import warnings
+
     from sam2.build_sam import build_sam2_video_predictor
     from sam2_factory import REFERENCE_CONFIGS, reference_overrides
 
     width = our_model.image_encoder.trunk.patch_embed.proj.out_channels
     overrides = reference_overrides(width) + [f"++model.image_size={our_model.image_size}"]
-    reference = build_sam2_video_predictor(
-        REFERENCE_CONFIGS[(our_model.version, layout)], None, device="cpu", hydra_overrides_extra=overrides
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = build_sam2_video_predictor(
+            REFERENCE_CONFIGS[(our_model.version, layout)], None, device="cpu", hydra_overrides_extra=overrides
+        )
     reference.load_state_dict(our_model.state_dict(), strict=True)
     return reference.eval()

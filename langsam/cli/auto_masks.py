@@ -58,8 +58,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_device_argument(model)
     add_generator_arguments(parser, "mask generator (SamAutomaticMaskGenerator parameters)")
     parser.add_argument("--png", action="store_true", help="also write one PNG per mask and an overlay per image")
-    add_ray_arguments(parser, batch_help="locally: images decoded ahead in a background thread while the model "
-                                         "runs; with --ray: images per call of a worker (default 1)")
+    add_ray_arguments(parser)
     parser.set_defaults(handler=run, parser=parser)
     return parser
 

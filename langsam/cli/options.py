@@ -350,7 +350,12 @@ def ray_address(text: str) -> str:
     return text
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser, *, batch_help: str) -> argparse._ArgumentGroup:
+#: What ``--batch-size`` means for the image commands, whose local runs decode images ahead.
+BATCH_HELP = ("locally: images decoded ahead in a background thread while the models run; with --ray: images per "
+              "call of a worker (default 1)")
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, *, batch_help: str = BATCH_HELP) -> argparse._ArgumentGroup:
     """Add ``--ray [ADDRESS]``, ``--workers``, ``--gpus-per-worker``, ``--cpus-per-worker`` and
     ``--batch-size`` (which also means something locally: ``batch_help``) to ``parser``."""
     group = parser.add_argument_group(

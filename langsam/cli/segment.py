@@ -87,8 +87,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     run_group.add_argument("--save", type=output_list(SAVE_CHOICES), default=frozenset(SAVE_CHOICES), metavar="LIST",
                            help="comma-separated outputs: masks, overlay, coco, json, or all (default all). "
                                 "The per-image result.json is always written: it marks the image as done")
-    add_ray_arguments(parser, batch_help="locally: images decoded ahead in a background thread while the models "
-                                          "run; with --ray: images per call of a worker (default 1)")
+    add_ray_arguments(parser)
     parser.set_defaults(handler=run, parser=parser)
     return parser
 

@@ -122,21 +122,11 @@ def assemble_sam2(
         input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
         mask_in_chans=16,
     )
+    # Every released SAM 2 / 2.1 model uses the decoder's defaults, which include what the
+    # reference's build_sam2 switches on for inference (dynamic multimask via stability).
     mask_decoder = Sam2MaskDecoder(
         transformer_dim=SAM2_HIDDEN_DIM,
         transformer=Sam2TwoWayTransformer(depth=2, embedding_dim=SAM2_HIDDEN_DIM, num_heads=8, mlp_dim=2048),
-        num_multimask_outputs=3,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-        use_high_res_features=True,
-        iou_prediction_use_sigmoid=True,
-        pred_obj_scores=True,
-        pred_obj_scores_mlp=True,
-        use_multimask_token_for_obj_ptr=True,
-        # What the reference's build_sam2 switches on for inference (apply_postprocessing).
-        dynamic_multimask_via_stability=True,
-        dynamic_multimask_stability_delta=0.05,
-        dynamic_multimask_stability_thresh=0.98,
     )
     return Sam2(
         image_encoder,
