@@ -147,10 +147,10 @@ class SamVideoPredictor:
         (ids, [])) unless strict=True, which raises ValueError."""
         state = inference_state
         obj_id = self._check_obj_id(obj_id)
+        if strict:
+            self._known_track(state, obj_id)
         track = state.objects.pop(obj_id, None)
         if track is None:
-            if strict:
-                raise ValueError(f"no object with id {obj_id}; the tracked ids are {state.obj_ids}")
             return state.obj_ids, []
         if not need_output:
             return state.obj_ids, []
@@ -169,9 +169,7 @@ class SamVideoPredictor:
         state = inference_state
         frame_idx = self._check_frame(state, frame_idx)
         obj_id = self._check_obj_id(obj_id)
-        track = state.objects.get(obj_id)
-        if track is None:
-            raise ValueError(f"no object with id {obj_id}; the tracked ids are {state.obj_ids}")
+        track = self._known_track(state, obj_id)
         track.points.pop(frame_idx, None)
         track.masks.pop(frame_idx, None)
         track.pending.pop(frame_idx, None)
@@ -554,6 +552,14 @@ class SamVideoPredictor:
         return torch.zeros(0, 1, state.video_height, state.video_width, device=state.device)
 
     # ------------------------------------------------------------------ input checks
+    @staticmethod
+    def _known_track(state: VideoState, obj_id: int) -> ObjectTrack:
+        """The track of an object that exists; ValueError naming the tracked ids otherwise."""
+        track = state.objects.get(obj_id)
+        if track is None:
+            raise ValueError(f"no object with id {obj_id}; the tracked ids are {state.obj_ids}")
+        return track
+
     def _track_for(self, state: VideoState, obj_id: int) -> ObjectTrack:
         if obj_id not in state.objects:
             state.objects[obj_id] = ObjectTrack(obj_id)
