@@ -81,3 +81,93 @@ def save_tiny_sam3(root: Path, seed: int = 0) -> dict[str, Path]:
     torch.save(checkpoint, meta_dir / "sam3.pt")
     (meta_dir / "config.json").write_text((hf_dir / "config.json").read_text())
     return {"transformers": hf_dir, "meta": meta_dir / "sam3.pt", "model": model}
+
+
+# --------------------------------------------------------------------------- interactive predictor
+# 8 heads, as released: Meta's sam3.pt does not record the count (its loader assumes 8).
+TINY_TRACKER_HEADS = dict(hidden_size=32, mlp_dim=64, num_attention_heads=8, iou_head_hidden_dim=32)
+
+
+def tiny_transformers_tracker(detector, seed: int = 1):
+    """A transformers `Sam3TrackerModel` on `detector`'s ViT (a tiny `Sam3Model`), its neck and SAM
+    heads randomised like the detector. The mask-embedding MLPs are scaled so the low-res logits
+    cross zero inside the image (masks neither empty nor full)."""
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    # Three FPN levels, not the detector's four: standalone `Sam3TrackerModel.forward` adds
+    # no_memory_embedding to the last level it gets and then keeps only the first three, so with
+    # the 0.5x level present the embedding would go to a dropped level (Meta, and transformers'
+    # own Sam3VideoModel, drop that level first). The three shared levels are the same convs.
+    vision = dict(TINY_CONFIG["vision_config"], scale_factors=[4.0, 2.0, 1.0])
+    image_size = vision["backbone_config"]["image_size"]
+    config = Sam3TrackerConfig(
+        vision_config=dict(model_type="sam3_vision_model", **vision),
+        prompt_encoder_config=dict(hidden_size=32, image_size=image_size, patch_size=vision["backbone_config"]["patch_size"]),
+        mask_decoder_config=TINY_TRACKER_HEADS,
+    )
+    torch.manual_seed(seed)
+    tracker = Sam3TrackerModel(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in tracker.named_parameters():
+            if name.startswith("vision_encoder.backbone."):
+                continue
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif param.ndim == 1:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+            else:
+                fan_in = param[0].numel() if param.ndim > 1 else 1
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+        tracker.prompt_encoder.shared_embedding.positional_embedding.copy_(tracker.shared_image_embedding.positional_embedding)
+        tracker.vision_encoder.backbone.load_state_dict(detector.vision_encoder.backbone.state_dict())
+    return tracker
+
+
+def save_tiny_sam3_interactive(root: Path, seed: int = 0) -> dict:
+    """The tiny detector of save_tiny_sam3 plus a tracker on its ViT, saved three ways: Meta's
+    `sam3.pt` (detector + `tracker.*` + `sam2_convs`) with config.json ("meta"), a transformers
+    `Sam3TrackerModel` directory ("transformers"), and the hub's combined file ("hub":
+    `detector_model.*`, `tracker_model.*`, `tracker_neck.*`). Returns the paths and both
+    transformers models."""
+    from sam.sam3.build import interactive_from_transformers, interactive_meta_state
+    from sam.sam3.interactive import Sam3Interactive
+    from sam.sam3.backbone import ViT
+
+    saved = save_tiny_sam3(Path(root) / "detector", seed)
+    detector = saved["model"]
+    tracker = tiny_transformers_tracker(detector, seed + 1)
+    hf_dir = Path(root) / "tracker"
+    tracker.save_pretrained(hf_dir)
+    vit = TINY_CONFIG["vision_config"]["backbone_config"]
+    native = Sam3Interactive(
+        ViT(vit["image_size"], vit["patch_size"], vit["pretrain_image_size"], vit["hidden_size"], vit["num_hidden_layers"],
+            vit["num_attention_heads"], vit["intermediate_size"], vit["window_size"], vit["global_attn_indexes"], 10000.0, 1e-5),
+        image_size=vit["image_size"], patch_size=vit["patch_size"], vit_dim=vit["hidden_size"], d_model=32,
+        scale_factors=(4.0, 2.0, 1.0), num_heads=TINY_TRACKER_HEADS["num_attention_heads"], mlp_dim=64, iou_head_hidden_dim=32,
+    )
+    native.load_state_dict(interactive_from_transformers(tracker.state_dict(), native))
+    checkpoint = torch.load(saved["meta"], weights_only=True)
+    checkpoint["model"].update(interactive_meta_state(native))
+    # Meta's second neck is a full copy of the first, 0.5x level included (unused: scalp 1).
+    for key, value in list(checkpoint["model"].items()):
+        if key.startswith("detector.backbone.vision_backbone.convs.3."):
+            checkpoint["model"][key.replace(".convs.3.", ".sam2_convs.3.")] = value.clone() + 0.1
+    meta_dir = Path(root) / "meta"
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, meta_dir / "sam3.pt")
+    (meta_dir / "config.json").write_text((saved["meta"].parent / "config.json").read_text())
+
+    from safetensors.torch import save_file
+
+    hub_dir = Path(root) / "hub"
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    hub = {f"detector_model.{k}": v for k, v in detector.state_dict().items()}
+    for key, value in tracker.state_dict().items():
+        if key.startswith("vision_encoder.neck."):
+            hub["tracker_neck." + key[len("vision_encoder.neck."):]] = value
+        elif not key.startswith("vision_encoder."):
+            hub["tracker_model." + key] = value
+    save_file({k: v.contiguous() for k, v in hub.items()}, str(hub_dir / "model.safetensors"))
+    (hub_dir / "config.json").write_text((hf_dir / "config.json").read_text())
+    return {"meta": meta_dir / "sam3.pt", "transformers": hf_dir, "hub": hub_dir, "tracker": tracker, "detector": detector}

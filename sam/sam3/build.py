@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..build import CheckpointError, checkpoint_family, load_state_dict_file
-from .backbone import axial_rope
+from .backbone import ViT, axial_rope
+from .interactive import Sam3Interactive
 from .model import Sam3Config, Sam3Image
 
 logger = logging.getLogger(__name__)
@@ -254,9 +255,11 @@ def _read_config(path: Path) -> dict | None:
 def _native_from_meta(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     native, unknown = {}, []
     for key, value in state.items():
+        if _META_IGNORED.match(key):
+            continue  # the tracker and the interactive predictor's neck: see load_sam3_interactive
         if key.startswith("detector."):
             native[key[len("detector."):]] = value
-        elif not _META_IGNORED.match(key):
+        else:
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{path}: unexpected keys outside 'detector.' and 'tracker.', e.g. {unknown[:3]}")
@@ -314,3 +317,205 @@ def build_sam3(checkpoint: str | Path | None = None, config: Sam3Config | None =
     if checkpoint is not None:
         return load_sam3(checkpoint, config)
     return Sam3Image(config or Sam3Config()).eval()
+
+
+# --------------------------------------------------------------------------- interactive predictor
+# Sam3Interactive key (after `sam_prompt_encoder.` / `sam_mask_decoder.`) -> transformers
+# `Sam3TrackerModel` key; the first matching rule applies.
+_TRACKER_RENAMES = [
+    (r"no_mem_embed$", "no_memory_embedding"),
+    (r"sam_prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix$", "shared_image_embedding.positional_embedding"),
+    (r"sam_prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
+    (r"sam_prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
+    (r"sam_prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
+    (r"sam_prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
+    (r"sam_prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
+    (r"sam_prompt_encoder\.", "prompt_encoder."),
+    (r"sam_mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
+    (r"sam_mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
+    (r"sam_mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
+    (r"sam_mask_decoder\.transformer\.(.*)norm_final_attn\.", r"mask_decoder.transformer.\1layer_norm_final_attn."),
+    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.", r"mask_decoder.transformer.layers.\1.layer_norm\2."),
+    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.lin1\.", r"mask_decoder.transformer.layers.\1.mlp.proj_in."),
+    (r"sam_mask_decoder\.transformer\.layers\.(\d+)\.mlp\.lin2\.", r"mask_decoder.transformer.layers.\1.mlp.proj_out."),
+    (r"sam_mask_decoder\.", "mask_decoder."),
+]
+# transformers' 3-layer MLPs: proj_in, layers.0, proj_out (ours: layers.0, 1, 2).
+_TRACKER_MLP = re.compile(r"\.(output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head)\.layers\.(\d)\.")
+_POINT_EMBEDDING = re.compile(r"sam_prompt_encoder\.point_embeddings\.(\d+)\.weight$")
+# Keys of a transformers tracker checkpoint that the image predictor does not use.
+_TRACKER_IGNORED = re.compile(r"^(prompt_encoder\.shared_embedding\.|memory_|mask_downsample|object_pointer_proj"
+                              r"|temporal_positional_encoding|no_memory_positional_encoding|no_object_pointer"
+                              r"|occlusion_spatial_embedding)")
+
+
+def tracker_transformers_key(native_key: str) -> str | list[str]:
+    """The transformers `Sam3TrackerModel` key(s) of a Sam3Interactive parameter (a list for the
+    trunk's fused q/k/v); the SAM point embeddings map to rows of `prompt_encoder.point_embed`."""
+    if native_key.startswith("trunk."):
+        return transformers_keys("backbone.vision_backbone." + native_key)
+    if native_key.startswith("sam2_convs."):
+        names = transformers_keys("backbone.vision_backbone.convs." + native_key[len("sam2_convs."):])
+        return names[0]
+    if _POINT_EMBEDDING.match(native_key):
+        return "prompt_encoder.point_embed.weight"
+    for pattern, replacement in _TRACKER_RENAMES:
+        if re.match(pattern, native_key):
+            key = re.sub(pattern, replacement, native_key, count=1)
+            break
+    else:
+        key = native_key
+    key = key.replace(".out_proj.", ".o_proj.")
+    names = {"0": "proj_in", "1": "layers.0", "2": "proj_out"}
+    return _TRACKER_MLP.sub(lambda m: f".{m[1]}.{names[m[2]]}.", key)
+
+
+def _tracker_state_from_hub(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' on-disk tracker names -> `Sam3TrackerModel` names, renamed as transformers
+    does on loading: `tracker_model.` dropped, `tracker_neck.` -> `vision_encoder.neck.`,
+    `detector_model.vision_encoder.backbone.` -> `vision_encoder.backbone.` (the hub's combined file
+    and `Sam3TrackerModel.save_pretrained` both write these); the detector's other keys are left out."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("tracker_model.")
+        if key.startswith("tracker_neck."):
+            out["vision_encoder.neck." + key[len("tracker_neck."):]] = value
+        elif key.startswith("detector_model.vision_encoder.backbone."):
+            out[key[len("detector_model."):]] = value
+        elif not key.startswith("detector_model."):
+            out[key] = value
+    return out
+
+
+def interactive_from_transformers(hf_state: Mapping[str, torch.Tensor], model: Sam3Interactive) -> dict[str, torch.Tensor]:
+    """A transformers `Sam3TrackerModel` state dict -> Sam3Interactive's. Strict: a missing or
+    unexpected key raises CheckpointError."""
+    native, used = {}, set()
+    for key, reference in model.state_dict().items():
+        names = tracker_transformers_key(key)
+        names = names if isinstance(names, list) else [names]
+        missing = [name for name in names if name not in hf_state]
+        if missing:
+            raise CheckpointError(f"transformers SAM 3 tracker checkpoint lacks {missing[0]!r} (for {key!r})")
+        used.update(names)
+        value = torch.cat([hf_state[name] for name in names]) if len(names) > 1 else hf_state[names[0]]
+        if (point := _POINT_EMBEDDING.match(key)):
+            value = value[int(point[1])][None]
+        elif key == "trunk.pos_embed":
+            value = torch.cat((value.new_zeros(1, 1, value.shape[-1]), value), dim=1)
+        native[key] = value
+    extra = [k for k in hf_state if k not in used and not _TRACKER_IGNORED.match(k)]
+    if extra:
+        raise CheckpointError(f"transformers SAM 3 tracker checkpoint has {len(extra)} unexpected keys, e.g. {extra[:3]}")
+    return native
+
+
+def interactive_to_transformers(native_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sam3Interactive's state dict -> transformers `Sam3TrackerModel` names (for tests and export)."""
+    out: dict[str, torch.Tensor] = {}
+    points = {}
+    for key, value in native_state.items():
+        names = tracker_transformers_key(key)
+        if (point := _POINT_EMBEDDING.match(key)):
+            points[int(point[1])] = value[0]
+            continue
+        if key == "trunk.pos_embed":
+            value = value[:, 1:]
+        names = names if isinstance(names, list) else [names]
+        for name, part in zip(names, value.chunk(len(names)) if len(names) > 1 else [value]):
+            out[name] = part.contiguous()
+    out["prompt_encoder.point_embed.weight"] = torch.stack([points[i] for i in sorted(points)])
+    out["prompt_encoder.shared_embedding.positional_embedding"] = out["shared_image_embedding.positional_embedding"]
+    return out
+
+
+def interactive_meta_state(model: Sam3Interactive) -> dict[str, torch.Tensor]:
+    """Sam3Interactive's own parameters under their `sam3.pt` names (the trunk is the detector's)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("sam2_convs."):
+            out["detector.backbone.vision_backbone." + key] = value.detach().clone()
+        elif not key.startswith("trunk."):
+            out["tracker." + key] = value.detach().clone()
+    return out
+
+
+def _interactive_sizes(state: Mapping[str, torch.Tensor], prefix: str, num_heads: int) -> dict:
+    """Decoder sizes read off Meta-named weights (`prefix` + sam_mask_decoder...); the weights do
+    not record the head count (the released model's is 8)."""
+    decoder = prefix + "sam_mask_decoder."
+    return dict(
+        d_model=state[prefix + "no_mem_embed"].shape[-1],
+        mlp_dim=state[decoder + "transformer.layers.0.mlp.lin1.weight"].shape[0],
+        iou_head_hidden_dim=state[decoder + "iou_prediction_head.layers.0.weight"].shape[0],
+        num_heads=num_heads,
+    )
+
+
+def load_sam3_interactive(
+    checkpoint: str | Path, image_model: Sam3Image | None = None, num_heads: int | None = None
+) -> Sam3Interactive:
+    """SAM 3's interactive (point / box) model from Meta's `sam3.pt` (`tracker.sam_*`, the detector's
+    `sam2_convs`), a transformers `Sam3TrackerModel` `save_pretrained` directory (or the hub's
+    combined `model.safetensors`). It shares `image_model`'s ViT trunk; without one, the image model
+    is loaded from the same Meta file (a transformers tracker file brings its own ViT). A tracker
+    file whose ViT differs from `image_model`'s raises CheckpointError, as does a checkpoint of another
+    family or without the tracker's weights."""
+    path = Path(checkpoint)
+    file = path / "model.safetensors" if path.is_dir() else path
+    state = load_state_dict_file(file)
+    if any(key.startswith(("tracker_model.", "tracker_neck.")) for key in state):
+        state = _tracker_state_from_hub(state)
+    if "prompt_encoder.point_embed.weight" in state:
+        raw = _read_config(path) or {}
+        raw = raw.get("tracker_config") or raw
+        if not raw.get("vision_config"):
+            raise CheckpointError(f"{file} is a transformers SAM 3 tracker checkpoint but has no config.json beside it")
+        vision, vit, decoder = raw["vision_config"], raw["vision_config"]["backbone_config"], raw.get("mask_decoder_config", {})
+        trunk = image_model.backbone.vision_backbone.trunk if image_model is not None else ViT(
+            vit["image_size"], vit["patch_size"], vit["pretrain_image_size"], vit["hidden_size"], vit["num_hidden_layers"],
+            vit["num_attention_heads"], vit["intermediate_size"], vit["window_size"], vit["global_attn_indexes"],
+            (vit.get("rope_parameters") or {}).get("rope_theta", 10000.0), vit.get("layer_norm_eps", 1e-6),
+        )
+        model = Sam3Interactive(
+            trunk, image_size=vit["image_size"], patch_size=vit["patch_size"], vit_dim=vit["hidden_size"],
+            d_model=vision["fpn_hidden_size"], scale_factors=vision["scale_factors"],
+            num_heads=num_heads or decoder.get("num_attention_heads", 8), mlp_dim=decoder.get("mlp_dim", 2048),
+            iou_head_hidden_dim=decoder.get("iou_head_hidden_dim", 256),
+        )
+        native = interactive_from_transformers(state, model)
+        if image_model is not None:
+            ours = trunk.state_dict()
+            if any(not torch.equal(native[f"trunk.{k}"], v) for k, v in ours.items()):
+                raise CheckpointError(f"{file}: its ViT weights differ from the image model's; the interactive "
+                                      "predictor must run on the same backbone")
+    elif "tracker.sam_mask_decoder.iou_token.weight" in state:
+        if image_model is None:
+            image_model = load_sam3(checkpoint)
+        config = image_model.config
+        tracker_config = (_read_config(path) or {}).get("tracker_config") or {}
+        num_heads = num_heads or (tracker_config.get("mask_decoder_config") or {}).get("num_attention_heads")
+        model = Sam3Interactive(
+            image_model.backbone.vision_backbone.trunk, image_size=config.image_size, patch_size=config.patch_size,
+            vit_dim=config.vit_dim, scale_factors=config.scale_factors, **_interactive_sizes(state, "tracker.", num_heads or 8),
+        )
+        native = {}
+        for key in model.state_dict():
+            if key.startswith("trunk."):
+                continue
+            meta_key = ("detector.backbone.vision_backbone." if key.startswith("sam2_convs.") else "tracker.") + key
+            if meta_key not in state:
+                raise CheckpointError(f"{file}: SAM 3 checkpoint lacks {meta_key!r} (the interactive predictor's weights)")
+            native[key] = state[meta_key]
+        native.update({f"trunk.{k}": v for k, v in model.trunk.state_dict().items()})
+    elif "detector.backbone.vision_backbone.trunk.pos_embed" in state or "vision_encoder.backbone.embeddings.position_embeddings" in state:
+        raise CheckpointError(f"{file} holds SAM 3's image model only, without the tracker's SAM heads that point and box "
+                              "prompts need (Meta's sam3.pt has them under 'tracker.sam_mask_decoder.*')")
+    else:
+        raise _wrong_family(state, file)
+    try:
+        model.load_state_dict(native, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{file} does not fit a SAM 3 interactive model of these sizes: {str(error).splitlines()[0]} ...") from error
+    logger.info("loaded SAM 3 interactive predictor from %s", file)
+    return model.eval()

@@ -1,0 +1,179 @@
+"""SAM 3's interactive (point / box) predictor (sam.sam3.interactive) against transformers'
+`Sam3TrackerModel` on the same tiny random weights, loaded from Meta's `sam3.pt` layout, from a
+transformers `save_pretrained` directory and from the hub's combined file.
+
+The reference gets the very pixels our predictor made (Meta's `Sam3Processor` preprocessing) and the
+prompts in the model-input frame; both sides' low-res logits are compared, and the masks are cut the
+same way (bilinear resize of the logits to the photo, then > 0). The tracker factory gives
+transformers three FPN levels (see tiny_transformers_tracker: its standalone forward would otherwise
+add no_memory_embedding to a level it then drops).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sam3_factory import save_tiny_sam3, save_tiny_sam3_interactive
+from skimage import data
+
+from sam.build import CheckpointError, build_sam, save_checkpoint
+from sam.predictor import SamPredictor
+from sam.sam3 import Sam3Predictor, load_sam3
+from sam.sam3.build import interactive_to_transformers, load_sam3_interactive
+from sam.sam3.interactive import Sam3InteractivePredictor
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+POINTS = np.array([[120.0, 90.0], [300.0, 200.0]])  # (x, y) in photo pixels
+LABELS = np.array([1, 0])
+BOX = np.array([60.0, 40.0, 380.0, 260.0])
+PROMPTS = {
+    "point": dict(point_coords=POINTS, point_labels=LABELS),
+    "box": dict(box=BOX),
+    "point+box": dict(point_coords=POINTS[:1], point_labels=LABELS[:1], box=BOX),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return save_tiny_sam3_interactive(tmp_path_factory.mktemp("sam3i"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    from transformers import Sam3TrackerModel
+
+    return Sam3TrackerModel.from_pretrained(checkpoints["transformers"]).eval()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return data.chelsea()  # 300 x 451 RGB: not square, so the coordinate transform is exercised
+
+
+@pytest.fixture(scope="module", params=["meta", "transformers", "hub"])
+def predictor(request, checkpoints, photo):
+    layout = request.param
+    if layout == "meta":
+        predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"])
+    else:
+        predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"], checkpoints[layout])
+    predictor.set_image(photo)
+    return predictor
+
+
+def _reference_outputs(reference, predictor, photo, prompt, multimask_output):
+    """transformers on our pixels, prompts moved to the model-input frame as SamPredictor does."""
+    pixels = predictor.concept.preprocess(photo)
+    size = predictor.original_size
+    kwargs = {}
+    if "point_coords" in prompt:
+        coords = predictor.transform.apply_coords(prompt["point_coords"], size)
+        kwargs["input_points"] = torch.tensor(coords, dtype=torch.float32)[None, None]
+        kwargs["input_labels"] = torch.tensor(prompt["point_labels"])[None, None]
+    if "box" in prompt:
+        kwargs["input_boxes"] = torch.tensor(predictor.transform.apply_boxes(prompt["box"][None], size), dtype=torch.float32)[None]
+    with torch.no_grad():
+        out = reference(pixel_values=pixels, multimask_output=multimask_output, **kwargs)
+    return out.pred_masks[0, 0], out.iou_scores[0, 0]
+
+
+@pytest.mark.parametrize("multimask_output", [True, False])
+@pytest.mark.parametrize("prompt_name", list(PROMPTS))
+def test_matches_transformers(predictor, reference, photo, prompt_name, multimask_output):
+    prompt = PROMPTS[prompt_name]
+    masks, iou, low_res = predictor.predict(**prompt, multimask_output=multimask_output)
+    ref_low_res, ref_iou = _reference_outputs(reference, predictor, photo, prompt, multimask_output)
+    assert masks.shape == (3 if multimask_output else 1, *photo.shape[:2])
+    np.testing.assert_allclose(low_res, ref_low_res.clamp(-32, 32).numpy(), atol=1e-4)
+    np.testing.assert_allclose(iou, ref_iou.numpy(), atol=1e-4)
+    ref_masks = F.interpolate(ref_low_res[None], photo.shape[:2], mode="bilinear", align_corners=False)[0] > 0
+    for ours, theirs in zip(masks, ref_masks.numpy()):
+        assert 0.05 < ours.mean() < 0.95  # random weights must not give trivial masks
+        assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.99
+    if multimask_output:
+        assert np.ptp(iou) > 1e-3  # the three candidates differ
+
+
+def test_mask_input_round_trip(predictor, reference, photo):
+    """A previous call's low-res logits (288-grid at 1008 px, 48 here) fed back as mask_input."""
+    _, _, low_res = predictor.predict(**PROMPTS["point"], multimask_output=False)
+    _, iou, second = predictor.predict(**PROMPTS["point"], mask_input=low_res, multimask_output=False)
+    pixels = predictor.concept.preprocess(photo)
+    coords = predictor.transform.apply_coords(POINTS, predictor.original_size)
+    with torch.no_grad():
+        out = reference(pixel_values=pixels, input_points=torch.tensor(coords, dtype=torch.float32)[None, None],
+                        input_labels=torch.tensor(LABELS)[None, None], input_masks=torch.tensor(low_res)[None],
+                        multimask_output=False)
+    np.testing.assert_allclose(second, out.pred_masks[0, 0].clamp(-32, 32).numpy(), atol=1e-4)
+    np.testing.assert_allclose(iou, out.iou_scores[0, 0].numpy(), atol=1e-4)
+    assert np.abs(second - low_res).max() > 1e-3  # the mask prompt changed the answer
+
+
+def test_one_image_pass_for_text_and_clicks(checkpoints, photo):
+    predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"])
+    image_model, interactive = predictor.concept.model, predictor.model
+    trunk_calls = []
+    interactive.trunk.register_forward_hook(lambda *args: trunk_calls.append(1))
+    predictor.set_image(photo)
+    concept = predictor.concept.predict(text="a cat", threshold=0.0)
+    clicks, _, _ = predictor.predict(**PROMPTS["box"])
+    predictor.concept.predict(text="an ear", threshold=0.0)
+    predictor.predict(**PROMPTS["point"])
+    assert len(trunk_calls) == 1 and predictor.concept.image_passes == 1
+    assert len(concept) > 0 and clicks.shape[1:] == photo.shape[:2]
+    # The concept predictor's cached features are the ones a fresh pass gives.
+    fresh = Sam3Predictor(image_model)
+    fresh.set_image(photo)
+    torch.testing.assert_close(fresh._features.feats[-1], predictor.concept._features.feats[-1])
+
+
+def test_standalone_sam_predictor_matches_transformers(checkpoints, reference, photo):
+    """SamPredictor(Sam3Interactive) alone, as Meta's SAM3InteractiveImagePredictor: the photo
+    stretched to the square in [0, 1], then scaled to [-1, 1]."""
+    interactive = load_sam3_interactive(checkpoints["transformers"])
+    predictor = SamPredictor(interactive)
+    predictor.set_image(photo)
+    masks, iou, low_res = predictor.predict(**PROMPTS["box"])
+    pixels = predictor.transform.to_input_tensor(photo)
+    box = torch.tensor(predictor.transform.apply_boxes(BOX[None], photo.shape[:2]), dtype=torch.float32)[None]
+    with torch.no_grad():
+        out = reference(pixel_values=(pixels - 0.5) / 0.5, input_boxes=box, multimask_output=True)
+    np.testing.assert_allclose(low_res, out.pred_masks[0, 0].clamp(-32, 32).numpy(), atol=1e-4)
+    np.testing.assert_allclose(iou, out.iou_scores[0, 0].numpy(), atol=1e-4)
+
+
+def test_layouts_convert_both_ways(checkpoints):
+    interactive = load_sam3_interactive(checkpoints["transformers"])
+    converted = interactive_to_transformers(interactive.state_dict())
+    reference = checkpoints["tracker"].state_dict()
+    assert set(converted) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(converted[key], value, rtol=0, atol=0)
+
+
+def test_bad_checkpoints_and_inputs(checkpoints, tmp_path, photo):
+    detector_only = save_tiny_sam3(tmp_path / "detector")["meta"]
+    with pytest.raises(CheckpointError, match="image model only, without the tracker"):
+        load_sam3_interactive(detector_only)
+    sam2_file = save_checkpoint(build_sam("sam2.1_hiera_tiny", trunk_embed_dim=8, trunk_num_heads=1,
+                                          trunk_stages=(1, 1, 1, 1), trunk_global_att_blocks=(2,),
+                                          trunk_window_spec=(2, 2, 2, 2)), tmp_path / "sam2.pt")
+    with pytest.raises(CheckpointError, match="not a SAM 3 checkpoint: it looks like a SAM 2"):
+        load_sam3_interactive(sam2_file)
+    other = load_sam3(save_tiny_sam3(tmp_path / "other", seed=5)["meta"])
+    with pytest.raises(CheckpointError, match="ViT weights differ from the image model"):
+        load_sam3_interactive(checkpoints["transformers"], image_model=other)
+    interactive = load_sam3_interactive(checkpoints["meta"])
+    with pytest.raises(ValueError, match="share the concept model's ViT trunk"):
+        Sam3InteractivePredictor(Sam3Predictor(other), interactive)
+    predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"])
+    with pytest.raises(ValueError, match="no image is set"):
+        predictor.predict(**PROMPTS["box"])
+    predictor.set_image(photo)
+    with pytest.raises(ValueError, match="outside the 451x300 image"):
+        predictor.predict(point_coords=[[500.0, 10.0]], point_labels=[1])
+    with pytest.raises(ValueError, match="mask_input must be low-res logits of shape \\(1, 48, 48\\)"):
+        predictor.predict(**PROMPTS["box"], mask_input=np.zeros((1, 256, 256)))
