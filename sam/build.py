@@ -2,9 +2,9 @@
 
 One table (`MODEL_SPECS`) names every model type with its family, architecture and official
 checkpoint (URL, SHA-256, size): SAM 1 (`vit_h`, `vit_l`, `vit_b`; `SAM_SPECS`) and SAM 2.0 /
-2.1 (`sam2_hiera_*`, `sam2.1_hiera_*`; `SAM2_SPECS`). Each family builds itself in its own
-package (`sam.sam1.build`, `sam.sam2.build`; SAM 3 goes to `sam.sam3`); this module only looks
-a name up and dispatches. `build_sam` builds any type, or reads the family and size off a
+2.1 (`sam2_hiera_*`, `sam2.1_hiera_*`; `SAM2_SPECS`) and SAM 3 (`sam3`, a gated hub file;
+`SAM3_SPECS`). Each family builds itself in its own package (`sam.sam1.build`, `sam.sam2.build`,
+`sam.sam3.build`); this module only looks a name up and dispatches. `build_sam` builds any type, or reads the family and size off a
 checkpoint (`"auto"`). `sam_model_registry` keeps segment-anything's calling convention:
 `sam_model_registry["vit_b"](checkpoint=None)`.
 """
@@ -12,6 +12,7 @@ checkpoint (`"auto"`). `sam_model_registry` keeps segment-anything's calling con
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
@@ -19,7 +20,7 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_state_dict_file
+from .checkpoint import CheckpointError, CheckpointSpec, load_state_dict_file
 from .sam1 import Sam
 from .sam1.build import SAM1_KEY, SamSpec, assemble_sam, infer_encoder_config
 from .sam2 import Sam2
@@ -41,10 +42,40 @@ def _sam2(name: str, folder: str, sha256: str, size_bytes: int) -> Sam2Spec:
     )
 
 
+# Keys only a SAM 3 checkpoint has: Meta's sam3.pt, a transformers Sam3Model directory, the hub's
+# combined file (sam.sam3.build reads all three).
+SAM3_KEYS = (
+    "detector.backbone.vision_backbone.trunk.pos_embed",
+    "vision_encoder.backbone.embeddings.position_embeddings",
+    "detector_model.vision_encoder.backbone.embeddings.position_embeddings",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sam3Spec(CheckpointSpec):
+    """A SAM 3 row: the file is on the Hugging Face hub, gated (access is granted per account on
+    the model page). `build_sam(name)` builds the image model (`sam.sam3.Sam3Image`)."""
+
+    name: str
+    hf_repo: str
+    hf_filename: str
+    gated: bool = True
+    family: str = "sam3"
+
+
+def _sam3(name: str, repo: str, filename: str) -> Sam3Spec:
+    # No SHA-256 or size: neither is published anywhere we could check (Meta's README, the hub
+    # page, the repositories that pin SAM 1/2 hashes), and we do not invent one. langsam.weights
+    # checks a download against the SHA-256 the hub itself records for the file (its LFS object
+    # id) and refuses a file it cannot verify.
+    return Sam3Spec(name=name, hf_repo=repo, hf_filename=filename,
+                    url=f"https://huggingface.co/{repo}/resolve/main/{filename}")
+
+
 # THE registry: every model type of every family, one row each. Official files
 # (dl.fbaipublicfiles.com; the SAM 2 ones are identical to the Hugging Face facebook/sam2*-hiera-*
 # copies): SHA-256 and byte size, each checked against several independent public manifests.
-MODEL_SPECS: dict[str, Union[SamSpec, Sam2Spec]] = {spec.name: spec for spec in [
+MODEL_SPECS: dict[str, Union[SamSpec, Sam2Spec, Sam3Spec]] = {spec.name: spec for spec in [
     # SAM 1: name, ViT width, depth, heads, global-attention blocks
     SamSpec("vit_h", 1280, 32, 16, (7, 15, 23, 31), url=_SAM1_URL + "sam_vit_h_4b8939.pth",
             sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", size_bytes=2564550879),
@@ -61,9 +92,12 @@ MODEL_SPECS: dict[str, Union[SamSpec, Sam2Spec]] = {spec.name: spec for spec in 
     _sam2("sam2_hiera_small", "072824", "95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3", 184309650),
     _sam2("sam2_hiera_base_plus", "072824", "d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071", 323493298),
     _sam2("sam2_hiera_large", "072824", "7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b", 897952466),
+    # SAM 3 (Nov 2025): Meta's image + video checkpoint (detector.* and tracker.*; 848M parameters).
+    _sam3("sam3", "facebook/sam3", "sam3.pt"),
 ]}
 SAM_SPECS: dict[str, SamSpec] = {name: spec for name, spec in MODEL_SPECS.items() if spec.family == "sam1"}
 SAM2_SPECS: dict[str, Sam2Spec] = {name: spec for name, spec in MODEL_SPECS.items() if spec.family == "sam2"}
+SAM3_SPECS: dict[str, Sam3Spec] = {name: spec for name, spec in MODEL_SPECS.items() if spec.family == "sam3"}
 # Aliases: SAM 1's "default", and the official SAM 2 config names (sam2.1_hiera_t, _s, _b+, _l).
 MODEL_ALIASES = {
     "default": "vit_h",
@@ -78,6 +112,8 @@ SAM2_OVERRIDES = frozenset(SAM2_SPECS["sam2.1_hiera_tiny"].trunk_config())
 
 
 def valid_model_types() -> list[str]:
+    """The names a SAM box / point predictor builds from (SAM 3's concept model, `sam3`, is not one
+    of them: `build_sam("sam3")` and `sam.sam3` build it)."""
     return [*SAM_SPECS, "default", *SAM2_SPECS, *(a for a in MODEL_ALIASES if a != "default"), "auto"]
 
 
@@ -86,13 +122,13 @@ def resolve_model_type(model_type: str) -> str:
     name = MODEL_ALIASES.get(model_type, model_type) if isinstance(model_type, str) else None
     if name not in MODEL_SPECS and name != "auto":
         raise ValueError(
-            f"unknown SAM model type {model_type!r}; valid types: {', '.join(valid_model_types())}"
+            f"unknown SAM model type {model_type!r}; valid types: {', '.join([*valid_model_types(), *SAM3_SPECS])}"
         )
     return name
 
 
 def model_family(model_type: str) -> str:
-    """The family of a (canonical or alias) model type other than "auto": "sam1" or "sam2"."""
+    """The family of a (canonical or alias) model type other than "auto": "sam1", "sam2" or "sam3"."""
     name = resolve_model_type(model_type)
     if name == "auto":
         raise ValueError("'auto' has no family until a checkpoint is read")
@@ -101,7 +137,9 @@ def model_family(model_type: str) -> str:
 
 # --------------------------------------------------------------------------- checkpoints
 def checkpoint_family(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The family a state dict belongs to: "sam1", "sam2" (2.0 or 2.1), or None (neither)."""
+    """The family a state dict belongs to: "sam1", "sam2" (2.0 or 2.1), "sam3", or None."""
+    if any(key in state_dict for key in SAM3_KEYS):
+        return "sam3"
     if SAM2_KEY in state_dict:
         return "sam2"
     if SAM1_KEY in state_dict:
@@ -141,6 +179,8 @@ def describe_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
             f"a custom SAM {config['version']} model (trunk embed_dim={config['trunk_embed_dim']}, "
             f"stages={config['trunk_stages']}, pos_embed={config['trunk_pos_embed_size']})"
         )
+    if family == "sam3":
+        return "a SAM 3 model (build it with model_type='sam3' or sam.sam3.load_sam3)"
     if family == "sam1":
         described = _describe_sam1(infer_encoder_config(state_dict))
         if described.startswith("a custom encoder"):
@@ -150,6 +190,8 @@ def describe_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def _what_to_pass(looks_like: str) -> str:
+    if looks_like.startswith("a SAM 3"):
+        return "SAM 3 is its own model, not a SAM 1 / SAM 2 size."
     if looks_like.startswith("a custom"):
         return "pass model_type='auto' to build it from the file (with overrides for what the weights do not record)."
     return "pass that model type, or model_type='auto' to infer it."
@@ -246,7 +288,8 @@ def build_sam(
     model_type: "vit_h" | "vit_l" | "vit_b" | "default" (= vit_h) | "sam2.1_hiera_tiny" |
     "sam2.1_hiera_small" | "sam2.1_hiera_base_plus" | "sam2.1_hiera_large" | the same four
     "sam2_hiera_*" (SAM 2.0) | the config aliases "sam2.1_hiera_t", "_s", "_b+", "_l" (and
-    "sam2_hiera_*") | "auto" (family and size read off `checkpoint`).
+    "sam2_hiera_*") | "auto" (family and size read off `checkpoint`) | "sam3" (SAM 3's concept
+    model, `sam.sam3.Sam3Image`, from Meta's sam3.pt or a transformers directory; no overrides).
 
     overrides (e.g. small models for tests; the input resolution stays 1024):
     - SAM 1: encoder_embed_dim, encoder_depth, encoder_num_heads, encoder_global_attn_indexes;
@@ -255,6 +298,12 @@ def build_sam(
       per stage), trunk_pos_embed_size (background position-embedding grid (h, w)).
     """
     name = resolve_model_type(model_type)
+    if name in SAM3_SPECS:
+        if overrides:
+            raise ValueError(f"build_sam({name!r}) takes no overrides; pass a sam.sam3.Sam3Config to sam.sam3.build_sam3")
+        from .sam3.build import build_sam3
+
+        return build_sam3(checkpoint)
     state_dict = None
     if name == "auto":
         _check_overrides(overrides, ENCODER_OVERRIDES | SAM2_OVERRIDES, "SAM")
@@ -269,6 +318,10 @@ def build_sam(
         if state_dict is None:
             raise ValueError("model_type='auto' needs a checkpoint to infer the model size from")
         family = checkpoint_family(state_dict)
+        if family == "sam3":
+            from .sam3.build import build_sam3
+
+            return build_sam3(checkpoint)
         if family is None:
             raise CheckpointError(
                 f"not a SAM checkpoint: neither {SAM1_KEY!r} (SAM 1) nor {SAM2_KEY!r} (SAM 2) is in "

@@ -170,4 +170,5 @@ def save_tiny_sam3_interactive(root: Path, seed: int = 0) -> dict:
             hub["tracker_model." + key] = value
     save_file({k: v.contiguous() for k, v in hub.items()}, str(hub_dir / "model.safetensors"))
     (hub_dir / "config.json").write_text((hf_dir / "config.json").read_text())
-    return {"meta": meta_dir / "sam3.pt", "transformers": hf_dir, "hub": hub_dir, "tracker": tracker, "detector": detector}
+    return {"meta": meta_dir / "sam3.pt", "transformers": hf_dir, "hub": hub_dir, "tracker": tracker, "detector": detector,
+            "detector_only": saved["meta"]}

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sam3_factory import save_tiny_sam3, save_tiny_sam3_interactive
+from sam3_factory import save_tiny_sam3_interactive
 from skimage import data
 
 from sam.build import CheckpointError, build_sam, save_checkpoint
 from sam.predictor import SamPredictor
 from sam.sam3 import Sam3Predictor, load_sam3
-from sam.sam3.build import interactive_to_transformers, load_sam3_interactive
+from sam.sam3.build import interactive_to_transformers, load_sam3_interactive, load_sam3_interactive_predictor
 from sam.sam3.interactive import Sam3InteractivePredictor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,9 +57,9 @@ def photo():
 def predictor(request, checkpoints, photo):
     layout = request.param
     if layout == "meta":
-        predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"])
+        predictor = load_sam3_interactive_predictor(checkpoints["meta"])
     else:
-        predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"], checkpoints[layout])
+        predictor = load_sam3_interactive_predictor(checkpoints["meta"], checkpoints[layout])
     predictor.set_image(photo)
     return predictor
 
@@ -113,7 +113,7 @@ def test_mask_input_round_trip(predictor, reference, photo):
 
 
 def test_one_image_pass_for_text_and_clicks(checkpoints, photo):
-    predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"])
+    predictor = load_sam3_interactive_predictor(checkpoints["meta"])
     image_model, interactive = predictor.concept.model, predictor.model
     trunk_calls = []
     interactive.trunk.register_forward_hook(lambda *args: trunk_calls.append(1))
@@ -155,21 +155,22 @@ def test_layouts_convert_both_ways(checkpoints):
 
 
 def test_bad_checkpoints_and_inputs(checkpoints, tmp_path, photo):
-    detector_only = save_tiny_sam3(tmp_path / "detector")["meta"]
     with pytest.raises(CheckpointError, match="image model only, without the tracker"):
-        load_sam3_interactive(detector_only)
+        load_sam3_interactive(checkpoints["detector_only"])
     sam2_file = save_checkpoint(build_sam("sam2.1_hiera_tiny", trunk_embed_dim=8, trunk_num_heads=1,
                                           trunk_stages=(1, 1, 1, 1), trunk_global_att_blocks=(2,),
                                           trunk_window_spec=(2, 2, 2, 2)), tmp_path / "sam2.pt")
     with pytest.raises(CheckpointError, match="not a SAM 3 checkpoint: it looks like a SAM 2"):
         load_sam3_interactive(sam2_file)
-    other = load_sam3(save_tiny_sam3(tmp_path / "other", seed=5)["meta"])
+    other = load_sam3(checkpoints["detector_only"])
+    with torch.no_grad():
+        other.backbone.vision_backbone.trunk.blocks[0].mlp.fc1.bias.add_(0.5)
     with pytest.raises(CheckpointError, match="ViT weights differ from the image model"):
         load_sam3_interactive(checkpoints["transformers"], image_model=other)
     interactive = load_sam3_interactive(checkpoints["meta"])
     with pytest.raises(ValueError, match="share the concept model's ViT trunk"):
         Sam3InteractivePredictor(Sam3Predictor(other), interactive)
-    predictor = Sam3InteractivePredictor.from_checkpoint(checkpoints["meta"])
+    predictor = load_sam3_interactive_predictor(checkpoints["meta"])
     with pytest.raises(ValueError, match="no image is set"):
         predictor.predict(**PROMPTS["box"])
     predictor.set_image(photo)

@@ -11,14 +11,20 @@ Checkpoint-exact with Meta's `sam3.pt` image model (the detector); written for t
 - `model.py`     Sam3Config, Sam3Image: encode_image / encode_text / decode
 - `build.py`     build_sam3 / load_sam3 for Meta's and transformers' layouts, converters
 - `predictor.py` Sam3Predictor: set_image once, predict(text=..., exemplars=...) many times
+- `interactive.py` Sam3Interactive (second neck + SAM 2.1 heads, Meta's `tracker.sam_*`) and
+  Sam3InteractivePredictor: SamPredictor's point / box / mask prompts on the same image pass
 
 Where the two references differ, this follows Meta: a text-only prompt still runs the geometry
 encoder (transformers' `Sam3Model` skips it unless given a box; pass one padded box, label -10, to
 make it match), masks are resized as logits before the sigmoid, and the default threshold is 0.5.
 """
 
-from .build import build_sam3, load_sam3
+from .build import build_sam3, load_sam3, load_sam3_interactive, load_sam3_interactive_predictor
+from .interactive import Sam3Interactive, Sam3InteractivePredictor
 from .model import ImageFeatures, Sam3Config, Sam3Image
 from .predictor import Sam3Prediction, Sam3Predictor
 
-__all__ = ["ImageFeatures", "Sam3Config", "Sam3Image", "Sam3Prediction", "Sam3Predictor", "build_sam3", "load_sam3"]
+__all__ = [
+    "ImageFeatures", "Sam3Config", "Sam3Image", "Sam3Interactive", "Sam3InteractivePredictor", "Sam3Prediction",
+    "Sam3Predictor", "build_sam3", "load_sam3", "load_sam3_interactive", "load_sam3_interactive_predictor",
+]

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..build import CheckpointError, checkpoint_family, load_state_dict_file
+from ..checkpoint import CheckpointError, load_state_dict_file
 from .backbone import ViT, axial_rope
-from .interactive import Sam3Interactive
+from .interactive import Sam3Interactive, Sam3InteractivePredictor
 from .model import Sam3Config, Sam3Image
+from .predictor import Sam3Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,11 @@ def vit_dim_heads(dim: int) -> int:
 
 
 def _wrong_family(state: Mapping[str, torch.Tensor], path: Path) -> CheckpointError:
-    family = checkpoint_family(state)
+    # The family keys of sam.build.checkpoint_family, read here so sam.build can import this module.
+    from ..sam1.build import SAM1_KEY
+    from ..sam2.build import SAM2_KEY
+
+    family = "sam2" if SAM2_KEY in state else "sam1" if SAM1_KEY in state else None
     looks = {"sam1": "a SAM 1 checkpoint", "sam2": "a SAM 2 / 2.1 checkpoint"}.get(family, "no SAM 3 checkpoint")
     return CheckpointError(
         f"{path} is not a SAM 3 checkpoint: it looks like {looks} (no SAM 3 image-encoder keys such as "
@@ -519,3 +524,13 @@ def load_sam3_interactive(
         raise CheckpointError(f"{file} does not fit a SAM 3 interactive model of these sizes: {str(error).splitlines()[0]} ...") from error
     logger.info("loaded SAM 3 interactive predictor from %s", file)
     return model.eval()
+
+
+def load_sam3_interactive_predictor(checkpoint: str | Path, interactive_checkpoint: str | Path | None = None) -> Sam3InteractivePredictor:
+    """Concept and point / box predictors on one backbone: both from Meta's `sam3.pt` (it holds the
+    image model and the tracker), or the image model from `checkpoint` (any layout load_sam3 reads)
+    and the SAM heads from `interactive_checkpoint` (a transformers `Sam3TrackerModel` directory or
+    the hub's combined file). Text queries go to `.concept.predict(text=...)`, clicks to `.predict`."""
+    image_model = load_sam3(checkpoint)
+    interactive = load_sam3_interactive(interactive_checkpoint or checkpoint, image_model=image_model)
+    return Sam3InteractivePredictor(Sam3Predictor(image_model), interactive)

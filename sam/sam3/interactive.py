@@ -122,20 +122,9 @@ class Sam3InteractivePredictor(SamPredictor):
     def __init__(self, concept: Sam3Predictor, interactive: Sam3Interactive) -> None:
         if interactive.trunk is not concept.model.backbone.vision_backbone.trunk:
             raise ValueError("the interactive model must share the concept model's ViT trunk "
-                             "(load both from one checkpoint with sam.sam3.load_sam3_interactive)")
+                             "(load both with sam.sam3.build.load_sam3_interactive_predictor)")
         super().__init__(interactive)
         self.concept = concept
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint, interactive_checkpoint=None) -> "Sam3InteractivePredictor":
-        """Both predictors from Meta's `sam3.pt` (it holds the image model and the tracker), or the
-        image model from `checkpoint` (any layout `load_sam3` reads) and the point / box heads from
-        `interactive_checkpoint` (a transformers `Sam3TrackerModel` directory or the hub file)."""
-        from .build import load_sam3, load_sam3_interactive
-
-        image_model = load_sam3(checkpoint)
-        interactive = load_sam3_interactive(interactive_checkpoint or checkpoint, image_model=image_model)
-        return cls(Sam3Predictor(image_model), interactive)
 
     @torch.no_grad()
     def set_image(self, image, image_format: str = "RGB") -> None:
