@@ -26,6 +26,7 @@ __all__ = [
     "CLIP_MODELS",
     "ChecksumMismatchError",
     "GROUNDING_DINO_MODELS",
+    "WeightsAccessError",
     "WeightsError",
     "WeightsUnavailableError",
     "cache_dir",
@@ -47,6 +48,10 @@ class WeightsUnavailableError(WeightsError):
     """A checkpoint is not cached and cannot be downloaded (offline, or the network failed)."""
 
 
+class WeightsAccessError(WeightsUnavailableError):
+    """A gated checkpoint (SAM 3) that this account / token may not download yet."""
+
+
 class ChecksumMismatchError(WeightsError):
     """A downloaded file does not have the expected SHA-256 (it was deleted)."""
 
@@ -65,7 +70,8 @@ def sam_checkpoint_spec(sam_type: str):
 
     name = resolve_model_type(sam_type)
     spec = MODEL_SPECS.get(name)
-    if spec is None or spec.url is None or spec.sha256 is None:
+    hub = getattr(spec, "hf_repo", None) is not None  # verified against the hub's own SHA-256
+    if spec is None or spec.url is None or (spec.sha256 is None and not hub):
         raise ValueError(f"no official checkpoint for sam_type {sam_type!r}; choose one of {', '.join(MODEL_SPECS)}")
     return spec
 
@@ -187,7 +193,8 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
 
     Raises:
         ValueError: unknown ``sam_type``, missing local file, or ``"auto"`` without a file.
-        WeightsUnavailableError: not cached and offline / no network.
+        WeightsUnavailableError: not cached and offline / no network (WeightsAccessError: a
+            gated file, SAM 3, without access; the message says how to get it).
         ChecksumMismatchError: the download was corrupt.
     """
     if checkpoint is not None:
@@ -198,6 +205,8 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
     if sam_type == "auto":
         raise ValueError('sam_type="auto" infers the model size from a checkpoint: pass sam_checkpoint=<path>')
     spec = sam_checkpoint_spec(sam_type)
+    if getattr(spec, "hf_repo", None) is not None:
+        return _resolve_hub_checkpoint(spec)
     path = cache_dir() / "sam" / spec.filename
     if path.is_file():
         # Checked in full after download; here only the (free) size check, hashing 2.5 GB
@@ -220,6 +229,66 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
             f"{error}. Without network, download {spec.url} elsewhere and pass sam_checkpoint=<path> "
             "(CLI: --sam-checkpoint PATH)."
         ) from error
+
+
+def _hub_help(spec) -> str:
+    page = f"https://huggingface.co/{spec.hf_repo}"
+    return (
+        f"{spec.hf_repo} is gated: request access on {page} (log in, accept the license; approval can take "
+        "a while), then log in here with `hf auth login` or set HF_TOKEN to a token with read access. "
+        f"Or download {spec.hf_filename} elsewhere and pass sam_checkpoint=<path> (CLI: --sam-checkpoint PATH)."
+    )
+
+
+def _resolve_hub_checkpoint(spec) -> Path:
+    """A registry file kept on the Hugging Face hub (SAM 3's `sam3.pt`, gated): downloaded into the
+    Hugging Face cache, then checked against the SHA-256 pinned in the registry or, where none is
+    pinned, the one the hub records for the file (its LFS object id). A file that cannot be
+    verified is refused. A verified file is noted in ``<cache>/sam/<name>.verified`` (digest, size,
+    mtime), so later starts, offline ones included, skip the hashing."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    offline = is_offline()
+    try:
+        path = Path(huggingface_hub.hf_hub_download(spec.hf_repo, spec.hf_filename, cache_dir=hf_cache_dir(),
+                                                    local_files_only=offline))
+    except GatedRepoError as error:
+        raise WeightsAccessError(f"cannot download {spec.hf_filename} ({error.__class__.__name__}). " + _hub_help(spec)) from error
+    except Exception as error:  # LocalEntryNotFoundError offline; connection / HTTP errors online
+        reason = "downloads are off (HF_HUB_OFFLINE/LANGSAM_OFFLINE)" if offline else f"the download failed ({error})"
+        raise WeightsUnavailableError(
+            f"SAM checkpoint {spec.hf_filename} of {spec.hf_repo} is not in the Hugging Face cache and {reason}. "
+            + _hub_help(spec)
+        ) from error
+    marker = cache_dir() / "sam" / f"{spec.name}.verified"
+    stat = path.stat()
+    noted = f"{stat.st_size} {stat.st_mtime_ns} {path.resolve()}"
+    if marker.is_file() and marker.read_text().split("\n", 1)[-1] == noted:
+        return path
+    expected = spec.sha256
+    if expected is None:
+        if offline:
+            raise WeightsError(
+                f"{path} has not been verified yet and downloads are off, so the SHA-256 the hub records for "
+                f"it cannot be read; go online once, or pass sam_checkpoint={str(path)!r} if you trust the file."
+            )
+        metadata = huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(spec.hf_repo, spec.hf_filename))
+        expected = (metadata.etag or "").strip('"').lower()
+        if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+            raise WeightsError(f"the hub gives no SHA-256 for {spec.hf_repo}/{spec.hf_filename} (etag {metadata.etag!r}); "
+                               f"refusing the unverified file {path}. Pass sam_checkpoint=<path> for a file you trust.")
+    digest = sha256_file(path)
+    if digest != expected.lower():
+        raise ChecksumMismatchError(
+            f"{path} has SHA-256 {digest}, but {spec.hf_repo}/{spec.hf_filename} should have {expected}: the file is "
+            f"corrupt or not the published one; delete it (and its blob in the Hugging Face cache) and try again"
+        )
+    from sam.files import atomic_write_text
+
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, f"{digest}\n{noted}")
+    return path
 
 
 def resolve_grounding_dino(model: str | os.PathLike) -> str:
