@@ -172,3 +172,41 @@ def save_tiny_sam3_interactive(root: Path, seed: int = 0) -> dict:
     (hub_dir / "config.json").write_text((hf_dir / "config.json").read_text())
     return {"meta": meta_dir / "sam3.pt", "transformers": hf_dir, "hub": hub_dir, "tracker": tracker, "detector": detector,
             "detector_only": saved["meta"]}
+
+
+# --------------------------------------------------------------------------- LiteText
+TINY_LITE_TEXT = dict(hidden_size=32, intermediate_size=64, projection_dim=16, num_hidden_layers=3, num_attention_heads=2,
+                      max_position_embeddings=77, repmixer_kernel_size=5, layer_scale_init_value=0.5)
+
+
+def save_tiny_sam3_lite_text(root: Path, seed: int = 0) -> dict:
+    """A transformers `Sam3LiteTextModel` at TINY_CONFIG sizes, saved with save_pretrained: the image
+    model and heads of tiny_transformers_sam3 (so scores and masks spread), a MobileCLIP text encoder
+    with every parameter and batch-norm statistic randomised, and a fresh text projection."""
+    from transformers import Sam3LiteTextConfig, Sam3LiteTextModel
+
+    detector = tiny_transformers_sam3(seed)
+    config = {key: value for key, value in TINY_CONFIG.items() if key != "text_config"}
+    config["vision_config"] = dict(model_type="sam3_vision_model", **config["vision_config"])
+    model = Sam3LiteTextModel(Sam3LiteTextConfig(text_config=TINY_LITE_TEXT, **config)).eval()
+    shared = {k: v for k, v in detector.state_dict().items() if not k.startswith(("text_encoder.", "text_projection."))}
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    assert not unexpected and all(k.startswith(("text_encoder.", "text_projection.")) for k in missing)
+    generator = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, tensor in [*model.text_encoder.named_parameters(), *model.text_encoder.named_buffers(),
+                             *model.text_projection.named_parameters()]:
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif "norm" in name and name.endswith("weight"):
+                tensor.copy_(1 + 0.2 * torch.randn(tensor.shape, generator=generator))
+            elif tensor.ndim == 1 or name.endswith("layer_scale"):
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=generator))
+            else:
+                fan_in = tensor[0].numel()
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in**0.5)
+    directory = Path(root) / "lite_text"
+    model.save_pretrained(directory)
+    return {"transformers": directory, "model": model}

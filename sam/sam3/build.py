@@ -15,6 +15,7 @@ in the text encoder, 32 in the detector, as in the released model).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -26,6 +27,7 @@ import torch
 from ..checkpoint import CheckpointError, load_state_dict_file
 from .backbone import ViT, axial_rope
 from .interactive import Sam3Interactive, Sam3InteractivePredictor
+from .lite_text import LiteTextEncoder, lite_text_options
 from .model import Sam3Config, Sam3Image
 from .predictor import Sam3Predictor
 
@@ -53,6 +55,8 @@ _RENAMES = [
     (r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"text_encoder.text_model.encoder.layers.\1.mlp.fc1."),
     (r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"text_encoder.text_model.encoder.layers.\1.mlp.fc2."),
     (r"backbone\.language_backbone\.resizer\.", "text_projection."),
+    # SAM 3 LiteText's MobileCLIP encoder (sam.sam3.lite_text) keeps transformers' names.
+    (r"backbone\.language_backbone\.encoder\.", "text_encoder."),
     (r"geometry_encoder\.encode\.(\d+)\.cross_attn_image\.", r"geometry_encoder.layers.\1.cross_attn."),
     (r"geometry_encoder\.encode\.(\d+)\.self_attn\.", r"geometry_encoder.layers.\1.self_attn."),
     (r"geometry_encoder\.encode\.(\d+)\.linear([12])\.", r"geometry_encoder.layers.\1.mlp.fc\2."),
@@ -192,6 +196,25 @@ def config_from_transformers(config: Mapping) -> Sam3Config:
     )
 
 
+# Key of the MobileCLIP text encoder in a transformers `Sam3LiteTextModel` checkpoint.
+LITE_TEXT_KEY = "text_encoder.embeddings.token_embedding.weight"
+# SAM 3 prompts are padded to 32 tokens (Meta's and transformers' processors), whatever the text
+# encoder's position table holds (LiteText's has 77 slots and is resized).
+PROMPT_TOKENS = 32
+
+
+def build_lite_text_sam3(config: Sam3Config, text_options: dict) -> Sam3Image:
+    """A SAM 3 image model whose text encoder is LiteText's (`LiteTextEncoder(**text_options)`);
+    `config.extra["lite_text"]` records the options."""
+    # Sam3Image builds a CLIP text encoder from the config; a minimal one, replaced at once.
+    placeholder = dataclasses.replace(config, vocab_size=1, text_width=8, text_layers=0, text_heads=1,
+                                      text_mlp_dim=8, text_output_dim=8)
+    model = Sam3Image(placeholder)
+    model.backbone.language_backbone = LiteTextEncoder(config.d_model, config.context_length, **text_options)
+    model.config = dataclasses.replace(config, extra={**config.extra, "lite_text": dict(text_options)})
+    return model
+
+
 def _count(state: Mapping, pattern: str) -> int:
     return len({m[1] for k in state if (m := re.match(pattern, k))})
 
@@ -280,12 +303,20 @@ def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3I
     file = path / "model.safetensors" if path.is_dir() else path
     state = load_state_dict_file(file)
     if "vision_encoder.backbone.embeddings.position_embeddings" in state:
-        if config is None:
-            raw = _read_config(path)
-            if raw is None:
-                raise CheckpointError(f"{file} is in transformers' layout but has no config.json beside it")
-            config = config_from_transformers(raw)
-        model = Sam3Image(config)
+        lite = LITE_TEXT_KEY in state
+        raw = _read_config(path)
+        if raw is None and (config is None or lite):
+            raise CheckpointError(f"{file} is in transformers' layout but has no config.json beside it")
+        if lite:
+            if config is None:
+                text = raw.get("text_config") or {}
+                # The CLIP fields config_from_transformers reads; LiteText's encoder is built from text_config.
+                clip_like = {**raw, "text_config": {**text, "max_position_embeddings": PROMPT_TOKENS}}
+                config = config_from_transformers(clip_like)
+            model = build_lite_text_sam3(config, lite_text_options(raw.get("text_config") or {}))
+        else:
+            config = config or config_from_transformers(raw)
+            model = Sam3Image(config)
         native = from_transformers(state, model)
         tables = {}
     elif "detector.backbone.vision_backbone.trunk.pos_embed" in state or "backbone.vision_backbone.trunk.pos_embed" in state:
