@@ -173,7 +173,14 @@ def test_bad_checkpoints_and_inputs(checkpoints, tmp_path, photo):
     predictor = load_sam3_interactive_predictor(checkpoints["meta"])
     with pytest.raises(ValueError, match="no image is set"):
         predictor.predict(**PROMPTS["box"])
+    with pytest.raises(ValueError, match="image must have shape"):
+        predictor.set_image(np.zeros((2, 3, 4, 5), np.uint8))
+    predictor.set_image(np.ascontiguousarray(photo[..., ::-1]), image_format="BGR")
+    _, _, from_bgr = predictor.predict(**PROMPTS["box"])
     predictor.set_image(photo)
+    np.testing.assert_array_equal(predictor.predict(**PROMPTS["box"])[2], from_bgr)
+    with pytest.raises(NotImplementedError, match="one image at a time"):
+        predictor.set_image_batch([photo])
     with pytest.raises(ValueError, match="outside the 451x300 image"):
         predictor.predict(point_coords=[[500.0, 10.0]], point_labels=[1])
     with pytest.raises(ValueError, match="mask_input must be low-res logits of shape \\(1, 48, 48\\)"):

@@ -503,11 +503,13 @@ def load_sam3_interactive(
     if any(key.startswith(("tracker_model.", "tracker_neck.")) for key in state):
         state = _tracker_state_from_hub(state)
     if "prompt_encoder.point_embed.weight" in state:
-        raw = _read_config(path) or {}
-        raw = raw.get("tracker_config") or raw
-        if not raw.get("vision_config"):
+        full = _read_config(path) or {}
+        raw = full.get("tracker_config") or full
+        # The hub's combined config (Sam3VideoConfig) may leave the tracker's vision config to the detector's.
+        vision = raw.get("vision_config") or (full.get("detector_config") or {}).get("vision_config")
+        if not vision:
             raise CheckpointError(f"{file} is a transformers SAM 3 tracker checkpoint but has no config.json beside it")
-        vision, vit, decoder = raw["vision_config"], raw["vision_config"]["backbone_config"], raw.get("mask_decoder_config", {})
+        vit, decoder = vision["backbone_config"], raw.get("mask_decoder_config") or {}
         trunk = image_model.backbone.vision_backbone.trunk if image_model is not None else ViT(
             vit["image_size"], vit["patch_size"], vit["pretrain_image_size"], vit["hidden_size"], vit["num_hidden_layers"],
             vit["num_attention_heads"], vit["intermediate_size"], vit["window_size"], vit["global_attn_indexes"],

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..image import to_rgb_uint8
 from ..modeling.transformer import TwoWayTransformer
 from ..predictor import SamPredictor
 from ..sam2.decoder import Sam2MaskDecoder, Sam2PromptEncoder
@@ -131,10 +132,7 @@ class Sam3InteractivePredictor(SamPredictor):
         """image: (H, W, 3) RGB uint8 (as SamPredictor) or a PIL image. One ViT pass for both
         predictors, preprocessed as the concept predictor does (Meta's `Sam3Processor`)."""
         self.reset_image()
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        if not hasattr(image, "convert") and image_format == "BGR":
-            image = np.asarray(image)[..., ::-1]
+        image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else to_rgb_uint8(image, image_format)
         caught: list[torch.Tensor] = []
         # The trunk's output feeds both necks: catch it during the concept pass instead of rerunning it.
         handle = self.model.trunk.register_forward_hook(lambda module, args, output: caught.append(output))
@@ -142,7 +140,7 @@ class Sam3InteractivePredictor(SamPredictor):
             self.concept.set_image(image)
         finally:
             handle.remove()
-        height, width = self.concept._hw
+        height, width = image.shape[:2]
         features = self.model.features_from_trunk(caught[-1].to(self.dtype))
         self._set(features, (height, width), (self.model.image_size, self.model.image_size))
 
@@ -153,3 +151,4 @@ class Sam3InteractivePredictor(SamPredictor):
     def set_image_batch(self, images, image_format: str = "RGB") -> None:
         raise NotImplementedError("Sam3InteractivePredictor sets one image at a time (the concept predictor "
                                   "caches one image); use SamPredictor(Sam3Interactive) for set_image_batch")
+
