@@ -88,3 +88,12 @@ def test_text_prompt_scores_match(ours, reference):
         # The public predictor agrees with the raw decode.
         prediction = predictor.predict(text=text, threshold=0.3)
         np.testing.assert_allclose(np.sort(prediction.scores), np.sort(ref_scores[ref_scores > 0.3]), atol=1e-4)
+
+
+def test_sharded_checkpoint_loads_the_same(saved, ours, tmp_path):
+    """Hub checkpoints of this size may come in shards (model.safetensors.index.json)."""
+    saved["model"].save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    sharded = load_sam3(tmp_path / "sharded").state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(sharded[key], value, rtol=0, atol=0)

@@ -273,6 +273,23 @@ def _wrong_family(state: Mapping[str, torch.Tensor], path: Path) -> CheckpointEr
     )
 
 
+def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the file named in messages, the state dict) of a checkpoint file or a transformers
+    directory: `model.safetensors`, or the shards its `model.safetensors.index.json` lists."""
+    if not path.is_dir():
+        return path, load_state_dict_file(path)
+    index = path / "model.safetensors.index.json"
+    if not (path / "model.safetensors").is_file() and index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            if Path(shard).name != shard:  # the index names files beside it, nothing else
+                raise CheckpointError(f"{index} names a shard outside its folder: {shard!r}")
+            state.update(load_state_dict_file(path / shard))
+        return index, state
+    return path / "model.safetensors", load_state_dict_file(path / "model.safetensors")
+
+
 def _read_config(path: Path) -> dict | None:
     config_path = (path if path.is_dir() else path.parent) / "config.json"
     if not config_path.is_file():
@@ -300,8 +317,7 @@ def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3I
     checkpoint of another family, a missing or unexpected key, a shape mismatch, or RoPE tables
     that disagree with the config."""
     path = Path(checkpoint)
-    file = path / "model.safetensors" if path.is_dir() else path
-    state = load_state_dict_file(file)
+    file, state = _read_weights(path)
     if "vision_encoder.backbone.embeddings.position_embeddings" in state:
         lite = LITE_TEXT_KEY in state
         raw = _read_config(path)
@@ -498,8 +514,7 @@ def load_sam3_interactive(
     file whose ViT differs from `image_model`'s raises CheckpointError, as does a checkpoint of another
     family or without the tracker's weights."""
     path = Path(checkpoint)
-    file = path / "model.safetensors" if path.is_dir() else path
-    state = load_state_dict_file(file)
+    file, state = _read_weights(path)
     if any(key.startswith(("tracker_model.", "tracker_neck.")) for key in state):
         state = _tracker_state_from_hub(state)
     if "prompt_encoder.point_embed.weight" in state:
