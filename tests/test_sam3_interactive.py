@@ -22,7 +22,7 @@ from sam.build import CheckpointError, build_sam, save_checkpoint
 from sam.predictor import SamPredictor
 from sam.sam3 import Sam3Predictor, load_sam3
 from sam.sam3.build import interactive_to_transformers, load_sam3_interactive, load_sam3_interactive_predictor
-from sam.sam3.interactive import Sam3InteractivePredictor
+from sam.sam3.interactive import Sam3InteractivePredictor, fill_holes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,6 +60,8 @@ def predictor(request, checkpoints, photo):
         predictor = load_sam3_interactive_predictor(checkpoints["meta"])
     else:
         predictor = load_sam3_interactive_predictor(checkpoints["meta"], checkpoints[layout])
+    # Meta fills holes of up to 256 px of its 288-px low-res grid; the same share of our 48-px grid.
+    predictor.model.max_hole_area = 256 * (48 / 288) ** 2
     predictor.set_image(photo)
     return predictor
 
@@ -89,9 +91,12 @@ def test_matches_transformers(predictor, reference, photo, prompt_name, multimas
     assert masks.shape == (3 if multimask_output else 1, *photo.shape[:2])
     np.testing.assert_allclose(low_res, ref_low_res.clamp(-32, 32).numpy(), atol=1e-4)
     np.testing.assert_allclose(iou, ref_iou.numpy(), atol=1e-4)
-    ref_masks = F.interpolate(ref_low_res[None], photo.shape[:2], mode="bilinear", align_corners=False)[0] > 0
+    # Meta's post-processing (small holes filled, then resized), applied to transformers' logits.
+    ref_masks = F.interpolate(fill_holes(ref_low_res, predictor.model.max_hole_area)[None], photo.shape[:2], mode="bilinear", align_corners=False)[0] > 0
+    raw_fill = (ref_low_res > 0).float().mean(dim=(-2, -1))
+    assert ((raw_fill > 0.05) & (raw_fill < 0.95)).all(), raw_fill  # random weights: no trivial reference
     for ours, theirs in zip(masks, ref_masks.numpy()):
-        assert 0.05 < ours.mean() < 0.95  # random weights must not give trivial masks
+        assert 0.05 < ours.mean() < 1.0  # hole filling makes them fuller, never full
         assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.99
     if multimask_output:
         assert np.ptp(iou) > 1e-3  # the three candidates differ
@@ -185,3 +190,22 @@ def test_bad_checkpoints_and_inputs(checkpoints, tmp_path, photo):
         predictor.predict(point_coords=[[500.0, 10.0]], point_labels=[1])
     with pytest.raises(ValueError, match="mask_input must be low-res logits of shape \\(1, 48, 48\\)"):
         predictor.predict(**PROMPTS["box"], mask_input=np.zeros((1, 256, 256)))
+
+
+def test_small_holes_are_filled_as_meta_does(checkpoints):
+    """Hand-made low-res logits: a 2x2 hole (4 px) is filled; five pixels touching only at corners
+    are one 8-connected hole of 5 px and stay; a 3x3 hole stays; the low-res logits are untouched."""
+    interactive = load_sam3_interactive(checkpoints["meta"])
+    interactive.max_hole_area = 4
+    logits = torch.ones(1, 1, 48, 48)
+    logits[..., 10:12, 10:12] = -1  # 4 px
+    for step in range(5):
+        logits[..., 30 + step, 5 + step] = -1  # diagonal, 5 px
+    logits[..., 20:23, 30:33] = -1  # 9 px
+    out = interactive.postprocess_masks(logits.clone(), (48, 48), (48, 48))
+    assert (out[..., 10:12, 10:12] == 10).all()
+    assert all(out[0, 0, 30 + step, 5 + step] == -1 for step in range(5))
+    assert (out[..., 20:23, 30:33] == -1).all()
+    assert int((out != logits).sum()) == 4
+    interactive.max_hole_area = 0
+    torch.testing.assert_close(interactive.postprocess_masks(logits, (48, 48), (48, 48)), logits)

@@ -53,6 +53,9 @@ class Sam3Interactive(nn.Module):
     mask_threshold: float = 0.0
     image_format: str = "RGB"
     used_levels: int = 3  # the 0.5x level exists in the checkpoint but is dropped (scalp 1)
+    # Meta's SAM3InteractiveImagePredictor fills holes of up to 256 low-res pixels before upscaling
+    # (SAM 2's image predictor does not, by default); 0 switches it off.
+    max_hole_area: float = 256.0
 
     def __init__(
         self,
@@ -109,7 +112,35 @@ class Sam3Interactive(nn.Module):
 
     # The prompt -> mask path is SAM 2.1's, unchanged (box corners before clicks, labels 2 and 3).
     decode = Sam2.decode
-    postprocess_masks = Sam2.postprocess_masks
+
+    def postprocess_masks(
+        self, low_res_logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """(B, C, 4g, 4g) logits -> (B, C, H, W) logits in the original frame: holes filled (see
+        fill_holes; the returned low-res logits stay raw, as Meta's), then SAM 2's bilinear resize."""
+        if self.max_hole_area > 0:
+            low_res_logits = fill_holes(low_res_logits, self.max_hole_area, self.mask_threshold)
+        return Sam2.postprocess_masks(self, low_res_logits, input_size, original_size)
+
+
+def fill_holes(logits: torch.Tensor, max_area: float, threshold: float = 0.0) -> torch.Tensor:
+    """Meta's hole filling: in each (..., h, w) logit map, every background region (logit <=
+    threshold, 8-connected, touching the border or not) of at most `max_area` pixels is set to
+    threshold + 10, i.e. made foreground."""
+    from scipy import ndimage
+
+    background = (logits <= threshold).cpu().numpy()
+    flat = background.reshape(-1, *background.shape[-2:])
+    holes = np.zeros_like(flat)
+    eight_connected = np.ones((3, 3), dtype=bool)
+    for index, plane in enumerate(flat):
+        labels, count = ndimage.label(plane, structure=eight_connected)
+        if count:
+            small = np.bincount(labels.ravel()) <= max_area
+            small[0] = False  # label 0 is the foreground
+            holes[index] = small[labels]
+    holes = torch.from_numpy(holes.reshape(background.shape)).to(logits.device)
+    return torch.where(holes, torch.full_like(logits, threshold + 10.0), logits)
 
 
 class Sam3InteractivePredictor(SamPredictor):
