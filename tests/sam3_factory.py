@@ -169,7 +169,10 @@ def save_tiny_sam3_interactive(root: Path, seed: int = 0) -> dict:
         elif not key.startswith("vision_encoder."):
             hub["tracker_model." + key] = value
     save_file({k: v.contiguous() for k, v in hub.items()}, str(hub_dir / "model.safetensors"))
-    (hub_dir / "config.json").write_text((hf_dir / "config.json").read_text())
+    # As the hub's Sam3VideoConfig: the detector's config and the tracker's, side by side.
+    hub_config = {"detector_config": json.loads((saved["transformers"] / "config.json").read_text()),
+                  "tracker_config": json.loads((hf_dir / "config.json").read_text())}
+    (hub_dir / "config.json").write_text(json.dumps(hub_config))
     return {"meta": meta_dir / "sam3.pt", "transformers": hf_dir, "hub": hub_dir, "tracker": tracker, "detector": detector,
             "detector_only": saved["meta"]}
 

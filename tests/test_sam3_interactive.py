@@ -56,8 +56,8 @@ def photo():
 @pytest.fixture(scope="module", params=["meta", "transformers", "hub"])
 def predictor(request, checkpoints, photo):
     layout = request.param
-    if layout == "meta":
-        predictor = load_sam3_interactive_predictor(checkpoints["meta"])
+    if layout in ("meta", "hub"):  # one file holds the image model and the tracker
+        predictor = load_sam3_interactive_predictor(checkpoints[layout])
     else:
         predictor = load_sam3_interactive_predictor(checkpoints["meta"], checkpoints[layout])
     # Meta fills holes of up to 256 px of its 288-px low-res grid; the same share of our 48-px grid.
@@ -148,6 +148,14 @@ def test_standalone_sam_predictor_matches_transformers(checkpoints, reference, p
         out = reference(pixel_values=(pixels - 0.5) / 0.5, input_boxes=box, multimask_output=True)
     np.testing.assert_allclose(low_res, out.pred_masks[0, 0].clamp(-32, 32).numpy(), atol=1e-4)
     np.testing.assert_allclose(iou, out.iou_scores[0, 0].numpy(), atol=1e-4)
+
+
+def test_hub_file_holds_the_same_image_model(checkpoints):
+    from_hub = load_sam3(checkpoints["hub"]).state_dict()
+    from_meta = load_sam3(checkpoints["meta"]).state_dict()
+    assert set(from_hub) == set(from_meta)
+    for key, value in from_meta.items():
+        torch.testing.assert_close(from_hub[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_layouts_convert_both_ways(checkpoints):

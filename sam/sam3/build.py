@@ -312,12 +312,16 @@ def _native_from_meta(state: Mapping[str, torch.Tensor], path: Path) -> dict[str
 
 
 def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3Image:
-    """Build a SAM 3 image model from Meta's `sam3.pt` (or any file in its layout) or from a
-    transformers `save_pretrained` directory / its `model.safetensors`. Raises CheckpointError for a
+    """Build a SAM 3 image model from Meta's `sam3.pt` (or any file in its layout), from a
+    transformers `save_pretrained` directory / its `model.safetensors` (`Sam3Model`,
+    `Sam3LiteTextModel`), or from the hub's combined file (`detector_model.*`). Raises CheckpointError for a
     checkpoint of another family, a missing or unexpected key, a shape mismatch, or RoPE tables
     that disagree with the config."""
     path = Path(checkpoint)
     file, state = _read_weights(path)
+    if "detector_model.vision_encoder.backbone.embeddings.position_embeddings" in state:
+        # The hub's combined image + video file: the detector under `detector_model.`, the tracker beside it.
+        state = {key.removeprefix("detector_model."): value for key, value in state.items()}
     if "vision_encoder.backbone.embeddings.position_embeddings" in state:
         lite = LITE_TEXT_KEY in state
         raw = _read_config(path)
