@@ -217,3 +217,55 @@ def test_small_holes_are_filled_as_meta_does(checkpoints):
     assert int((out != logits).sum()) == 4
     interactive.max_hole_area = 0
     torch.testing.assert_close(interactive.postprocess_masks(logits, (48, 48), (48, 48)), logits)
+
+
+class _MetaHeads(torch.nn.Module):
+    """What Meta's SAM3InteractiveImagePredictor reads off its tracker: the two SAM heads."""
+
+    def __init__(self, prompt_encoder, mask_decoder, image_size):
+        super().__init__()
+        self.sam_prompt_encoder, self.sam_mask_decoder, self.image_size = prompt_encoder, mask_decoder, image_size
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+
+@pytest.mark.parametrize("prompt_name", list(PROMPTS))
+def test_meta_predictor_on_the_same_tracker_weights(checkpoints, photo, prompt_name):
+    """Meta's own SAM3InteractiveImagePredictor (sam3 0.1.4) with its SAM heads built at the tiny
+    sizes and loaded strictly from the `tracker.sam_*` keys of our Meta-layout file, on our cached
+    image features (set as Meta's Sam3Image.predict_inst does): Meta's transforms, decode, hole
+    filling (its CPU connected components) and upscaling against ours. No CUDA shim is needed for
+    these modules."""
+    mask_decoder_module = pytest.importorskip("sam3.sam.mask_decoder")
+    from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+    from sam3.sam.prompt_encoder import PromptEncoder
+    from sam3.sam.transformer import TwoWayTransformer
+
+    predictor = load_sam3_interactive_predictor(checkpoints["meta"])
+    predictor.model.max_hole_area = 256 * (48 / 288) ** 2
+    predictor.set_image(photo)
+    state = torch.load(checkpoints["meta"], weights_only=True)["model"]
+    prompt_encoder = PromptEncoder(embed_dim=32, image_embedding_size=(12, 12), input_image_size=(168, 168), mask_in_chans=16)
+    mask_decoder = mask_decoder_module.MaskDecoder(
+        num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=8),
+        transformer_dim=32, iou_head_depth=3, iou_head_hidden_dim=32, use_high_res_features=True,
+        iou_prediction_use_sigmoid=True, pred_obj_scores=True, pred_obj_scores_mlp=True,
+        use_multimask_token_for_obj_ptr=True, dynamic_multimask_via_stability=True,
+        dynamic_multimask_stability_delta=0.05, dynamic_multimask_stability_thresh=0.98,
+    )
+    for module, prefix in ((prompt_encoder, "tracker.sam_prompt_encoder."), (mask_decoder, "tracker.sam_mask_decoder.")):
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    meta = SAM3InteractiveImagePredictor(_MetaHeads(prompt_encoder, mask_decoder, 168).eval(),
+                                         max_hole_area=predictor.model.max_hole_area)
+    meta._features = {"image_embed": predictor.features["image_embed"], "high_res_feats": predictor.features["high_res_feats"]}
+    meta._is_image_set, meta._orig_hw = True, [photo.shape[:2]]
+    for multimask_output in (True, False):
+        ours = predictor.predict(**PROMPTS[prompt_name], multimask_output=multimask_output)
+        theirs = meta.predict(**PROMPTS[prompt_name], multimask_output=multimask_output)
+        np.testing.assert_allclose(ours[2], theirs[2], atol=1e-5)  # low-res logits
+        np.testing.assert_allclose(ours[1], theirs[1], atol=1e-5)  # IoU predictions
+        assert set(np.unique(theirs[0])) <= {0.0, 1.0}  # Meta returns the binary masks as floats
+        for a, b in zip(ours[0], theirs[0] > 0.5):
+            assert 0.05 < a.mean() < 1.0 and (a & b).sum() / (a | b).sum() >= 0.99
