@@ -269,3 +269,33 @@ def test_meta_predictor_on_the_same_tracker_weights(checkpoints, photo, prompt_n
         assert set(np.unique(theirs[0])) <= {0.0, 1.0}  # Meta returns the binary masks as floats
         for a, b in zip(ours[0], theirs[0] > 0.5):
             assert 0.05 < a.mean() < 1.0 and (a & b).sum() / (a | b).sum() >= 0.99
+
+
+def test_released_sizes_match_metas_tracker_heads():
+    """At the released sizes (1008 px, 256 channels), our heads have exactly the parameter names and
+    shapes of Meta's tracker heads as its build_tracker makes them (so sam3.pt's tracker.sam_* load)."""
+    mask_decoder_module = pytest.importorskip("sam3.sam.mask_decoder")
+    from sam3.sam.prompt_encoder import PromptEncoder
+    from sam3.sam.transformer import TwoWayTransformer
+
+    from sam.sam3 import Sam3Config
+    from sam.sam3.interactive import Sam3Interactive
+
+    config = Sam3Config()
+    ours = Sam3Interactive(torch.nn.Identity(), image_size=config.image_size, patch_size=config.patch_size,
+                           vit_dim=config.vit_dim)
+    grid = config.image_size // config.patch_size
+    theirs = {
+        "sam_prompt_encoder": PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                                            input_image_size=(config.image_size,) * 2, mask_in_chans=16),
+        "sam_mask_decoder": mask_decoder_module.MaskDecoder(
+            num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256, use_high_res_features=True,
+            iou_prediction_use_sigmoid=True, pred_obj_scores=True, pred_obj_scores_mlp=True,
+            use_multimask_token_for_obj_ptr=True),
+    }
+    for name, module in theirs.items():
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in getattr(ours, name).state_dict().items()}
+        assert got == expected, name
+    assert ours.sam_prompt_encoder.mask_input_size == (288, 288) and tuple(ours.no_mem_embed.shape) == (1, 1, 256)
