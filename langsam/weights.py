@@ -33,7 +33,6 @@ __all__ = [
     "download_file",
     "is_offline",
     "resolve_grounding_dino",
-    "resolve_sam3_checkpoint",
     "resolve_sam_checkpoint",
     "sam_checkpoint_path",
     "sam_checkpoint_spec",
@@ -194,8 +193,10 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
 
     Raises:
         ValueError: unknown ``sam_type``, missing local file, or ``"auto"`` without a file.
-        WeightsUnavailableError: not cached and offline / no network.
-        ChecksumMismatchError: the download was corrupt.
+        WeightsUnavailableError: not cached and offline / no network (WeightsAccessError for
+            SAM 3's gated file without access: the message says how to get it).
+        ChecksumMismatchError: the download was corrupt (SAM 3: differs from the hub's SHA-256;
+            WeightsError when the file cannot be checked against it).
     """
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -205,10 +206,8 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
     if sam_type == "auto":
         raise ValueError('sam_type="auto" infers the model size from a checkpoint: pass sam_checkpoint=<path>')
     spec = sam_checkpoint_spec(sam_type)
-    if spec.family == "sam3":
-        # Not a box predictor: LangSAM(sam_type="sam3") would fetch 3 GB and then fail.
-        raise ValueError(f"{sam_type!r} is SAM 3's concept model, not a SAM 1 / SAM 2 box predictor; "
-                         "its weights come from langsam.weights.resolve_sam3_checkpoint()")
+    if getattr(spec, "hf_repo", None) is not None:
+        return _resolve_hub_checkpoint(spec)  # SAM 3: gated, on the Hugging Face hub
     path = cache_dir() / "sam" / spec.filename
     if path.is_file():
         # Checked in full after download; here only the (free) size check, hashing 2.5 GB
@@ -231,29 +230,6 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
             f"{error}. Without network, download {spec.url} elsewhere and pass sam_checkpoint=<path> "
             "(CLI: --sam-checkpoint PATH)."
         ) from error
-
-
-def resolve_sam3_checkpoint(name: str = "sam3", checkpoint: str | os.PathLike | None = None) -> Path:
-    """Local path of a SAM 3 checkpoint: ``checkpoint`` as it is (a file or a transformers
-    directory), or the registry's gated hub file (``facebook/sam3``'s ``sam3.pt``), downloaded on
-    first use and checked against the hub's SHA-256.
-
-    Raises:
-        ValueError: not a SAM 3 registry name, or a missing local path.
-        WeightsAccessError: no access to the gated repository (the message says how to get it).
-        WeightsUnavailableError: not cached and offline / no network.
-        ChecksumMismatchError / WeightsError: the file differs from, or cannot be checked against,
-            the hub's SHA-256.
-    """
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.exists():
-            raise ValueError(f"SAM 3 checkpoint {str(path)!r} does not exist")
-        return path
-    spec = sam_checkpoint_spec(name)
-    if spec.family != "sam3":
-        raise ValueError(f"{name!r} is not a SAM 3 model; use resolve_sam_checkpoint for SAM 1 / SAM 2")
-    return _resolve_hub_checkpoint(spec)
 
 
 def _hub_help(spec) -> str:

@@ -18,7 +18,6 @@ from langsam.weights import (
     WeightsAccessError,
     WeightsError,
     WeightsUnavailableError,
-    resolve_sam3_checkpoint,
     resolve_sam_checkpoint,
 )
 from sam.build import MODEL_SPECS, CheckpointError, build_sam, checkpoint_family, load_state_dict_file, valid_model_types
@@ -70,18 +69,13 @@ def test_registry_row():
     assert "sam3" not in valid_model_types()  # not a SAM box predictor size (CLI --sam-type choices)
     with pytest.raises(ValueError, match="valid types: .*sam3"):
         build_sam("sam_three")
-    # LangSAM(sam_type="sam3") must not fetch 3 GB for a model its box predictor cannot use.
-    with pytest.raises(ValueError, match="SAM 3's concept model, not a SAM 1 / SAM 2 box predictor"):
-        resolve_sam_checkpoint("sam3")
-    with pytest.raises(ValueError, match="not a SAM 3 model"):
-        resolve_sam3_checkpoint("vit_b")
 
 
 def test_gated_download_without_token_says_how_to_get_access(hub, tmp_path):
     response = httpx.Response(401, request=httpx.Request("GET", URL))
     hub.error = GatedRepoError("401 Client Error. Cannot access gated repo for url " + URL, response=response)
     with pytest.raises(WeightsAccessError) as info:
-        resolve_sam3_checkpoint()
+        resolve_sam_checkpoint("sam3")
     message = str(info.value)
     assert "request access on https://huggingface.co/facebook/sam3" in message
     assert "`hf auth login`" in message and "HF_TOKEN" in message and "sam_checkpoint=<path>" in message
@@ -94,25 +88,25 @@ def test_download_is_checked_against_the_hub_sha256(hub, tmp_path, cache):
     hub.file.parent.mkdir()
     hub.file.write_bytes(b"pretend sam3 weights" * 50)
     hub.etag = '"' + hashlib.sha256(hub.file.read_bytes()).hexdigest() + '"'
-    assert resolve_sam3_checkpoint() == hub.file
+    assert resolve_sam_checkpoint("sam3") == hub.file
     assert (cache / "sam" / "sam3.verified").read_text().startswith(hub.etag.strip('"'))
     assert hub.metadata == [URL]
     # Verified once: a later start (offline too) neither hashes nor asks the hub again.
     hub.etag = "0" * 64
-    assert resolve_sam3_checkpoint() == hub.file and len(hub.metadata) == 1
+    assert resolve_sam_checkpoint("sam3") == hub.file and len(hub.metadata) == 1
     # A changed file is checked again, and refused when it differs from the hub's digest.
     hub.file.write_bytes(b"tampered")
     with pytest.raises(ChecksumMismatchError, match="should have 0000"):
-        resolve_sam3_checkpoint()
+        resolve_sam_checkpoint("sam3")
     # A file the hub gives no SHA-256 for (not an LFS object) is refused, not trusted.
     hub.etag = '"12-abc"'
     with pytest.raises(WeightsError, match="gives no SHA-256 .* refusing the unverified file"):
-        resolve_sam3_checkpoint()
+        resolve_sam_checkpoint("sam3")
 
 
 def test_offline_without_the_file(cache):
     with pytest.raises(WeightsUnavailableError) as info:
-        resolve_sam3_checkpoint()  # the real huggingface_hub, local files only
+        resolve_sam_checkpoint("sam3")  # the real huggingface_hub, local files only
     message = str(info.value)
     assert "downloads are off" in message and "https://huggingface.co/facebook/sam3" in message
     assert "sam_checkpoint=<path>" in message
