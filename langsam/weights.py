@@ -232,12 +232,16 @@ def resolve_sam_checkpoint(sam_type: str, checkpoint: str | os.PathLike | None =
         ) from error
 
 
+# How a SAM 3 file is given directly (the hub registry rows are SAM 3's).
+_LOCAL_FILE = "LangSAM(model='sam3', sam3_checkpoint=PATH) (CLI: --sam3-checkpoint PATH) or sam.sam3.load_sam3(PATH)"
+
+
 def _hub_help(spec) -> str:
     page = f"https://huggingface.co/{spec.hf_repo}"
     return (
         f"{spec.hf_repo} is gated: request access on {page} (log in, accept the license; approval can take "
         "a while), then log in here with `hf auth login` or set HF_TOKEN to a token with read access. "
-        f"Or download {spec.hf_filename} elsewhere and pass sam_checkpoint=<path> (CLI: --sam-checkpoint PATH)."
+        f"Or download {spec.hf_filename} elsewhere and pass it: {_LOCAL_FILE}."
     )
 
 
@@ -272,13 +276,13 @@ def _resolve_hub_checkpoint(spec) -> Path:
         if offline:
             raise WeightsError(
                 f"{path} has not been verified yet and downloads are off, so the SHA-256 the hub records for "
-                f"it cannot be read; go online once, or pass sam_checkpoint={str(path)!r} if you trust the file."
+                f"it cannot be read; go online once, or if you trust the file pass it: {_LOCAL_FILE}."
             )
         metadata = huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(spec.hf_repo, spec.hf_filename))
         expected = (metadata.etag or "").strip('"').lower()
         if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
             raise WeightsError(f"the hub gives no SHA-256 for {spec.hf_repo}/{spec.hf_filename} (etag {metadata.etag!r}); "
-                               f"refusing the unverified file {path}. Pass sam_checkpoint=<path> for a file you trust.")
+                               f"refusing the unverified file {path}. For a file you trust, pass it: {_LOCAL_FILE}.")
     digest = sha256_file(path)
     if digest != expected.lower():
         raise ChecksumMismatchError(

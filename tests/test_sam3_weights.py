@@ -78,7 +78,7 @@ def test_gated_download_without_token_says_how_to_get_access(hub, tmp_path):
         resolve_sam_checkpoint("sam3")
     message = str(info.value)
     assert "request access on https://huggingface.co/facebook/sam3" in message
-    assert "`hf auth login`" in message and "HF_TOKEN" in message and "sam_checkpoint=<path>" in message
+    assert "`hf auth login`" in message and "HF_TOKEN" in message and "sam3_checkpoint=PATH" in message
     assert isinstance(info.value, WeightsUnavailableError)  # callers that handle "unavailable" handle it too
     assert hub.download == [("facebook/sam3", "sam3.pt", False)]
 
@@ -109,7 +109,7 @@ def test_offline_without_the_file(cache):
         resolve_sam_checkpoint("sam3")  # the real huggingface_hub, local files only
     message = str(info.value)
     assert "downloads are off" in message and "https://huggingface.co/facebook/sam3" in message
-    assert "sam_checkpoint=<path>" in message
+    assert "sam3_checkpoint=PATH" in message
 
 
 def test_wrong_family_is_a_clear_error(tmp_path):
