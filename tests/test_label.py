@@ -1,0 +1,293 @@
+"""``langsam label``: the project database (actions, undo, idempotency, leases, crash safety),
+propose, export, and the fine-tuning loop on a synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from label_support import CLASSES, REPO, box_mask, propose_boxes, scripted_actions, write_images
+from langsam.label import Project, ProjectError
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def project(tmp_path, clock):
+    write_images(tmp_path / "images", 5)
+    project = Project.init(tmp_path / "proj", tmp_path / "images", CLASSES, clock=clock)
+    # image 1: scores 0.9, 0.8; image 2: 0.3; image 3: 0.5, 0.95; images 4, 5: nothing proposed
+    propose_boxes(project, {1: [0.9, 0.8], 2: [0.3], 3: [0.5, 0.95]})
+    yield project
+    project.close()
+
+
+def _record(project, object_id):
+    return project._record(project._db, object_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# init and open
+# ----------------------------------------------------------------------------------------------
+
+
+def test_init_records_images_relative_with_sizes_and_a_held_out_split(tmp_path):
+    write_images(tmp_path / "images", 6, size=(40, 30))
+    project = Project.init(tmp_path / "proj", tmp_path / "images", [" a dog", "a cat", "a dog", ""], val_fraction=0.2)
+    assert project.classes == ["a dog", "a cat"]
+    rows = project.images()
+    assert [r.path for r in rows] == [f"img{i:02d}.png" for i in range(5)] + ["nested/img05.png"]
+    assert {(r.width, r.height) for r in rows} == {(40, 30)}
+    assert sorted(r.split for r in rows) == ["train"] * 5 + ["val"]  # round(6 * 0.2) = 1
+    assert project.image_path(6) == (tmp_path / "images" / "nested" / "img05.png").resolve()
+    config = json.loads((tmp_path / "proj" / "project.json").read_text())
+    assert config["version"] == 1 and config["images_dir"] == str((tmp_path / "images").resolve())
+    db = sqlite3.connect(tmp_path / "proj" / "project.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    project.close()
+    assert Project.open(tmp_path / "proj").images() == rows
+
+
+def test_init_and_open_refuse_bad_input_clearly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    write_images(tmp_path / "images", 2)
+    with pytest.raises(ProjectError, match="no image files"):
+        Project.init(tmp_path / "p1", tmp_path / "empty", CLASSES)
+    with pytest.raises(ProjectError, match="no classes"):
+        Project.init(tmp_path / "p2", tmp_path / "images", [" ", ""])
+    with pytest.raises(ProjectError, match="no such folder"):
+        Project.init(tmp_path / "p3", tmp_path / "missing", CLASSES)
+    Project.init(tmp_path / "p4", tmp_path / "images", CLASSES).close()
+    with pytest.raises(ProjectError, match="already exists"):
+        Project.init(tmp_path / "p4", tmp_path / "images", CLASSES)
+    with pytest.raises(ProjectError, match="not a langsam label project"):
+        Project.open(tmp_path / "images")
+
+
+def test_image_path_refuses_a_row_pointing_outside_the_images_folder(project):
+    with project._transaction() as db:
+        db.execute("UPDATE images SET path = '../../etc/passwd' WHERE id = 1")
+    with pytest.raises(ProjectError, match="outside the project's images folder"):
+        project.image_path(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# proposals, queue, progress
+# ----------------------------------------------------------------------------------------------
+
+
+def test_queue_is_lowest_confidence_first_with_unproposed_images_last_and_filters(project):
+    assert project.queue() == [2, 3, 1, 4, 5]
+    assert project.queue(labels=["a cat"]) == [3, 1]  # the cat is object 2 of images 1 and 3
+    obj = project.objects(2)[0]
+    project.accept(obj.id, "ann", "a1")
+    assert project.queue() == [3, 1, 2, 4, 5]  # image 2 has nothing proposed left
+    assert project.queue(statuses=["accepted"]) == [2]
+    with pytest.raises(ProjectError, match="unknown status 'done'"):
+        project.queue(statuses=["done"])
+
+
+def test_add_proposals_replaces_only_unreviewed_objects_and_unproposed_resumes(project):
+    assert [r.id for r in project.unproposed(1)] == [4, 5]
+    kept = project.objects(1)[0]
+    project.accept(kept.id, "ann", "a1")
+    assert [r.id for r in project.unproposed(2)] == [2, 3, 4, 5]  # image 1 has a reviewed object
+    image = project.image(3)
+    new = box_mask(image.height, image.width, 5, 5, 15, 12)
+    project.add_proposals(3, [{"label": "a cat", "mask": new, "box": [5, 5, 15, 12], "score": 0.7}], round=2)
+    (only,) = project.objects(3)
+    assert only.round == 2 and only.status == "proposed" and np.array_equal(only.mask, new)
+    assert np.array_equal(only.proposal_mask, new)
+    assert project.image(3).proposed_round == 2 and [r.id for r in project.unproposed(2)] == [2, 4, 5]
+    with pytest.raises(ProjectError, match="mask is 10x10 but image 3"):
+        project.add_proposals(3, [{"label": "a cat", "mask": np.ones((10, 10), bool), "box": [0, 0, 1, 1]}], 2)
+    with pytest.raises(ProjectError, match="unknown label 'a cow'"):
+        project.add_proposals(3, [{"label": "a cow", "mask": new, "box": [0, 0, 1, 1]}], 2)
+    assert [o.id for o in project.objects(3)] == [only.id]  # a refused call changes nothing
+
+
+def test_progress_counts_statuses_and_reviewed_images(project):
+    first, second = project.objects(1)
+    project.accept(first.id, "ann", "a1")
+    project.reject(second.id, "ann", "a2")
+    progress = project.progress()
+    assert progress["images"] == 5 and progress["reviewed_images"] == 1
+    assert progress["objects"] == {"proposed": 3, "accepted": 1, "corrected": 0, "rejected": 1, "added": 0}
+    assert progress["per_image"] == {1: (2, 2), 2: (0, 1), 3: (0, 2), 4: (0, 0), 5: (0, 0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# review actions, undo, idempotency
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_action_records_its_change_and_undo_restores_before_exactly(project, clock):
+    a, b = project.objects(1)
+    c = project.objects(3)[0]
+    image = project.image(1)
+    originals = {o.id: _record(project, o.id) for o in (a, b, c)}
+    fix = box_mask(image.height, image.width, 3, 2, 11, 9)
+
+    (accepted,) = project.accept(a.id, "ann", "k1")
+    clock.now += 1
+    (rejected,) = project.reject(b.id, "ann", "k2")
+    (corrected,) = project.correct(c.id, fix, [[5, 4, 1], [10, 8, 0]], "ann", "k3")
+    (relabelled,) = project.relabel(a.id, "a cat", "ann", "k4")
+    (added,) = project.add(1, "a dog", box_mask(image.height, image.width, 20, 10, 30, 20), None, "ann", "k5")
+
+    assert accepted.status == "accepted" and accepted.reviewer == "ann"
+    assert accepted.reviewed_at == "1970-01-01T00:16:40.000+00:00"
+    assert rejected.status == "rejected" and rejected.reviewed_at.startswith("1970-01-01T00:16:41")
+    assert corrected.status == "corrected" and np.array_equal(corrected.mask, fix)
+    assert corrected.box == [3.0, 2.0, 11.0, 9.0] and corrected.points == [[5.0, 4.0, 1], [10.0, 8.0, 0]]
+    assert np.array_equal(corrected.proposal_mask, c.mask)  # the proposal is kept
+    assert relabelled.label == "a cat" and relabelled.status == "accepted"
+    assert added.status == "added" and added.box == [20.0, 10.0, 30.0, 20.0] and added.proposal_rle is None
+    assert [(x["kind"], x["object_id"]) for x in project.actions()] == [
+        ("accept", a.id), ("reject", b.id), ("correct", c.id), ("relabel", a.id), ("add", added.id)]
+    assert project.actions()[0]["before"] == originals[a.id]
+
+    assert project.undo("ann", "u1") == []  # the add: the object is gone
+    assert [o.id for o in project.objects(1)] == [a.id, b.id]
+    (back,) = project.undo("ann", "u2")  # the relabel
+    assert back.label == a.label and back.status == "accepted"
+    project.undo("ann", "u3")
+    project.undo("ann", "u4")
+    project.undo("ann", "u5")
+    assert {o.id: _record(project, o.id) for o in (a, b, c)} == originals
+    assert project.undo("ann", "u6") == []  # nothing left to undo
+    assert [x["undone"] for x in project.actions()[:5]] == [1] * 5
+    assert project.integrity_check() == "ok"
+
+
+def test_undo_is_per_reviewer_and_optionally_per_image_and_refuses_to_lose_a_later_change(project):
+    a = project.objects(1)[0]
+    c = project.objects(3)[0]
+    project.accept(a.id, "ann", "k1")
+    project.accept(c.id, "ann", "k2")
+    project.reject(a.id, "bob", "k3")
+    with pytest.raises(ProjectError, match="changed by a later action"):
+        project.undo("ann", "u1", image_id=1)  # bob's reject came after ann's accept
+    assert project.object(a.id).status == "rejected"
+    (restored,) = project.undo("ann", "u2")  # ann's last action overall: the accept on image 3
+    assert restored.id == c.id and restored.status == "proposed"
+    (restored,) = project.undo("bob", "u3")
+    assert restored.status == "accepted"
+
+
+def test_the_same_key_twice_applies_once_and_returns_the_first_result(project):
+    a, b = project.objects(1)
+    first = project.accept(a.id, "ann", "same")
+    assert project.accept(a.id, "ann", "same") == first
+    image = project.image(1)
+    mask = box_mask(image.height, image.width, 1, 1, 5, 5)
+    added = project.add(1, "a cat", mask, None, "ann", "add-1")
+    assert project.add(1, "a cat", mask, None, "ann", "add-1") == added
+    project.undo("ann", "undo-1")
+    project.undo("ann", "undo-1")  # a retried undo does not undo the accept too
+    assert project.object(a.id).status == "accepted"
+    assert len(project.objects(1)) == 2 and len(project.actions()) == 3
+    with pytest.raises(ProjectError, match="already used for a accept action"):
+        project.reject(b.id, "ann", "same")
+
+
+def test_actions_refuse_bad_input_clearly(project):
+    a = project.objects(1)[0]
+    with pytest.raises(ProjectError, match="unknown label"):
+        project.relabel(a.id, "<script>", "ann", "k1")
+    with pytest.raises(ProjectError, match="no object with id 999"):
+        project.accept(999, "ann", "k2")
+    with pytest.raises(ProjectError, match="the mask is empty"):
+        project.correct(a.id, np.zeros((30, 40), bool), None, "ann", "k3")
+    with pytest.raises(ProjectError, match="a point must be"):
+        project.correct(a.id, box_mask(30, 40, 0, 0, 3, 3), [[1, 2]], "ann", "k4")
+    with pytest.raises(ProjectError, match="reviewer must be a non-empty string"):
+        project.accept(a.id, "", "k5")
+    assert project.actions() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# leases
+# ----------------------------------------------------------------------------------------------
+
+
+def test_leases_are_disjoint_between_holders_and_expire(project, clock):
+    first = project.lease_next("tab-a", ttl_s=60)
+    second = project.lease_next("tab-b", ttl_s=60)
+    assert (first, second) == (2, 3)
+    assert project.lease_next("tab-a", ttl_s=60) == 2  # a reloaded tab gets its own image back
+    assert project.lease_next("tab-a", ttl_s=60, skip=[2]) == 1
+    assert project.lease_holder(3) == "tab-b"
+    clock.now += 30
+    assert project.renew(3, "tab-b", ttl_s=60) and not project.renew(3, "tab-a")
+    clock.now += 45  # tab-a's leases (taken at t=0, ttl 60) are gone; tab-b renewed at t=30
+    assert project.lease_holder(2) is None and project.lease_holder(3) == "tab-b"
+    assert project.lease_next("tab-c", ttl_s=60) == 2
+    assert not project.renew(2, "tab-a")
+    project.release(3, "tab-b")
+    assert project.lease_next("tab-d", ttl_s=60) == 3
+
+
+def test_leases_are_disjoint_between_two_processes_opening_the_project(project, clock):
+    other = Project.open(project.path, clock=clock)
+    leased = [project.lease_next("a"), other.lease_next("b"), project.lease_next("c"), other.lease_next("d")]
+    assert leased == [2, 3, 1, 4]
+    other.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# crash safety
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [7])
+def test_kill_9_mid_session_keeps_exactly_the_finished_actions(project, k):
+    project.close()
+    child = subprocess.Popen([sys.executable, str(REPO / "tests" / "label_support.py"), "crash", str(project.path),
+                              str(k)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        line = child.stdout.readline()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    reported = json.loads(line)
+    reopened = Project.open(project.path)
+    assert reopened.integrity_check() == "ok"
+    assert [a["key"] for a in reopened.actions()] == [f"k{i}" for i in range(k)]
+    assert reopened.queue() == reported["queue"]
+
+    # The same session replayed here gives the same database: nothing was half applied.
+    fresh_dir = project.path.parent / "replay"
+    fresh = Project.init(fresh_dir, reopened.images_dir, CLASSES)
+    propose_boxes(fresh, {1: [0.9, 0.8], 2: [0.3], 3: [0.5, 0.95]})
+    replay = scripted_actions(fresh)
+    for index in range(k):
+        replay(index)
+    def summary(p):
+        return [(a["key"], a["kind"], a["image_id"], a["object_id"], a["undone"]) for a in p.actions()]
+
+    assert summary(reopened) == summary(fresh)
+    assert [_record(reopened, o.id) | {"reviewed_at": None} for o in reopened.objects()] == \
+        [_record(fresh, o.id) | {"reviewed_at": None} for o in fresh.objects()]
+    reopened.close()
+    fresh.close()
