@@ -291,3 +291,133 @@ def test_kill_9_mid_session_keeps_exactly_the_finished_actions(project, k):
         [_record(fresh, o.id) | {"reviewed_at": None} for o in fresh.objects()]
     reopened.close()
     fresh.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reviewed(project):
+    """Image 1: accepted + rejected; image 2: corrected; image 3: an object added, two left
+    proposed; images 4 and 5: never proposed. Returns (project, {image id: [expected masks]})."""
+    from langsam.label.project import rle_decode
+
+    a, b = project.objects(1)
+    (c,) = project.objects(2)
+    image = project.image(2)
+    fix = box_mask(image.height, image.width, 6, 3, 25, 20)
+    fix[10:12, 10:12] = False  # a hole: COCO RLE keeps it
+    project.accept(a.id, "ann", "k1")
+    project.reject(b.id, "ann", "k2")
+    project.correct(c.id, fix, [[8, 5, 1]], "ann", "k3")
+    added = box_mask(image.height, image.width, 30, 20, 38, 28)
+    project.add(3, "a cat", added, [30, 20, 38, 28], "ann", "k4")
+    expected = {1: [("a dog", rle_decode(a.mask_rle))], 2: [("a dog", fix)], 3: [("a cat", added)]}
+    return project, expected
+
+
+def _decoded(coco):
+    from pycocotools import mask as mask_utils
+
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    by_image = {}
+    for annotation in coco["annotations"]:
+        rle = dict(annotation["segmentation"], counts=annotation["segmentation"]["counts"].encode())
+        by_image.setdefault(annotation["image_id"], []).append(
+            (names[annotation["category_id"]], mask_utils.decode(rle).astype(bool)))
+    return by_image
+
+
+def test_coco_export_holds_exactly_the_kept_masks(reviewed, tmp_path):
+    from pycocotools.coco import COCO
+
+    from langsam.label.export import export
+
+    project, expected = reviewed
+    summary = export(project, tmp_path / "out", "coco", split="none")
+    assert summary["images"] == {"all": 3} and summary["objects"] == {"all": 3}
+    coco = json.loads((tmp_path / "out" / "all.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == CLASSES
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
+        (1, "img00.png", 40, 30), (2, "img01.png", 40, 30), (3, "img02.png", 40, 30)]
+    got = _decoded(coco)
+    assert set(got) == set(expected)
+    for image_id, objects in expected.items():
+        assert [label for label, _ in got[image_id]] == [label for label, _ in objects]
+        for (_, mine), (_, theirs) in zip(got[image_id], objects):
+            assert np.array_equal(mine, theirs)
+    assert got[2][0][1].sum() == 19 * 17 - 4  # the hole survived
+    assert COCO(str(tmp_path / "out" / "all.json")).getAnnIds(imgIds=[3]) != []  # pycocotools reads it
+
+
+def test_split_export_by_project_split_and_by_fraction(reviewed, tmp_path):
+    from langsam.label.export import export, parse_split
+
+    project, _ = reviewed
+    with project._transaction() as db:
+        db.execute("UPDATE images SET split = CASE id WHEN 2 THEN 'val' ELSE 'train' END")
+    export(project, tmp_path / "p", "coco")
+    assert [i["id"] for i in json.loads((tmp_path / "p" / "train.json").read_text())["images"]] == [1, 3]
+    assert [i["id"] for i in json.loads((tmp_path / "p" / "val.json").read_text())["images"]] == [2]
+    summary = export(project, tmp_path / "r", "coco", split=parse_split("val=0.34"), seed=3)
+    assert summary["images"]["train"] + summary["images"]["val"] == 3 and summary["images"]["val"] == 1
+    with pytest.raises(ValueError, match="--split must be"):
+        parse_split("val=1.5")
+
+
+def test_yolo_export_polygons_rasterise_back_to_the_masks(reviewed, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from langsam.label.export import export
+
+    project, expected = reviewed
+    export(project, tmp_path / "y", "yolo", split="none")
+    yaml_text = (tmp_path / "y" / "data.yaml").read_text()
+    assert 'names:\n  0: "a dog"\n  1: "a cat"\n' in yaml_text and "train: images/all" in yaml_text
+    for image_id, stem in ((1, "img00"), (2, "img01"), (3, "img02")):
+        link = tmp_path / "y" / "images" / "all" / f"{stem}.png"
+        assert link.resolve() == project.image_path(image_id)
+        lines = (tmp_path / "y" / "labels" / "all" / f"{stem}.txt").read_text().splitlines()
+        assert len(lines) == len(expected[image_id])
+        for line, (label, mask) in zip(lines, expected[image_id]):
+            values = line.split()
+            assert int(values[0]) == CLASSES.index(label)
+            coords = np.array(values[1:], float).reshape(-1, 2) * [40, 30]
+            assert coords.min() >= 0 and (coords <= [40, 30]).all()
+            raster = mask_utils.decode(mask_utils.frPyObjects([coords.ravel().tolist()], 30, 40)).astype(bool)
+            filled = mask.copy()
+            filled[10:12, 10:12] = mask[10:12, 10:12] | (image_id == 2)  # YOLO polygons have no holes
+            assert np.array_equal(raster[..., 0], filled)
+
+
+def test_mask_polygon_joins_parts_and_traces_diagonal_contacts():
+    from pycocotools import mask as mask_utils
+
+    from langsam.label.export import mask_polygon
+
+    mask = np.zeros((20, 30), bool)
+    mask[2:8, 2:9] = True  # the larger part first
+    mask[12:16, 20:24] = True
+    mask[8, 9] = True  # touches the first part only at a corner
+    polygon = mask_polygon(mask)
+    raster = mask_utils.decode(mask_utils.frPyObjects([polygon.ravel().tolist()], 20, 30))[..., 0].astype(bool)
+    assert np.array_equal(raster, mask)
+    assert tuple(polygon[0]) == (2.0, 2.0)
+
+
+def test_sa1b_export_one_file_per_image(reviewed, tmp_path):
+    from langsam.label.export import export
+    from sam.training.data import load_sa1b
+
+    project, expected = reviewed
+    export(project, tmp_path / "s", "sa1b", split="none")
+    files = sorted(p.name for p in (tmp_path / "s" / "all").iterdir())
+    assert files == ["img00.json", "img01.json", "img02.json"]
+    document = json.loads((tmp_path / "s" / "all" / "img02.json").read_text())
+    assert document["image"]["file_name"] == "img02.png" and document["annotations"][0]["category"] == "a cat"
+    dataset = load_sa1b(tmp_path / "s" / "all", images=project.images_dir)
+    assert dataset.num_objects == 3
+    _, masks = dataset.object_masks(1)
+    assert np.array_equal(masks[0], expected[2][0][1])
