@@ -16,6 +16,8 @@ import pytest
 from label_support import CLASSES, REPO, box_mask, propose_boxes, scripted_actions, write_images
 from langsam.label import Project, ProjectError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 
 class Clock:
     def __init__(self, now: float = 1000.0) -> None:
@@ -421,3 +423,113 @@ def test_sa1b_export_one_file_per_image(reviewed, tmp_path):
     assert dataset.num_objects == 3
     _, masks = dataset.object_masks(1)
     assert np.array_equal(masks[0], expected[2][0][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------
+
+
+def run_main(argv):
+    import contextlib
+    import io
+
+    from langsam.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory, tiny_sam_checkpoint):
+    from tiny_gdino import save_tiny_grounding_dino
+
+    folder = tmp_path_factory.mktemp("label_models")
+    return ["--sam-type", "auto", "--sam-checkpoint", str(tiny_sam_checkpoint), "--detector",
+            str(save_tiny_grounding_dino(folder / "gdino", seed=0)), "--device", "cpu"]
+
+
+def test_cli_init_refuses_bad_input_with_usage_errors(tmp_path):
+    write_images(tmp_path / "images", 2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "classes.txt").write_text("# pets\na dog\n\na cat, a bird\n")
+    cases = [
+        (["--images", str(tmp_path / "empty"), "--classes", "a dog"], "no image files"),
+        (["--images", str(tmp_path / "images"), "--classes", " , "], "no classes"),
+        (["--images", str(tmp_path / "images"), "--classes-file", str(tmp_path / "missing.txt")], "cannot read"),
+    ]
+    for extra, message in cases:
+        status, _, stderr = run_main(["label", "init", str(tmp_path / "p"), *extra])
+        assert status == 2 and message in stderr, stderr
+    status, stdout, _ = run_main(["label", "init", str(tmp_path / "p"), "--images", str(tmp_path / "images"),
+                                  "--classes-file", str(tmp_path / "classes.txt")])
+    assert status == 0 and "2 images (1 held out), classes: a dog, a cat, a bird" in stdout
+    status, _, stderr = run_main(["label", "init", str(tmp_path / "p"), "--images", str(tmp_path / "images"),
+                                  "--classes", "a dog"])
+    assert status == 2 and "already exists and is not empty" in stderr
+    status, _, stderr = run_main(["label", "export", str(tmp_path / "images"), "--out", str(tmp_path / "o")])
+    assert status == 2 and "not a langsam label project" in stderr
+    status, _, stderr = run_main(["label", "propose", str(tmp_path / "p"), "--round", "2"])
+    assert status == 2 and "round 2 proposes with round 1's tuned model" in stderr
+
+
+def test_cli_propose_reports_bad_files_resumes_and_never_redoes_an_image(tmp_path, cli_models, monkeypatch):
+    from langsam.pipeline import LangSAM
+
+    write_images(tmp_path / "images", 2, size=(48, 40))
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    status, _, _ = run_main(["label", "init", str(tmp_path / "p"), "--images", str(tmp_path / "images"),
+                             "--classes", "a cat, a dog"])
+    assert status == 0
+    segmented = []
+    original = LangSAM.segment
+
+    def counting(self, image, *args, **kwargs):
+        segmented.append(image.shape)
+        return original(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(LangSAM, "segment", counting)
+    import langsam.label.propose as propose_module
+
+    real_store = propose_module.store_proposals
+    stored = []
+
+    def store_then_stop(project, image_id, document, round):
+        real_store(project, image_id, document, round)
+        stored.append(image_id)
+        if len(stored) == 1:
+            raise KeyboardInterrupt  # Ctrl-C right after the first image is stored
+
+    monkeypatch.setattr(propose_module, "store_proposals", store_then_stop)
+    argv = ["label", "propose", str(tmp_path / "p"), "--top-k", "2", "--box-threshold", "0", *cli_models]
+    status, _, stderr = run_main(argv)
+    assert status == 130 and "1 images were proposed and are stored" in stderr
+    project = Project.open(tmp_path / "p")
+    rows = {r.path: r for r in project.images()}
+    assert [r.proposed_round for r in project.images()] == [None, 1, None]  # broken.png sorts first
+    first_objects = [o.id for o in project.objects(2)]
+    assert len(first_objects) == 2  # top-k 2 of a random detector that scores every box high
+
+    monkeypatch.setattr(propose_module, "store_proposals", real_store)
+    status, stdout, stderr = run_main(argv)
+    assert status == 1
+    assert "broken.png: corrupt or truncated image" in stderr
+    assert "3 images: 1 processed, 1 skipped, 1 failed" in stdout
+    assert len(segmented) == 2  # each readable image segmented exactly once over both runs
+    assert [r.proposed_round for r in project.images()] == [None, 1, 1]
+    assert [o.id for o in project.objects(2)] == first_objects
+    assert rows["broken.png"].width is None
+    for image in project.images()[1:]:
+        for obj in project.objects(image.id):
+            assert obj.mask.shape == (40, 48) and 0 < obj.mask.sum() < 40 * 48 and obj.label in CLASSES
+    project.close()
+
+
+def test_cli_review_without_the_review_server_says_so(tmp_path, monkeypatch):
+    write_images(tmp_path / "images", 2)
+    Project.init(tmp_path / "p", tmp_path / "images", CLASSES).close()
+    monkeypatch.setitem(sys.modules, "langsam.label.review", None)  # as if not installed
+    status, _, stderr = run_main(["label", "review", str(tmp_path / "p"), "--device", "cpu"])
+    assert status == 1 and "review server is not available" in stderr

@@ -197,7 +197,8 @@ def run_propose(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as interrupt:
         from langsam.cli.batch import Terminated
 
-        print(f"\nstopped; {report.processed} images were proposed and are stored. Rerun "
+        stored = sum(1 for image in project.images() if image.proposed_round == round) - done
+        print(f"\nstopped; {stored} images were proposed and are stored. Rerun "
               f"'langsam label propose {args.project} --round {round}' to go on", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     finally:
