@@ -605,3 +605,25 @@ def test_propose_review_train_propose_again_improves_the_proposals(tmp_path):
     assert round2["proposal_miou"] > round1["proposal_miou"] + 0.2
     assert round1["corrections_per_object"] > round2["corrections_per_object"]
     project.close()
+
+
+def test_cli_propose_round_2_uses_round_1s_checkpoint_on_the_unreviewed_images(project, tmp_path, monkeypatch):
+    import langsam.cli.batch as batch
+
+    seen = {}
+
+    def capture(args, todo, **kwargs):
+        seen.update(sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, keys=[item.key for item in todo],
+                    total=kwargs["report"].total)
+
+    monkeypatch.setattr(batch, "process_items", capture)
+    project.accept(project.objects(1)[0].id, "ann", "k1")
+    checkpoint = project.rounds_dir / "round-1" / "best.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    status, _, stderr = run_main(["label", "propose", str(project.path), "--device", "cpu", "-q"])
+    assert status == 0, stderr
+    assert seen == {"sam_type": "auto", "sam_checkpoint": str(checkpoint), "keys": ["2", "3", "4", "5"], "total": 4}
+    status, _, stderr = run_main(["label", "propose", str(project.path), "--round", "2", "--sam-checkpoint",
+                                  str(checkpoint), "--device", "cpu"])
+    assert status == 2 and "drop --sam-checkpoint" in stderr
