@@ -600,6 +600,8 @@ def test_propose_review_train_propose_again_improves_the_proposals(tmp_path):
           f"{before['miou_box']:.3f} -> {after['miou_box']:.3f}; acceptance {round1['acceptance_rate']:.2f} -> "
           f"{round2['acceptance_rate']:.2f}; proposal mIoU {round1['proposal_miou']:.3f} -> "
           f"{round2['proposal_miou']:.3f}")
+    # Measured (1 torch thread): held-out 1 click 0.065 -> 0.254, box 0.060 -> 0.222; acceptance 0.00 -> 0.43;
+    # proposal mIoU 0.061 -> 0.463; corrections per object 1.00 -> 0.57 (README, "Does the loop help?").
     assert after["miou_click_1"] > before["miou_click_1"] + 0.1 and after["miou_box"] > before["miou_box"] + 0.1
     assert round2["acceptance_rate"] > round1["acceptance_rate"]
     assert round2["proposal_miou"] > round1["proposal_miou"] + 0.2
