@@ -173,3 +173,40 @@ def decode_area(rle) -> int:
     from pycocotools import mask as mask_utils
 
     return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode()}))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_langsam_eval_track_runs_prompted_tracking_from_the_labels(clip, tmp_path, monkeypatch, capsys):
+    """`langsam eval GT --track clip.mp4`: SAM 2.1's video predictor (tiny, random) prompted
+    with each labelled object's first mask. On the prompt frame the predictor returns the
+    prompt itself, so J there is high for each object under its own id (a swapped or dropped
+    id would score ~0); the saved tracks and the report agree with the Python API."""
+    from video_support import make_video_sam2, write_mp4
+
+    from langsam import cli
+    from langsam.cli import options
+    from langsam.pipeline import LangSAM
+    from langsam.video.metrics import load_vis
+
+    frames, masks, ground_truth = clip
+    write_mp4(list(frames), tmp_path / "clip.mp4")
+    (tmp_path / "gt.json").write_text(json.dumps(ground_truth))
+    model = make_video_sam2(128)
+    monkeypatch.setattr(options, "load_pipeline", lambda args, mode: LangSAM(sam_model=model, device="cpu"))
+    report_path = tmp_path / "prompted.json"
+    assert cli.main(["eval", str(tmp_path / "gt.json"), "--track", str(tmp_path / "clip.mp4"), "--quiet",
+                     "--report", str(report_path)]) == 0
+    tracks = json.loads((tmp_path / "prompted_tracks.json").read_text())
+    tracked = load_vis(tracks, what="tracks")[1]
+    for obj_id in (1, 2):
+        assert region_similarity(masks[obj_id][0], tracked.mask(obj_id, 0)) > 0.8
+    later = [tracked.mask(obj_id, t).mean() for obj_id in (1, 2) for t in range(1, 8)]
+    assert 0 < np.mean(later) < 1  # tracked frames are neither all empty nor all full
+    report = json.loads(report_path.read_text())
+    assert report["jf"] == json.loads(json.dumps(evaluate_video(ground_truth, tracks, metrics=("jf",))["jf"]))
+    assert set(report) >= {"jf"} and "identity" not in report
+    # A video the labels do not name is refused before any model loads.
+    (tmp_path / "other.mp4").write_bytes((tmp_path / "clip.mp4").read_bytes())
+    assert cli.main(["eval", str(tmp_path / "gt.json"), "--track", str(tmp_path / "other.mp4"),
+                     "--report", str(tmp_path / "r3.json")]) == 1
+    assert "no video of that name" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from langsam.cli.options import EXIT_FAILURES, EXIT_OK, UsageError
@@ -24,9 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     video.add_argument("--video", nargs="+", metavar="RESULTS", default=None,
                        help="score these tracking results (video.json files written by 'langsam track', or one "
                             "YouTube-VIS results list) against DATA instead of running a model")
-    video.add_argument("--metrics", default="jf,identity,ap", metavar="LIST",
+    video.add_argument("--track", nargs="+", metavar="VIDEO", default=None,
+                       help="prompted tracking: run SAM 2.1's video predictor on these videos (files or frame "
+                            "folders, matched to DATA's videos by file name), each labelled object prompted on its "
+                            "first visible frame (--prompt), and score J&F; the tracks are saved beside the report")
+    video.add_argument("--prompt", choices=("mask", "box"), default="mask",
+                       help="what --track gives SAM of each object: its mask or its box (default mask)")
+    video.add_argument("--metrics", default=None, metavar="LIST",
                        help="comma-separated: jf (J&F, objects matched by id: prompted tracking), identity "
-                            "(IDF1, ID switches: text tracking), ap (video mask AP) (default all three)")
+                            "(IDF1, ID switches: text tracking), ap (video mask AP) (default all three; jf with --track)")
     video.add_argument("--boundary-tolerance", type=float, default=None, metavar="T",
                        help="F's boundary tolerance: a fraction of the image diagonal, or pixels if >= 1 "
                             "(default 0.008, DAVIS')")
@@ -57,11 +64,51 @@ def _merged_results(paths: list[str]) -> Any:
     return {"videos": videos, "annotations": annotations}
 
 
+def _track(args: argparse.Namespace, ground_truth: Any) -> dict[str, Any]:
+    """Prompted tracking of every ``--track`` video; one results document of all of them."""
+    from langsam.cli.options import load_pipeline, validate_model_arguments
+    from langsam.video.metrics import VideoEvaluationError, load_vis
+    from langsam.video.prompted import track_prompted
+    from langsam.video.tracker import _build_video_predictor
+
+    labels = load_vis(ground_truth, what="ground truth")
+    by_name = {Path(v.name).name: v for v in labels.values() if v.name}
+    todo = []
+    for path in args.track:
+        if not Path(path).exists():
+            raise UsageError(f"--track: {path!r} does not exist")
+        video = by_name.get(Path(path).name) or by_name.get(Path(path).stem) or \
+            next((v for name, v in by_name.items() if Path(name).stem == Path(path).stem), None)
+        if video is None:
+            raise VideoEvaluationError(f"{path!r}: no video of that name in the ground truth "
+                                       f"({', '.join(sorted(by_name)) or 'it names none'})")
+        todo.append((path, video))
+    if args.sam_type is None and args.sam_checkpoint is not None:
+        args.sam_type = "auto"
+    validate_model_arguments(args.parser, args)
+    try:
+        predictor = _build_video_predictor(load_pipeline(args, "sam"))
+    except ValueError as error:
+        raise VideoEvaluationError(str(error)) from None
+    videos, annotations = [], []
+    for number, (path, labelled) in enumerate(todo, start=1):
+        try:
+            document = track_prompted(predictor, path, labelled, prompt=args.prompt, progress=not args.quiet)
+        except ValueError as error:
+            raise VideoEvaluationError(str(error)) from None
+        videos.append({**document["videos"][0], "id": number})
+        annotations += [{**a, "video_id": number} for a in document["annotations"]]
+    return {"info": document["info"], "videos": videos, "annotations": annotations}
+
+
 def run(args: argparse.Namespace) -> int:
     """Score ``args.video`` against ``args.data``; print the tables, write ``args.report``."""
     from langsam.video.metrics import BOUNDARY_TOLERANCE, IDENTITY_IOU, VideoEvaluationError, evaluate_video
 
-    metrics = tuple(dict.fromkeys(m.strip().lower() for m in args.metrics.split(",") if m.strip()))
+    if args.video is not None and args.track is not None:
+        raise UsageError("give --video (score results) or --track (run prompted tracking), not both")
+    default = "jf" if args.track is not None else ",".join(METRICS)
+    metrics = tuple(dict.fromkeys(m.strip().lower() for m in (args.metrics or default).split(",") if m.strip()))
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise UsageError(f"--metrics: unknown {', '.join(unknown) or '(empty)'}; choose from {','.join(METRICS)}")
@@ -79,16 +126,23 @@ def run(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as error:
         print(f"langsam eval: error: the ground truth {args.data!r} is not JSON: {error}", file=sys.stderr)
         return EXIT_FAILURES
+    from langsam.io import atomic_write_json
+
     try:
-        report = evaluate_video(ground_truth, _merged_results(args.video), metrics=metrics, tolerance=tolerance,
+        if args.track is not None:
+            results, sources = _track(args, ground_truth), [str(p) for p in args.track]
+            tracks_path = Path(args.report).with_name(Path(args.report).stem + "_tracks.json")
+            atomic_write_json(tracks_path, results)
+            print(f"tracks: {tracks_path}")
+        else:
+            results, sources = _merged_results(args.video), [str(p) for p in args.video]
+        report = evaluate_video(ground_truth, results, metrics=metrics, tolerance=tolerance,
                                 iou_threshold=identity_iou)
     except VideoEvaluationError as error:
         print(f"langsam eval: error: {error}", file=sys.stderr)
         return EXIT_FAILURES
-    report = {"ground_truth": str(args.data), "results": [str(p) for p in args.video], **report}
+    report = {"ground_truth": str(args.data), "results": sources, **report}
     print(table(report))
-    from langsam.io import atomic_write_json
-
     atomic_write_json(args.report, report)
     print(f"report: {args.report}")
     return EXIT_OK

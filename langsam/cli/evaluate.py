@@ -57,6 +57,7 @@ examples:
   langsam eval shapes/ --prompts points,box --clicks 9 --report before.json
   langsam eval val.json --images val2017/ --prompts text --modes grounded,hybrid
   langsam eval labels.json --video out/clip/video.json      (tracking: J&F, IDF1, video AP)
+  langsam eval labels.json --track clip.mp4 --prompt box     (SAM 2.1 prompted tracking: J&F)
 """
 
 
@@ -132,7 +133,7 @@ def load_data(args: argparse.Namespace, path: str, images: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``langsam eval`` with parsed ``args``; returns the exit status."""
-    if args.video is not None:
+    if args.video is not None or args.track is not None:
         return eval_video.run(args)
     if args.sam_type is None and args.sam_checkpoint is not None:
         args.sam_type = "auto"  # a local checkpoint says what it is
