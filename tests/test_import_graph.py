@@ -37,6 +37,8 @@ HEAVY_OWNERS = {
     "onnxruntime": ("sam.export", "langsam.cli.export"),
     "onnx": ("sam.export", "langsam.cli.export"),
     "peft": ("sam.training", "langsam.cli.finetune"),
+    "motmetrics": ("langsam.video.metrics",),
+    "matplotlib": ("langsam.label.train",),
 }
 
 
