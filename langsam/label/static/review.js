@@ -12,7 +12,7 @@ const RETRIES = 4;
 const state = {
   holder: randomId(),  // one per page load: two tabs never share a lease
   apiKey: sessionStorage.getItem("langsam-api-key") || "",
-  classes: [], image: null, objects: [], selected: 0, picture: null, masks: new Map(), scale: 1,
+  classes: [], image: null, objects: [], selected: 0, picture: null, masks: new Map(), skipped: [],
   leaseTtl: 120, busy: false, press: null, drag: null,
 };
 // Click-to-mask times (ms, press to redrawn mask) for the benchmark and the tests.
@@ -114,11 +114,11 @@ function draw() {
     for (const [x, y, label] of current.points || []) {
       context.fillStyle = label === 1 ? "#0c0" : "#e00";
       context.beginPath();
-      context.arc(x * state.scale, y * state.scale, 5, 0, 2 * Math.PI);
+      context.arc(x, y, 5, 0, 2 * Math.PI);
       context.fill();
     }
     if (current.box) {
-      const [x0, y0, x1, y1] = current.box.map((value) => value * state.scale);
+      const [x0, y0, x1, y1] = current.box;
       context.strokeStyle = "#ff0"; context.lineWidth = 2;
       context.strokeRect(x0, y0, x1 - x0, y1 - y0);
     }
@@ -180,20 +180,21 @@ async function show(view) {
   if (state.image && !sameImage) {
     state.picture = await imageBitmap(state.image.id);
     const canvas = $("canvas");
-    canvas.width = state.image.width; canvas.height = state.image.height;
-    state.scale = 1;
+    canvas.width = state.image.width; canvas.height = state.image.height;  // image pixels; CSS scales it
   }
   showProgress(view.progress);
   render();
   document.body.dataset.imageId = state.image ? String(state.image.id) : "";
 }
 
-async function nextImage() {
+async function nextImage(skipCurrent = true) {
   if (state.image) {
+    // Moving on passes this image over for the rest of the session (reload the page to see it again).
+    if (skipCurrent) state.skipped.push(state.image.id);
     await api("POST", "/api/release", { holder: state.holder, image_id: state.image.id });
   }
   state.image = null;
-  await show(await api("POST", "/api/lease", { holder: state.holder, ...filters() }));
+  await show(await api("POST", "/api/lease", { holder: state.holder, skip: state.skipped, ...filters() }));
 }
 
 async function renewLease() {
@@ -202,7 +203,7 @@ async function renewLease() {
   if (!answer.held) {
     say("this image's lease expired while the tab was hidden; moving to the next image");
     state.image = null;
-    await nextImage();
+    await show(await api("POST", "/api/lease", { holder: state.holder, skip: state.skipped, ...filters() }));
   }
 }
 
@@ -280,7 +281,7 @@ function onKey(event) {
   else if (key === "n" || event.key === "ArrowRight") { state.selected = Math.min(state.selected + 1, state.objects.length - 1); render(); }
   else if (key === "p" || event.key === "ArrowLeft") { state.selected = Math.max(state.selected - 1, 0); render(); }
   else if (key === "z") undo();
-  else if (event.key === "Enter") act(nextImage);
+  else if (event.key === "Enter") act(() => nextImage(true));
   else return;
   event.preventDefault();
 }
@@ -333,7 +334,7 @@ async function start() {
     $("canvas").focus();
   });
   for (const id of ["filter-label", "filter-status"]) {
-    $(id).addEventListener("change", () => { $("canvas").focus(); act(nextImage); });
+    $(id).addEventListener("change", () => { state.skipped = []; $("canvas").focus(); act(() => nextImage(false)); });
   }
   window.addEventListener("pagehide", () => {
     if (!state.image) return;
