@@ -71,9 +71,8 @@ def _reference_mask(predictor, image, points=None, box=None):
 
 
 # ------------------------------------------------------------------------------ the browser
-def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny_sam_checkpoint):  # noqa: F811
+def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny_predictor):  # noqa: F811
     from langsam.io import load_image
-    from sam import SamPredictor, build_sam
 
     server, project, _, counter = review
     page = browser_context.new_page()
@@ -171,8 +170,8 @@ def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny
     assert np.allclose([xy for *xy, _ in clicks], [[117, 55], [60, 100]], atol=1.0), clicks
     assert np.allclose(rows[added].box, [20, 70, 90, 115], atol=1.0), rows[added].box
 
-    # Masks: SamPredictor with the same weights on the same clicks and box.
-    reference = SamPredictor(build_sam("auto", checkpoint=tiny_sam_checkpoint), device="cpu")
+    # Masks: SamPredictor's own predict (a fresh encoder pass, no cache) on the same clicks and box.
+    reference = tiny_predictor
     image = load_image(project.image_path(chelsea))
     one_click = _reference_mask(reference, image, clicks[:1])
     two_clicks = _reference_mask(reference, image, clicks)

@@ -254,7 +254,12 @@ class ReviewService:
         data = self._jpegs.get(image_id)
         if data is None:
             await self.image_row(image_id)
-            data = await self.model_call(lambda: _encode_jpeg(self.load_image(image_id)))
+            # Not on the model thread: the page shows the image while its embedding is computed.
+            loop = asyncio.get_running_loop()
+            try:
+                data = await loop.run_in_executor(None, lambda: _encode_jpeg(self.load_image(image_id)))
+            except ValueError as error:  # outside the images folder, unreadable
+                raise _Refused(400, str(error)) from None
             self._jpegs[image_id] = data
             while len(self._jpegs) > self.decoder.cache_size:
                 self._jpegs.popitem(last=False)
