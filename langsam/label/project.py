@@ -488,8 +488,9 @@ class Project:
 
     def add(self, image_id: int, label: str, mask: np.ndarray, box: Sequence[float] | None, reviewer: str, key: str,
             points: Sequence[Sequence[float]] | None = None) -> list[ObjectRow]:
-        """Add a missed object (status ``added``, no proposal). ``box``: the drawn xyxy box, or
-        None for the mask's own box."""
+        """Add a missed object (status ``added``, no proposal; its ``round`` is the image's
+        proposed round, the review it was added in). ``box``: the drawn xyxy box, or None for
+        the mask's own box."""
         image = self.image(image_id)
         mask = self._check_mask(image, mask)
         label = self._check_label(label)
@@ -505,8 +506,9 @@ class Project:
                 return done
             cursor = db.execute(
                 "INSERT INTO objects (image_id, label, mask_rle, box, score, status, round, proposal_rle, points, "
-                "reviewer, reviewed_at) VALUES (?, ?, ?, ?, NULL, 'added', NULL, NULL, ?, ?, ?)",
-                (image.id, label, json.dumps(rle_encode(mask)), json.dumps(box), _points_json(points), reviewer, at))
+                "reviewer, reviewed_at) VALUES (?, ?, ?, ?, NULL, 'added', ?, NULL, ?, ?, ?)",
+                (image.id, label, json.dumps(rle_encode(mask)), json.dumps(box), image.proposed_round,
+                 _points_json(points), reviewer, at))
             after = self._record(db, cursor.lastrowid)
             self._log(db, key, "add", image.id, after["id"], None, after, reviewer, at)
         return [_object_from_record(after)]
