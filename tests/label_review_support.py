@@ -40,6 +40,24 @@ def proposal_mask(height: int, width: int, index: int) -> np.ndarray:
     return mask
 
 
+#: A finished round's figures, as `langsam label train` writes them (plus paths the page must not see).
+ROUND_REPORT = {"round": 1, "checkpoint": "/secret/path/best.pth", "started_from": "base model",
+                "review": {"acceptance_rate": 0.625, "corrections_per_object": 0.25, "clicks_per_mask": 1.5,
+                           "proposal_miou": 0.8},
+                "eval": {"before": {"miou_click_1": 0.41, "miou_box": 0.5}, "after": {"miou_click_1": 0.52,
+                                                                                    "miou_box": 0.61}}}
+
+
+def write_round_report(project, plot_size: tuple[int, int] = (64, 48)) -> None:
+    """rounds/round-1/report.json and a report.png of ``plot_size`` (width, height)."""
+    import json
+
+    folder = project.rounds_dir / "round-1"
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(ROUND_REPORT), encoding="utf-8")
+    Image.new("RGB", plot_size, (30, 120, 200)).save(folder / "report.png")
+
+
 def make_project(folder: Path, clock: Clock | None = None, images=IMAGES):
     """A project over crops of scikit-image photos, each with box proposals of the given scores
     (labels cycling through :data:`CLASSES`); returns the open `Project`."""

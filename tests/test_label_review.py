@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from label_review_support import CLASSES, XSS_CLASS, CallCounter, Clock, make_project, proposal_mask
+from label_review_support import (CLASSES, XSS_CLASS, CallCounter, Clock, make_project, proposal_mask,
+                                  write_round_report)
 from test_browser import browser_context  # noqa: F401 - the module-scoped Chromium fixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 API_KEY = "k" * 24
-EXPORTED = ("accepted", "corrected", "added")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def review(tmp_path_factory, tiny_predictor, one_torch_thread):
 
     clock = Clock()
     project = make_project(tmp_path_factory.mktemp("review"), clock)
+    write_round_report(project)
     counter = CallCounter(tiny_predictor.model)
     server = serve_review(project, port=0, predictor=tiny_predictor, block=False)
     try:
@@ -59,6 +60,10 @@ def _image_id(project, stem: str) -> int:
     return next(row.id for row in project.images() if row.path == f"{stem}.png")
 
 
+def _natural_size(locator) -> tuple[int, int]:
+    return tuple(locator.evaluate("img => [img.naturalWidth, img.naturalHeight]"))
+
+
 def _reference_mask(predictor, image, points=None, box=None):
     """`SamPredictor` on the same clicks, with the page's rule: one click alone -> best of three."""
     predictor.set_image(image)
@@ -71,7 +76,7 @@ def _reference_mask(predictor, image, points=None, box=None):
 
 
 # ------------------------------------------------------------------------------ the browser
-def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny_predictor):  # noqa: F811
+def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny_predictor, tmp_path):  # noqa: F811
     from langsam.io import load_image
 
     server, project, _, counter = review
@@ -99,7 +104,12 @@ def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny
         # Escaping: the class named like a tag is text in every list, nothing ran, no element made.
         assert XSS_CLASS in page.locator("#filter-label option").all_inner_texts()
         assert page.locator("#objects li").nth(1).inner_text() == f"{XSS_CLASS} \u2014 proposed 0.60"
-        assert page.locator("img").count() == 0
+        assert page.locator("img").count() == 1  # the round's plot, nothing injected
+        # The training round's figures and plot (64 x 48), no server path.
+        assert page.locator("#rounds-table tbody td").all_text_contents() == ["1", "0.625", "0.250", "1.500",
+                                                                               "0.410", "0.520"]
+        assert _natural_size(page.locator("#rounds-plot img")) == (64, 48)
+        assert "secret" not in page.content()
 
         page.locator("#reviewer").fill("alice")
         page.locator("#reviewer").dispatch_event("change")
@@ -149,7 +159,7 @@ def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny
         page.keyboard.press("Enter")  # the next image of the queue
         wait_for_actions(actions_done := actions_done + 1)
         assert page.evaluate("document.body.dataset.imageId") == str(_image_id(project, "coffee"))
-        assert dialogs == [] and errors == [] and page.locator("img").count() == 0
+        assert dialogs == [] and errors == [] and page.locator("img").count() == 1
     finally:
         page.close()
 
@@ -182,14 +192,21 @@ def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny
     from langsam.label.project import rle_decode
 
     assert np.array_equal(rle_decode(json.loads(first_correction["mask_rle"])), one_click)
-    # An export-like decode of the reviewed objects: the proposals kept, the decoder's masks.
-    exported = {row.id: row.mask for row in project.objects(chelsea, statuses=EXPORTED)}
+    # The COCO export of the reviewed objects: the accepted proposals as proposed, the decoder's masks.
+    from pycocotools import mask as mask_utils
+
+    from langsam.label.export import export
+
+    export(project, tmp_path / "export", "coco", split="none")
+    coco = json.loads((tmp_path / "export" / "all.json").read_text())
+    names = {category["id"]: category["name"] for category in coco["categories"]}
     height, width = image.shape[:2]
-    expected = {first.id: proposal_mask(height, width, 0), second.id: proposal_mask(height, width, 1),
-                third.id: two_clicks, added: boxed}
-    assert exported.keys() == expected.keys()
-    for object_id, mask in expected.items():
-        assert np.array_equal(exported[object_id], mask), object_id
+    expected = [(CLASSES[0], proposal_mask(height, width, 0)), (XSS_CLASS, proposal_mask(height, width, 1)),
+                (XSS_CLASS, two_clicks), (CLASSES[0], boxed)]
+    annotations = [a for a in coco["annotations"] if a["image_id"] == chelsea]
+    assert [names[a["category_id"]] for a in annotations] == [label for label, _ in expected]
+    for annotation, (_, mask) in zip(annotations, expected):
+        assert np.array_equal(mask_utils.decode(annotation["segmentation"]).astype(bool), mask)
 
 
 # ------------------------------------------------------------------------------ concurrency
@@ -340,3 +357,25 @@ def test_binding_follows_serve_and_the_api_key_guards_every_data_route(review):
             assert client.get(path, headers={"X-API-Key": API_KEY}).status_code == 200, path
         assert client.post("/api/lease", json={"holder": "holder-keyed"}).status_code == 401
         assert client.get("/api/config", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+def test_the_sam_that_decodes_is_the_newest_rounds_unless_given(review, client):
+    from langsam.label.review import review_sam, serve_review
+    from langsam.pipeline import DEFAULT_SAM_TYPE
+
+    _, project, _, _ = review
+    rounds = client.get("/api/rounds").json()["rounds"]
+    assert [entry["round"] for entry in rounds] == [1] and rounds[0]["plot"] is True
+    assert "secret" not in client.get("/api/rounds").text  # the report's paths stay on the server
+    assert client.get("/api/rounds/2/plot").status_code == 404
+    assert review_sam(project) == (DEFAULT_SAM_TYPE, None)  # round 1 has a report but no checkpoint
+    tuned = project.rounds_dir / "round-1" / "best.pth"
+    tuned.write_bytes(b"")
+    try:
+        assert review_sam(project) == ("auto", tuned)
+        assert review_sam(project, "vit_b") == ("vit_b", None)
+        assert review_sam(project, None, "/models/mine.pth") == ("auto", "/models/mine.pth")
+    finally:
+        tuned.unlink()
+    with pytest.raises(TypeError, match="unknown option.*detectr"):
+        serve_review(project, port=0, detectr="x")

@@ -107,7 +107,7 @@ class MaskDecoder:
         return masks[0], float(scores[0])
 
 
-def sam_predictor_loader(sam_type: str = "sam2.1_hiera_small", sam_checkpoint: str | os.PathLike | None = None,
+def sam_predictor_loader(sam_type: str, sam_checkpoint: str | os.PathLike | None = None,
                          device: Any = None, dtype: Any = None) -> Callable[[], Any]:
     """A function that builds the `SamPredictor` (the checkpoint resolved as `LangSAM` does)."""
 
@@ -265,6 +265,35 @@ class ReviewService:
                 self._jpegs.popitem(last=False)
         return data
 
+    async def rounds(self) -> list[dict[str, Any]]:
+        """The trained rounds' figures (no paths: the report's checkpoint paths stay on the server)."""
+        from langsam.label.propose import round_dir
+        from langsam.label.train import PLOT_NAME, all_reports
+
+        def figures(report: dict[str, Any]) -> dict[str, Any]:
+            review, evaluation = report.get("review", {}), report.get("eval", {})
+            scores = ("miou_click_1", "miou_box")
+            return {
+                "round": int(report["round"]),
+                "review": {name: review.get(name) for name in ("acceptance_rate", "corrections_per_object",
+                                                               "clicks_per_mask", "proposal_miou")},
+                "eval": {when: {name: (evaluation.get(when) or {}).get(name) for name in scores}
+                         for when in ("before", "after")},
+                "plot": (round_dir(self.project, int(report["round"])) / PLOT_NAME).is_file(),
+            }
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: [figures(report) for report in all_reports(self.project)])
+
+    async def round_plot(self, round: int) -> bytes:
+        from langsam.label.propose import round_dir
+        from langsam.label.train import PLOT_NAME
+
+        path = round_dir(self.project, round) / PLOT_NAME
+        if round < 1 or not path.is_file():
+            raise _Refused(404, f"round {round} has no report plot")
+        return path.read_bytes()
+
     # -------------------------------------------------------------------- leases and actions
     async def hold(self, image_id: int, holder: str) -> None:
         """Actions need the image's live lease: a tab whose lease lapsed (and maybe went to
@@ -413,6 +442,14 @@ def build_review_app(service: ReviewService, api_key: str | None = None,
     async def progress() -> dict[str, Any]:
         return await service.progress()
 
+    @app.get("/api/rounds")
+    async def rounds() -> dict[str, Any]:
+        return {"rounds": await service.rounds()}
+
+    @app.get("/api/rounds/{round}/plot")
+    async def round_plot(round: int) -> Response:
+        return Response(await service.round_plot(round), media_type="image/png")
+
     @app.post("/api/lease")
     async def lease(body: LeaseBody) -> dict[str, Any]:
         return await service.lease(body.holder, body.labels, body.statuses, body.skip)
@@ -542,16 +579,41 @@ class ReviewServer:
         self.close()
 
 
+#: `LangSAM` options the review has no use for (it runs SAM alone); accepted so that a command
+#: can pass its model flags through.
+_UNUSED_MODEL_OPTIONS = frozenset({"detector", "detector_size", "clip_model", "clip_pretrained"})
+
+
+def review_sam(project: Any, sam_type: str | None = None,
+               sam_checkpoint: str | os.PathLike | None = None) -> tuple[str, str | os.PathLike | None]:
+    """(sam_type, sam_checkpoint) the review decodes clicks with: the ones given; else the newest
+    trained round's tuned model (the one proposing now); else the pipeline's default SAM."""
+    from langsam.label.propose import CHECKPOINT_NAME, round_dir, trained_rounds
+    from langsam.pipeline import DEFAULT_SAM_TYPE
+
+    if sam_checkpoint is not None:
+        return sam_type or "auto", sam_checkpoint
+    if sam_type is not None:
+        return sam_type, None
+    rounds = trained_rounds(project)
+    if rounds:
+        return "auto", round_dir(project, rounds[-1]) / CHECKPOINT_NAME
+    return DEFAULT_SAM_TYPE, None
+
+
 def serve_review(project: Any, host: str | None = None, port: int = 8000, api_key: str | None = None,
-                 sam_type: str = "sam2.1_hiera_small", sam_checkpoint: str | os.PathLike | None = None,
+                 sam_type: str | None = None, sam_checkpoint: str | os.PathLike | None = None,
                  device: Any = None, dtype: Any = None, *, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
-                 cache_size: int = DEFAULT_CACHE_SIZE, predictor: Any = None, block: bool = True) -> ReviewServer:
+                 cache_size: int = DEFAULT_CACHE_SIZE, predictor: Any = None, block: bool = True,
+                 **model_options: Any) -> ReviewServer:
     """Serve the review page of `project` (a `Project`, or its folder) until Ctrl+C.
 
     host: None binds 127.0.0.1 without an API key and 0.0.0.0 with one (`langsam serve`'s rule;
     another interface needs a key). port: 1024-65535, or 0 for a free one.
-    sam_type, sam_checkpoint, device, dtype: the SAM that turns clicks and boxes into masks
-    (as `LangSAM`'s); or pass a built `sam.SamPredictor` as predictor. It loads on first use.
+    sam_type, sam_checkpoint, device, dtype: the SAM that turns clicks and boxes into masks (as
+    `LangSAM`'s; by default the newest trained round's model, see `review_sam`); or pass a built
+    `sam.SamPredictor` as predictor. It loads on first use. The detector and CLIP options of
+    `LangSAM` are accepted and unused.
     lease_ttl_s: how long a tab keeps its image without renewing (the page renews while shown).
     cache_size: image embeddings kept (SAM 2.1: 16 MiB each in float32).
     block: False starts the server on a background thread and returns it (use as a context
@@ -559,14 +621,19 @@ def serve_review(project: Any, host: str | None = None, port: int = 8000, api_ke
     """
     from langsam.label.project import Project
 
+    unknown = sorted(set(model_options) - _UNUSED_MODEL_OPTIONS)
+    if unknown:
+        raise TypeError(f"serve_review() got unknown option(s) {', '.join(unknown)}")
     host = check_binding(host, port, api_key)
-    load_predictor = (lambda: predictor) if predictor is not None else sam_predictor_loader(
-        sam_type, sam_checkpoint, device, dtype)
-    service = ReviewService(project if isinstance(project, Project) else Project.open(project), load_predictor,
-                            lease_ttl_s, cache_size)
-    server = ReviewServer(service, host, port, api_key)
+    project = project if isinstance(project, Project) else Project.open(project)
+    if predictor is not None:
+        load_predictor = lambda: predictor  # noqa: E731
+    else:
+        sam_type, sam_checkpoint = review_sam(project, sam_type, sam_checkpoint)
+        load_predictor = sam_predictor_loader(sam_type, sam_checkpoint, device, dtype)
+    server = ReviewServer(ReviewService(project, load_predictor, lease_ttl_s, cache_size), host, port, api_key)
     if not block:
         return server.start()
-    logger.info("review page of %s on http://%s:%d", service.project.path, host, port)
+    logger.info("review page of %s on http://%s:%d", project.path, host, port)
     server.run()
     return server

@@ -13,7 +13,7 @@ const state = {
   holder: randomId(),  // one per page load: two tabs never share a lease
   apiKey: sessionStorage.getItem("langsam-api-key") || "",
   classes: [], image: null, objects: [], selected: 0, picture: null, masks: new Map(), skipped: [],
-  leaseTtl: 120, busy: false, press: null, drag: null,
+  leaseTtl: 120, renewing: null, busy: false, press: null, drag: null,
 };
 // Click-to-mask times (ms, press to redrawn mask) for the benchmark and the tests.
 window.langsamTimings = [];
@@ -347,15 +347,49 @@ async function start() {
   await act(boot);
 }
 
+function figure(value) { return value === null || value === undefined ? "-" : Number(value).toFixed(3); }
+
+async function showRounds() {
+  const { rounds } = await api("GET", "/api/rounds");
+  if (!rounds.length) return;
+  const body = $("rounds-table").tBodies[0];
+  body.replaceChildren();
+  for (const round of rounds) {
+    const row = body.insertRow();
+    for (const value of [String(round.round), figure(round.review.acceptance_rate),
+                         figure(round.review.corrections_per_object), figure(round.review.clicks_per_mask),
+                         figure(round.eval.before.miou_click_1), figure(round.eval.after.miou_click_1)]) {
+      row.insertCell().textContent = value;
+    }
+  }
+  const newest = rounds[rounds.length - 1];
+  if (newest.plot) {
+    const headers = state.apiKey ? { "X-API-Key": state.apiKey } : {};
+    const response = await fetch(`/api/rounds/${newest.round}/plot`, { headers });
+    if (response.ok) {
+      const plot = document.createElement("img");
+      plot.alt = `report of round ${newest.round}`;
+      plot.src = URL.createObjectURL(await response.blob());
+      $("rounds-plot").replaceChildren(plot);
+    }
+  }
+  $("rounds").hidden = false;
+}
+
 async function boot() {
   const config = await api("GET", "/api/config");
   state.classes = config.classes;
   state.leaseTtl = config.lease_ttl_s;
+  $("filter-label").replaceChildren(new Option("all classes", ""));
   for (const name of config.classes) $("filter-label").append(new Option(name, name));
+  $("filter-status").replaceChildren(new Option("any status", ""));
   for (const name of config.statuses) $("filter-status").append(new Option(name, name, false, name === "proposed"));
   fillSelect($("new-label"), config.classes, config.classes[0]);
-  setInterval(() => renewLease().catch((error) => say(error.message)), (state.leaseTtl * 1000) / 3);
+  if (!state.renewing) {
+    state.renewing = setInterval(() => renewLease().catch((error) => say(error.message)), (state.leaseTtl * 1000) / 3);
+  }
   await show(await api("POST", "/api/lease", { holder: state.holder, ...filters() }));
+  await showRounds();
   document.body.dataset.ready = "1";
 }
 
