@@ -323,6 +323,19 @@ def test_no_route_serves_a_file_outside_the_images(review, tmp_path):
         assert _raw_get(server.url, path)[0] == 200
 
 
+def test_other_sites_cannot_act_or_read_through_the_users_browser(review, client):
+    server, project, _, _ = review
+    leases = len(project.actions())
+    forged = client.post("/api/lease", json={"holder": "holder-forged"}, headers={"Origin": "http://evil.example"})
+    assert forged.status_code == 403 and "cross-origin" in forged.json()["detail"]
+    assert project.lease_holder(project.queue()[0]) != "holder-forged" and len(project.actions()) == leases
+    port = urlsplit(server.url).port
+    rebound = client.get("/api/config", headers={"Host": f"evil.example:{port}"})
+    assert rebound.status_code == 403 and "127.0.0.1 or localhost" in rebound.json()["detail"]
+    assert client.get("/api/config", headers={"Origin": server.url}).status_code == 200
+    assert client.get("/api/config", headers={"Host": f"localhost:{port}"}).status_code == 200
+
+
 def test_the_page_escapes_and_forbids_inline_script(review, client):
     page = client.get("/")
     policy = page.headers["content-security-policy"]

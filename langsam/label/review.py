@@ -23,6 +23,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +44,7 @@ DEFAULT_LEASE_TTL_S = 120.0
 DEFAULT_CACHE_SIZE = 8
 MAX_BODY_BYTES = 1024 * 1024
 MAX_POINTS = 64
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 REVIEW_STATUSES = ("proposed", "accepted", "corrected", "rejected", "added")
 
 
@@ -505,17 +507,44 @@ def build_review_app(service: ReviewService, api_key: str | None = None,
 
 
 class _PageGuard:
-    """`langsam serve`'s guard for every route but the page's own files: a browser loads those
-    before it can send a key, and they hold no project data."""
+    """`langsam serve`'s guard for every route but the page's own files (a browser loads those
+    before it can send a key, and they hold no project data), after two browser-only checks:
+
+    * another site's page must not act for the user (cross-site request forgery: a page
+      elsewhere can POST to 127.0.0.1 without reading the answer): a request whose Origin is
+      not this server's is refused;
+    * without an API key (bound to 127.0.0.1), the Host must be a loopback name, so a DNS
+      name rebound to 127.0.0.1 cannot read the project through the user's browser.
+    """
 
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
         from langsam.serve.routes import _Guard
 
         self.app = app
+        self.keyed = api_key is not None
         self.guarded = _Guard(app, api_key, max_body_bytes)
 
+    def _refusal(self, scope: dict) -> str | None:
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers", ())}
+        host = headers.get("host", "")
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != host:
+            return "cross-origin request refused: the review page sends its requests from its own origin"
+        if not self.keyed and urlsplit(f"//{host}").hostname not in LOOPBACK_NAMES:
+            return (f"this server answers only at 127.0.0.1 or localhost without an API key, not at host "
+                    f"{host!r}")
+        return None
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and scope.get("path") in PAGE_FILES:
+        if scope["type"] != "http":
+            await self.guarded(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            from fastapi.responses import JSONResponse
+
+            await JSONResponse({"detail": refusal}, status_code=403)(scope, receive, send)
+        elif scope.get("method") in ("GET", "HEAD") and scope.get("path") in PAGE_FILES:
             await self.app(scope, receive, send)
         else:
             await self.guarded(scope, receive, send)
