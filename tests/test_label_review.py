@@ -75,6 +75,14 @@ def _reference_mask(predictor, image, points=None, box=None):
     return masks[int(np.argmax(scores))]
 
 
+def test_mask_runs_are_row_major_and_start_with_background():
+    from langsam.label.review import mask_runs
+
+    assert mask_runs(np.array([[False, True], [True, True]])) == [1, 3]
+    assert mask_runs(np.array([[True, False, False], [True, True, False]])) == [0, 1, 2, 2, 1]
+    assert mask_runs(np.zeros((2, 2), bool)) == [4]
+
+
 # ------------------------------------------------------------------------------ the browser
 def test_review_in_the_browser_with_keys_and_mouse(browser_context, review, tiny_predictor, tmp_path):  # noqa: F811
     from langsam.io import load_image

@@ -136,12 +136,6 @@ def mask_runs(mask: np.ndarray) -> list[int]:
     return ([0] + runs) if flat.size and flat[0] else runs
 
 
-def runs_to_mask(runs: list[int], height: int, width: int) -> np.ndarray:
-    """The inverse of `mask_runs`."""
-    values = np.arange(len(runs)) % 2 == 1
-    return np.repeat(values, runs).reshape(height, width)
-
-
 def _object_json(row: Any) -> dict[str, Any]:
     mask = np.asarray(row.mask, dtype=bool)
     return {

@@ -276,6 +276,7 @@ function undo() {
 function onKey(event) {
   if (event.target instanceof HTMLInputElement || event.target instanceof HTMLSelectElement) return;
   const key = event.key.toLowerCase();
+  if ((event.ctrlKey || event.metaKey || event.altKey) && key !== "z") return;  // the browser's own shortcuts
   if (key === "a") objectAction("accept", {}, true);
   else if (key === "r") objectAction("reject", {}, true);
   else if (key === "n" || event.key === "ArrowRight") { state.selected = Math.min(state.selected + 1, state.objects.length - 1); render(); }
