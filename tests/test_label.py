@@ -16,6 +16,8 @@ import pytest
 from label_support import CLASSES, REPO, box_mask, propose_boxes, scripted_actions, write_images
 from langsam.label import Project, ProjectError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 
 class Clock:
     def __init__(self, now: float = 1000.0) -> None:
@@ -291,3 +293,243 @@ def test_kill_9_mid_session_keeps_exactly_the_finished_actions(project, k):
         [_record(fresh, o.id) | {"reviewed_at": None} for o in fresh.objects()]
     reopened.close()
     fresh.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reviewed(project):
+    """Image 1: accepted + rejected; image 2: corrected; image 3: an object added, two left
+    proposed; images 4 and 5: never proposed. Returns (project, {image id: [expected masks]})."""
+    from langsam.label.project import rle_decode
+
+    a, b = project.objects(1)
+    (c,) = project.objects(2)
+    image = project.image(2)
+    fix = box_mask(image.height, image.width, 6, 3, 25, 20)
+    fix[10:12, 10:12] = False  # a hole: COCO RLE keeps it
+    project.accept(a.id, "ann", "k1")
+    project.reject(b.id, "ann", "k2")
+    project.correct(c.id, fix, [[8, 5, 1]], "ann", "k3")
+    added = box_mask(image.height, image.width, 30, 20, 38, 28)
+    project.add(3, "a cat", added, [30, 20, 38, 28], "ann", "k4")
+    expected = {1: [("a dog", rle_decode(a.mask_rle))], 2: [("a dog", fix)], 3: [("a cat", added)]}
+    return project, expected
+
+
+def _decoded(coco):
+    from pycocotools import mask as mask_utils
+
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    by_image = {}
+    for annotation in coco["annotations"]:
+        rle = dict(annotation["segmentation"], counts=annotation["segmentation"]["counts"].encode())
+        by_image.setdefault(annotation["image_id"], []).append(
+            (names[annotation["category_id"]], mask_utils.decode(rle).astype(bool)))
+    return by_image
+
+
+def test_coco_export_holds_exactly_the_kept_masks(reviewed, tmp_path):
+    from pycocotools.coco import COCO
+
+    from langsam.label.export import export
+
+    project, expected = reviewed
+    summary = export(project, tmp_path / "out", "coco", split="none")
+    assert summary["images"] == {"all": 3} and summary["objects"] == {"all": 3}
+    coco = json.loads((tmp_path / "out" / "all.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == CLASSES
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
+        (1, "img00.png", 40, 30), (2, "img01.png", 40, 30), (3, "img02.png", 40, 30)]
+    got = _decoded(coco)
+    assert set(got) == set(expected)
+    for image_id, objects in expected.items():
+        assert [label for label, _ in got[image_id]] == [label for label, _ in objects]
+        for (_, mine), (_, theirs) in zip(got[image_id], objects):
+            assert np.array_equal(mine, theirs)
+    assert got[2][0][1].sum() == 19 * 17 - 4  # the hole survived
+    assert COCO(str(tmp_path / "out" / "all.json")).getAnnIds(imgIds=[3]) != []  # pycocotools reads it
+
+
+def test_split_export_by_project_split_and_by_fraction(reviewed, tmp_path):
+    from langsam.label.export import export, parse_split
+
+    project, _ = reviewed
+    with project._transaction() as db:
+        db.execute("UPDATE images SET split = CASE id WHEN 2 THEN 'val' ELSE 'train' END")
+    export(project, tmp_path / "p", "coco")
+    assert [i["id"] for i in json.loads((tmp_path / "p" / "train.json").read_text())["images"]] == [1, 3]
+    assert [i["id"] for i in json.loads((tmp_path / "p" / "val.json").read_text())["images"]] == [2]
+    summary = export(project, tmp_path / "r", "coco", split=parse_split("val=0.34"), seed=3)
+    assert summary["images"]["train"] + summary["images"]["val"] == 3 and summary["images"]["val"] == 1
+    with pytest.raises(ValueError, match="--split must be"):
+        parse_split("val=1.5")
+
+
+def test_yolo_export_polygons_rasterise_back_to_the_masks(reviewed, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from langsam.label.export import export
+
+    project, expected = reviewed
+    export(project, tmp_path / "y", "yolo", split="none")
+    yaml_text = (tmp_path / "y" / "data.yaml").read_text()
+    assert 'names:\n  0: "a dog"\n  1: "a cat"\n' in yaml_text and "train: images/all" in yaml_text
+    for image_id, stem in ((1, "img00"), (2, "img01"), (3, "img02")):
+        link = tmp_path / "y" / "images" / "all" / f"{stem}.png"
+        assert link.resolve() == project.image_path(image_id)
+        lines = (tmp_path / "y" / "labels" / "all" / f"{stem}.txt").read_text().splitlines()
+        assert len(lines) == len(expected[image_id])
+        for line, (label, mask) in zip(lines, expected[image_id]):
+            values = line.split()
+            assert int(values[0]) == CLASSES.index(label)
+            coords = np.array(values[1:], float).reshape(-1, 2) * [40, 30]
+            assert coords.min() >= 0 and (coords <= [40, 30]).all()
+            raster = mask_utils.decode(mask_utils.frPyObjects([coords.ravel().tolist()], 30, 40)).astype(bool)
+            filled = mask.copy()
+            filled[10:12, 10:12] = mask[10:12, 10:12] | (image_id == 2)  # YOLO polygons have no holes
+            assert np.array_equal(raster[..., 0], filled)
+
+
+def test_mask_polygon_joins_parts_and_traces_diagonal_contacts():
+    from pycocotools import mask as mask_utils
+
+    from langsam.label.export import mask_polygon
+
+    mask = np.zeros((20, 30), bool)
+    mask[2:8, 2:9] = True  # the larger part first
+    mask[12:16, 20:24] = True
+    mask[8, 9] = True  # touches the first part only at a corner
+    polygon = mask_polygon(mask)
+    raster = mask_utils.decode(mask_utils.frPyObjects([polygon.ravel().tolist()], 20, 30))[..., 0].astype(bool)
+    assert np.array_equal(raster, mask)
+    assert tuple(polygon[0]) == (2.0, 2.0)
+
+
+def test_sa1b_export_one_file_per_image(reviewed, tmp_path):
+    from langsam.label.export import export
+    from sam.training.data import load_sa1b
+
+    project, expected = reviewed
+    export(project, tmp_path / "s", "sa1b", split="none")
+    files = sorted(p.name for p in (tmp_path / "s" / "all").iterdir())
+    assert files == ["img00.json", "img01.json", "img02.json"]
+    document = json.loads((tmp_path / "s" / "all" / "img02.json").read_text())
+    assert document["image"]["file_name"] == "img02.png" and document["annotations"][0]["category"] == "a cat"
+    dataset = load_sa1b(tmp_path / "s" / "all", images=project.images_dir)
+    assert dataset.num_objects == 3
+    _, masks = dataset.object_masks(1)
+    assert np.array_equal(masks[0], expected[2][0][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------
+
+
+def run_main(argv):
+    import contextlib
+    import io
+
+    from langsam.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory, tiny_sam_checkpoint):
+    from tiny_gdino import save_tiny_grounding_dino
+
+    folder = tmp_path_factory.mktemp("label_models")
+    return ["--sam-type", "auto", "--sam-checkpoint", str(tiny_sam_checkpoint), "--detector",
+            str(save_tiny_grounding_dino(folder / "gdino", seed=0)), "--device", "cpu"]
+
+
+def test_cli_init_refuses_bad_input_with_usage_errors(tmp_path):
+    write_images(tmp_path / "images", 2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "classes.txt").write_text("# pets\na dog\n\na cat, a bird\n")
+    cases = [
+        (["--images", str(tmp_path / "empty"), "--classes", "a dog"], "no image files"),
+        (["--images", str(tmp_path / "images"), "--classes", " , "], "no classes"),
+        (["--images", str(tmp_path / "images"), "--classes-file", str(tmp_path / "missing.txt")], "cannot read"),
+    ]
+    for extra, message in cases:
+        status, _, stderr = run_main(["label", "init", str(tmp_path / "p"), *extra])
+        assert status == 2 and message in stderr, stderr
+    status, stdout, _ = run_main(["label", "init", str(tmp_path / "p"), "--images", str(tmp_path / "images"),
+                                  "--classes-file", str(tmp_path / "classes.txt")])
+    assert status == 0 and "2 images (1 held out), classes: a dog, a cat, a bird" in stdout
+    status, _, stderr = run_main(["label", "init", str(tmp_path / "p"), "--images", str(tmp_path / "images"),
+                                  "--classes", "a dog"])
+    assert status == 2 and "already exists and is not empty" in stderr
+    status, _, stderr = run_main(["label", "export", str(tmp_path / "images"), "--out", str(tmp_path / "o")])
+    assert status == 2 and "not a langsam label project" in stderr
+    status, _, stderr = run_main(["label", "propose", str(tmp_path / "p"), "--round", "2"])
+    assert status == 2 and "round 2 proposes with round 1's tuned model" in stderr
+
+
+def test_cli_propose_reports_bad_files_resumes_and_never_redoes_an_image(tmp_path, cli_models, monkeypatch):
+    from langsam.pipeline import LangSAM
+
+    write_images(tmp_path / "images", 2, size=(48, 40))
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    status, _, _ = run_main(["label", "init", str(tmp_path / "p"), "--images", str(tmp_path / "images"),
+                             "--classes", "a cat, a dog"])
+    assert status == 0
+    segmented = []
+    original = LangSAM.segment
+
+    def counting(self, image, *args, **kwargs):
+        segmented.append(image.shape)
+        return original(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(LangSAM, "segment", counting)
+    import langsam.label.propose as propose_module
+
+    real_store = propose_module.store_proposals
+    stored = []
+
+    def store_then_stop(project, image_id, document, round):
+        real_store(project, image_id, document, round)
+        stored.append(image_id)
+        if len(stored) == 1:
+            raise KeyboardInterrupt  # Ctrl-C right after the first image is stored
+
+    monkeypatch.setattr(propose_module, "store_proposals", store_then_stop)
+    argv = ["label", "propose", str(tmp_path / "p"), "--top-k", "2", "--box-threshold", "0", *cli_models]
+    status, _, stderr = run_main(argv)
+    assert status == 130 and "1 images were proposed and are stored" in stderr
+    project = Project.open(tmp_path / "p")
+    rows = {r.path: r for r in project.images()}
+    assert [r.proposed_round for r in project.images()] == [None, 1, None]  # broken.png sorts first
+    first_objects = [o.id for o in project.objects(2)]
+    assert len(first_objects) == 2  # top-k 2 of a random detector that scores every box high
+
+    monkeypatch.setattr(propose_module, "store_proposals", real_store)
+    status, stdout, stderr = run_main(argv)
+    assert status == 1
+    assert "broken.png: corrupt or truncated image" in stderr
+    assert "3 images: 1 processed, 1 skipped, 1 failed" in stdout
+    assert len(segmented) == 2  # each readable image segmented exactly once over both runs
+    assert [r.proposed_round for r in project.images()] == [None, 1, 1]
+    assert [o.id for o in project.objects(2)] == first_objects
+    assert rows["broken.png"].width is None
+    for image in project.images()[1:]:
+        for obj in project.objects(image.id):
+            assert obj.mask.shape == (40, 48) and 0 < obj.mask.sum() < 40 * 48 and obj.label in CLASSES
+    project.close()
+
+
+def test_cli_review_without_the_review_server_says_so(tmp_path, monkeypatch):
+    write_images(tmp_path / "images", 2)
+    Project.init(tmp_path / "p", tmp_path / "images", CLASSES).close()
+    monkeypatch.setitem(sys.modules, "langsam.label.review", None)  # as if not installed
+    status, _, stderr = run_main(["label", "review", str(tmp_path / "p"), "--device", "cpu"])
+    assert status == 1 and "review server is not available" in stderr
