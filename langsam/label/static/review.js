@@ -131,6 +131,15 @@ function draw() {
   }
 }
 
+function fitCanvas() {
+  // As large as the stage and the window allow, small images enlarged; clicks map back by ratio.
+  const canvas = $("canvas");
+  if (!state.image) return;
+  const room = $("stage").clientWidth;
+  const fit = Math.min(room / canvas.width, (window.innerHeight - 90) / canvas.height);
+  canvas.style.width = `${Math.max(1, Math.floor(canvas.width * fit))}px`;
+}
+
 function fillSelect(select, values, current) {
   select.replaceChildren();
   const names = values.includes(current) || current === undefined ? values : [current, ...values];
@@ -181,6 +190,7 @@ async function show(view) {
     state.picture = await imageBitmap(state.image.id);
     const canvas = $("canvas");
     canvas.width = state.image.width; canvas.height = state.image.height;  // image pixels; CSS scales it
+    fitCanvas();
   }
   showProgress(view.progress);
   render();
@@ -324,6 +334,7 @@ async function start() {
     act(boot);
   });
   document.addEventListener("keydown", onKey);
+  window.addEventListener("resize", fitCanvas);
   const canvas = $("canvas");
   canvas.addEventListener("mousedown", onPress);
   canvas.addEventListener("mousemove", onMove);
