@@ -294,19 +294,20 @@ def test_bad_requests_get_clear_errors(review, client):
 
 
 # ------------------------------------------------------------------------------ security
-def _raw_get(url: str, path: str) -> tuple[int, bytes]:
-    """GET with the path sent exactly as written (no client-side normalisation of ../)."""
+def _raw(url: str, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """A request with the path sent exactly as written (no client-side normalisation of ../)."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
-        connection.request("GET", path)
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, response.read()
     finally:
         connection.close()
 
 
-def test_no_route_serves_a_file_outside_the_images(review, tmp_path):
+def test_no_route_serves_a_file_outside_the_images(review, client):
     server, project, _, _ = review
     secret = project.images_dir.parent / "secret.png"
     Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(secret)
@@ -315,20 +316,28 @@ def test_no_route_serves_a_file_outside_the_images(review, tmp_path):
     with sqlite3.connect(project.path / "project.db") as db:
         outside = db.execute("INSERT INTO images (path, width, height, split) VALUES ('../secret.png', 8, 8, "
                              "'train')").lastrowid
-    attempts = [f"/api/images/{outside}/pixels"]
+    gets, posts = [f"/api/images/{outside}/pixels"], []
     for target in ("../secret.png", "..%2Fsecret.png", "..%2F..%2Fproject%2Fproject.db", "%2e%2e%2fsecret.png",
                    "/etc/passwd", "..\\secret.png", "1%00", "1/../../secret.png"):
-        attempts += [f"/api/images/{target}", f"/api/images/{target}/pixels", f"/static/{target}",
-                     f"/{target}", f"/api/objects/{target}/accept"]
-    attempts += ["/static/../review.py", "/static/review.js/../../review.py", "/project.db", "/project/project.db",
-                 "/api/../project.db", "/static/", "/static/index.html/..", "/secret.png"]
-    for path in attempts:
-        status, data = _raw_get(server.url, path)
-        assert status in (400, 404, 405, 422), (path, status)
+        gets += [f"/api/images/{target}", f"/api/images/{target}/pixels", f"/static/{target}", f"/{target}",
+                 f"/api/rounds/{target}/plot", f"/api/rounds/1/{target}"]
+        posts += [f"/api/objects/{target}/{kind}" for kind in ("accept", "reject", "relabel", "points")]
+        posts += [f"/api/images/{target}/add"]
+    gets += ["/static/../review.py", "/static/review.js/../../review.py", "/project.db", "/project/project.db",
+             "/api/../project.db", "/static/", "/static/index.html/..", "/secret.png"]
+    body = json.dumps({"holder": "holder-traversal", "reviewer": "eve", "key": "key-traversal",
+                       "label": CLASSES[0], "box": [1, 1, 5, 5], "points": [[1, 1, 1]]}).encode()
+    for method, path in [("GET", path) for path in gets] + [("POST", path) for path in posts]:
+        status, data = _raw(server.url, method, path, body if method == "POST" else None)
+        assert status in (400, 404, 405, 422), (method, path, status)
         assert secret_bytes not in data and b"SQLite format" not in data and b"import " not in data, path
-    # Only the page's three files are open; everything else is data by id.
+    # Only the page's three files are open; the data names images by id, never by path.
     for path in ("/", "/static/review.js", "/static/review.css"):
-        assert _raw_get(server.url, path)[0] == 200
+        assert _raw(server.url, "GET", path)[0] == 200
+    chelsea = _image_id(project, "chelsea")
+    view = client.get(f"/api/images/{chelsea}").text + client.post(
+        "/api/lease", json={"holder": "holder-traversal"}).text
+    assert "chelsea" not in view and str(project.images_dir) not in view
 
 
 def test_other_sites_cannot_act_or_read_through_the_users_browser(review, client):
