@@ -249,8 +249,9 @@ function objectAction(kind, extra, advance) {
 function imagePoint(event) {
   const canvas = $("canvas");
   const rect = canvas.getBoundingClientRect();
-  const x = ((event.clientX - rect.left) / rect.width) * canvas.width;
-  const y = ((event.clientY - rect.top) / rect.height) * canvas.height;
+  // Clamped: a box dragged past the edge ends at the edge.
+  const x = Math.min(Math.max(((event.clientX - rect.left) / rect.width) * canvas.width, 0), canvas.width);
+  const y = Math.min(Math.max(((event.clientY - rect.top) / rect.height) * canvas.height, 0), canvas.height);
   return [Math.round(x * 10) / 10, Math.round(y * 10) / 10];
 }
 
@@ -322,7 +323,7 @@ function onRelease(event) {
     addBox(press.point, imagePoint(event));
     return;
   }
-  addPoint(event, press.button === 0 && !press.shift);
+  if (event.target === $("canvas")) addPoint(event, press.button === 0 && !press.shift);
 }
 
 async function start() {
@@ -337,8 +338,8 @@ async function start() {
   window.addEventListener("resize", fitCanvas);
   const canvas = $("canvas");
   canvas.addEventListener("mousedown", onPress);
-  canvas.addEventListener("mousemove", onMove);
-  canvas.addEventListener("mouseup", onRelease);
+  window.addEventListener("mousemove", onMove);  // a drag may leave the canvas
+  window.addEventListener("mouseup", onRelease);
   canvas.addEventListener("contextmenu", (event) => event.preventDefault());
   $("object-label").addEventListener("change", () => {
     const object = selectedObject();
