@@ -256,6 +256,20 @@ def test_two_clients_never_share_a_live_lease_and_a_vanished_ones_expires(review
         assert client.post("/api/release", json={"holder": holder, "image_id": image_id}).status_code == 200
 
 
+def test_the_queue_filters_by_class_and_status(review, client):
+    server, project, clock, _ = review
+    clock.advance(2 * server.service.lease_ttl_s)
+    # After the browser test, chelsea's "a coin" became the tag-like class; coffee's second object has it, proposed.
+    answer = client.post("/api/lease", json={"holder": "holder-filter", "labels": [XSS_CLASS],
+                                             "statuses": ["proposed"]}).json()
+    assert answer["image"]["id"] == _image_id(project, "coffee")
+    assert any(o["label"] == XSS_CLASS and o["status"] == "proposed" for o in answer["objects"])
+    client.post("/api/release", json={"holder": "holder-filter", "image_id": answer["image"]["id"]})
+    assert client.post("/api/lease", json={"holder": "holder-filter", "labels": ["a coin"]}).json()["image"] is None
+    unknown = client.post("/api/lease", json={"holder": "holder-filter", "statuses": ["done"]})
+    assert unknown.status_code == 400 and "unknown status 'done'" in unknown.json()["detail"]
+
+
 def test_bad_requests_get_clear_errors(review, client):
     server, project, clock, counter = review
     clock.advance(2 * server.service.lease_ttl_s)
