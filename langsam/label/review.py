@@ -26,7 +26,12 @@ from typing import Any, Callable, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+
+_INSTALL_HINT = "the review page needs FastAPI and uvicorn: pip install 'langsam[serve]'"
+try:
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError as error:  # pragma: no cover - the serve extra brings it
+    raise ImportError(f"{_INSTALL_HINT} ({error})") from error
 
 logger = logging.getLogger(__name__)
 
@@ -558,7 +563,11 @@ class ReviewServer:
 
     def __init__(self, service: ReviewService, host: str | None = None, port: int = 8000,
                  api_key: str | None = None) -> None:
-        import uvicorn
+        try:
+            import fastapi  # noqa: F401 - build_review_app's
+            import uvicorn
+        except ImportError as error:
+            raise ImportError(f"{_INSTALL_HINT} ({error})") from error
 
         self.host = check_binding(host, port, api_key)
         self.service = service
