@@ -423,3 +423,30 @@ def test_the_sam_that_decodes_is_the_newest_rounds_unless_given(review, client):
         tuned.unlink()
     with pytest.raises(TypeError, match="unknown option.*detectr"):
         serve_review(project, port=0, detectr="x")
+
+
+def _no_sam():
+    raise RuntimeError("this test needs no SAM")
+
+
+def test_the_page_asks_for_the_api_key_and_then_reviews(browser_context, review):  # noqa: F811
+    from langsam.label import Project
+    from langsam.label.review import DEFAULT_LEASE_TTL_S, ReviewServer, ReviewService
+
+    _, project, clock, _ = review
+    clock.advance(2 * DEFAULT_LEASE_TTL_S)  # the earlier tests' leases have expired
+    service = ReviewService(Project.open(project.path, clock=clock), _no_sam)
+    with ReviewServer(service, "127.0.0.1", 0, API_KEY) as keyed:
+        page = browser_context.new_page()
+        try:
+            page.goto(keyed.url)
+            page.locator("#key-row").wait_for()  # the page met a 401 and asks
+            assert "API key" in page.locator("#message").inner_text()
+            page.locator("#api-key").fill(API_KEY)
+            page.locator("#api-key").dispatch_event("change")
+            page.wait_for_selector("body[data-ready='1']")
+            leased = int(page.evaluate("document.body.dataset.imageId"))
+            assert project.lease_holder(leased) is not None
+            assert page.locator("#objects li").count() == len(project.objects(leased))
+        finally:
+            page.close()
