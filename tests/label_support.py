@@ -86,3 +86,59 @@ def crash_child(project_dir: str, k: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "crash":
         crash_child(sys.argv[2], int(sys.argv[3]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop test: a detector that finds the ground truth's boxes, and a scripted reviewer
+# ----------------------------------------------------------------------------------------------
+
+
+class GroundTruthDetector:
+    """Stands in for Grounding DINO: each image's ground-truth boxes (looked up by its pixels),
+    scored from 0.9 down. The loop trains SAM, not the detector, so the boxes may as well be right."""
+
+    def __init__(self, dataset) -> None:
+        self.masks = {}
+        for index in range(len(dataset)):
+            _, masks = dataset.object_masks(index)
+            self.masks[dataset.load_image(index).tobytes()] = masks
+
+    def detect(self, pixels, queries, box_threshold=0.3, text_threshold=0.25):
+        from langsam.detector import Detections
+        from langsam.label.project import mask_box
+
+        masks = self.masks[np.ascontiguousarray(pixels).tobytes()]
+        boxes = np.array([mask_box(mask) for mask in masks], np.float32).reshape(-1, 4)
+        count = len(boxes)
+        return Detections(boxes, np.linspace(0.9, 0.5, count).astype(np.float32), [queries[0]] * count,
+                          np.zeros(count, np.int64), [queries[0]] * count, list(queries))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def scripted_review(project, images, truth: dict[str, np.ndarray], accept_iou: float) -> None:
+    """Review like an annotator with the ground truth in mind: accept a proposal whose IoU with
+    its best-matching true mask is at least ``accept_iou``, else correct it to that mask (one
+    click at its centre), reject one that overlaps nothing, and add every true object no
+    proposal matched."""
+    for image in images:
+        masks = truth[image.path]
+        matched = set()
+        for obj in project.objects(image.id, statuses=["proposed"]):
+            scores = [iou(obj.mask, mask) for mask in masks]
+            best = int(np.argmax(scores))
+            if scores[best] >= accept_iou:
+                project.accept(obj.id, "bot", f"accept-{obj.id}")
+            elif scores[best] > 0:
+                ys, xs = np.nonzero(masks[best])
+                project.correct(obj.id, masks[best], [[float(xs.mean()), float(ys.mean()), 1]], "bot",
+                                f"correct-{obj.id}")
+            else:
+                project.reject(obj.id, "bot", f"reject-{obj.id}")
+                continue
+            matched.add(best)
+        for index, mask in enumerate(masks):
+            if index not in matched:
+                project.add(image.id, project.classes[0], mask, None, "bot", f"add-{image.id}-{image.proposed_round}-{index}")

@@ -533,3 +533,99 @@ def test_cli_review_without_the_review_server_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "langsam.label.review", None)  # as if not installed
     status, _, stderr = run_main(["label", "review", str(tmp_path / "p"), "--device", "cpu"])
     assert status == 1 and "review server is not available" in stderr
+
+
+def test_cli_export_and_train_wiring(reviewed, tmp_path):
+    project, _ = reviewed
+    status, stdout, stderr = run_main(["label", "export", str(project.path), "--format", "coco", "--split", "none",
+                                       "--out", str(tmp_path / "out")])
+    assert status == 0 and "all: 3 images, 3 objects" in stdout, stderr
+    status, _, stderr = run_main(["label", "export", str(project.path), "--split", "val=2", "--out", str(tmp_path)])
+    assert status == 2 and "--split must be" in stderr
+    with project._transaction() as db:
+        db.execute("UPDATE images SET split = 'val'")
+    status, _, stderr = run_main(["label", "train", str(project.path), "--device", "cpu"])
+    assert status == 2 and "no reviewed objects in the training images" in stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop improves the model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_propose_review_train_propose_again_improves_the_proposals(tmp_path):
+    """The data engine on textured shapes pasted on skimage photos (16 images, 4 held out): round
+    1 proposes with a random-decoder SAM, a scripted reviewer corrects from the ground truth
+    (6 training images and the held-out ones), one round of decoder fine-tuning, then round 2
+    re-proposes the 6 unreviewed training images with the tuned weights."""
+    from sam.checkpoint import load_state_dict_file
+    from sam.training import TrainConfig
+    from sam.training.data import load_dataset
+    from sam.training.synthetic import make_shapes_dataset
+
+    from label_support import GroundTruthDetector, scripted_review
+    from langsam.label.propose import propose
+    from langsam.label.train import PLOT_NAME, TABLE_NAME, review_stats, train_round
+    from langsam.pipeline import LangSAM
+    from test_training import colour_encoder_, small_input_sam
+
+    root = make_shapes_dataset(tmp_path / "shapes", num_images=16, image_size=(96, 128), max_shapes=2, seed=0)
+    truth_set = load_dataset(root)
+    truth = {record.file_name.removeprefix("images/"): truth_set.object_masks(i)[1]
+             for i, record in enumerate(truth_set)}
+    detector = GroundTruthDetector(truth_set)
+    project = Project.init(tmp_path / "project", root / "images", ["a shape"], val_fraction=0.25, seed=0)
+    model = colour_encoder_(small_input_sam(seed=0))
+    assert propose(project, LangSAM(sam_model=model, detector_model=detector, device="cpu"), 1).processed == 16
+
+    train_images = project.images("train")
+    first, later = train_images[:6], train_images[6:]
+    scripted_review(project, project.images("val") + first, truth, accept_iou=0.5)
+    config = TrainConfig(epochs=60, batch_size=2, objects_per_image=4, lr=3e-3, warmup_steps=5, num_points=0,
+                         num_refine=0)
+    report = train_round(project, model=model, config=config)
+    folder = project.rounds_dir / "round-1"
+    assert report["round"] == 1 and report["train"]["images"] == 6 and report["val"]["images"] == 4
+    assert {"best.pth", "train.json", "val.json", "report.json", TABLE_NAME} <= {p.name for p in folder.iterdir()}
+    assert (folder / PLOT_NAME).is_file() or "matplotlib is not installed" in (folder / TABLE_NAME).read_text()
+    before, after = report["eval"]["before"], report["eval"]["after"]
+
+    tuned = colour_encoder_(small_input_sam(seed=0))
+    tuned.load_state_dict(load_state_dict_file(folder / "best.pth"))
+    assert [image.id for image in project.unproposed(2)] == [image.id for image in later]
+    assert propose(project, LangSAM(sam_model=tuned, detector_model=detector, device="cpu"), 2).processed == 6
+    scripted_review(project, project.images("train")[6:], truth, accept_iou=0.5)
+    round1, round2 = review_stats(project, 1), review_stats(project, 2)
+    print(f"held-out mIoU 1 click {before['miou_click_1']:.3f} -> {after['miou_click_1']:.3f}, box "
+          f"{before['miou_box']:.3f} -> {after['miou_box']:.3f}; acceptance {round1['acceptance_rate']:.2f} -> "
+          f"{round2['acceptance_rate']:.2f}; proposal mIoU {round1['proposal_miou']:.3f} -> "
+          f"{round2['proposal_miou']:.3f}")
+    # Measured (1 torch thread): held-out 1 click 0.065 -> 0.254, box 0.060 -> 0.222; acceptance 0.00 -> 0.43;
+    # proposal mIoU 0.061 -> 0.463; corrections per object 1.00 -> 0.57 (README, "Does the loop help?").
+    assert after["miou_click_1"] > before["miou_click_1"] + 0.1 and after["miou_box"] > before["miou_box"] + 0.1
+    assert round2["acceptance_rate"] > round1["acceptance_rate"]
+    assert round2["proposal_miou"] > round1["proposal_miou"] + 0.2
+    assert round1["corrections_per_object"] > round2["corrections_per_object"]
+    project.close()
+
+
+def test_cli_propose_round_2_uses_round_1s_checkpoint_on_the_unreviewed_images(project, tmp_path, monkeypatch):
+    import langsam.cli.batch as batch
+
+    seen = {}
+
+    def capture(args, todo, **kwargs):
+        seen.update(sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, keys=[item.key for item in todo],
+                    total=kwargs["report"].total)
+
+    monkeypatch.setattr(batch, "process_items", capture)
+    project.accept(project.objects(1)[0].id, "ann", "k1")
+    checkpoint = project.rounds_dir / "round-1" / "best.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    status, _, stderr = run_main(["label", "propose", str(project.path), "--device", "cpu", "-q"])
+    assert status == 0, stderr
+    assert seen == {"sam_type": "auto", "sam_checkpoint": str(checkpoint), "keys": ["2", "3", "4", "5"], "total": 4}
+    status, _, stderr = run_main(["label", "propose", str(project.path), "--round", "2", "--sam-checkpoint",
+                                  str(checkpoint), "--device", "cpu"])
+    assert status == 2 and "drop --sam-checkpoint" in stderr

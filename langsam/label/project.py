@@ -226,11 +226,14 @@ class Project:
         """
         from langsam.io import iter_image_files
 
+        from langsam.detector import parse_queries
+
         path = Path(path)
         images_dir = Path(images_dir)
-        classes = list(dict.fromkeys(str(c).strip() for c in classes if str(c).strip()))
-        if not classes:
-            raise ProjectError("no classes given: name at least one, e.g. --classes \"a dog, a cat\"")
+        try:  # the pipeline labels objects with its own normalisation of the queries: use the same
+            classes = parse_queries([str(c) for c in classes])
+        except ValueError:
+            raise ProjectError("no classes given: name at least one, e.g. --classes \"a dog, a cat\"") from None
         if not images_dir.is_dir():
             raise ProjectError(f"{images_dir}: no such folder of images")
         if not 0.0 <= val_fraction < 1.0:
