@@ -535,6 +535,14 @@ def test_cli_review_without_the_review_server_says_so(tmp_path, monkeypatch):
     assert status == 1 and "review server is not available" in stderr
 
 
+def test_cli_review_refuses_a_public_host_without_a_key_as_a_usage_error(tmp_path, monkeypatch):
+    write_images(tmp_path / "images", 2)
+    Project.init(tmp_path / "p", tmp_path / "images", CLASSES).close()
+    monkeypatch.delenv("LANGSAM_API_KEY", raising=False)
+    status, _, stderr = run_main(["label", "review", str(tmp_path / "p"), "--host", "0.0.0.0", "--device", "cpu"])
+    assert status == 2 and "key" in stderr.lower() and "Traceback" not in stderr
+
+
 def test_cli_export_and_train_wiring(reviewed, tmp_path):
     project, _ = reviewed
     status, stdout, stderr = run_main(["label", "export", str(project.path), "--format", "coco", "--split", "none",

@@ -242,6 +242,11 @@ def run_review(args: argparse.Namespace) -> int:
         serve_review(args.project, host=args.host, port=args.port, api_key=api_key, **model_kwargs_from_args(args))
     except KeyboardInterrupt:
         return EXIT_OK
+    except ValueError as error:  # the binding rule, a short key, a bad port: serve's errors
+        raise UsageError(str(error)) from None
+    except ImportError as error:  # the serve extra is missing
+        print(f"langsam label review: error: {error}", file=sys.stderr)
+        return EXIT_FAILURES
     return EXIT_OK
 
 
