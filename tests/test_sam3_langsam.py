@@ -221,3 +221,45 @@ def test_cli_eval_sam3_ap_equals_pycocotools(pipeline, checkpoints, tmp_path):
     evaluator.summarize()
     np.testing.assert_allclose(text["modes"]["grounded"]["coco_stats"], evaluator.stats)
     assert text["modes"]["grounded"]["detections"] == len(detections)
+
+
+# ------------------------------------------------------------------------------------------
+# langsam serve
+# ------------------------------------------------------------------------------------------
+
+
+def test_serve_worker_answers_the_pipeline_json(pipeline, photo, checkpoints, tiny_sam_checkpoint):
+    """The /v1/segment path in-process (a real server costs a minute here; tests/test_serve.py runs
+    one): form fields -> SegmentParams -> the worker's LangSAMAPI (setup, batched predict,
+    encode_response) -> the JSON body, against the pipeline's own result encoded the same way."""
+    import time
+
+    from langsam.serve import ServeConfig
+    from langsam.serve.api import Job, LangSAMAPI
+    from langsam.serve.schemas import SegmentParams, _encode_segmentation
+
+    models = {"model": "sam3", "sam3_checkpoint": str(checkpoints["meta"]), "sam_type": "auto",
+              "sam_checkpoint": str(tiny_sam_checkpoint), "device": "cpu"}
+    api = LangSAMAPI(ServeConfig(models=models))
+    api.setup("cpu")
+    assert api.pipeline.model == "sam3" and api.pipeline._sam3 is not None  # SAM 3 loaded at start
+    deadline = time.monotonic() + 600
+    form = SegmentParams.model_validate({"text": "a cat", "model": "sam3", "box_threshold": "0", "top_k": "3",
+                                         "exemplars": "40,30,150,120; 160,10,220,60:neg"})
+    as_json = SegmentParams.model_validate({"box_threshold": 0.0, "top_k": 2,
+                                            "exemplars": json.dumps([[[40, 30, 150, 120], True]])})
+    outside = SegmentParams.model_validate({"text": "a cat", "exemplars": [[[40, 30, 500, 120], True]]})
+    jobs = [Job("segment", form.job_settings(["a cat"]), deadline, photo),
+            Job("segment", as_json.job_settings([]), deadline, photo),
+            Job("segment", outside.job_settings(["a cat"]), deadline, photo)]
+    answers = [api.encode_response(output) for output in api.predict(jobs)]
+    expected = [pipeline.segment(photo, "a cat", box_threshold=0.0, exemplars=EXEMPLARS, top_k=3),
+                pipeline.segment(photo, None, box_threshold=0.0, exemplars=EXEMPLARS[:1], top_k=2)]
+    for (status, body), result in zip(answers, expected):
+        assert status == 200 and len(result) > 0
+        assert body == json.loads(json.dumps(_encode_segmentation(result)))
+    assert answers[2][0] == 400 and "outside the 226x150 image" in answers[2][1]["detail"]
+    for fields, message in [({"exemplars": "40,30,150"}, "exemplars"), ({"exemplars": "1,2,3,4:maybe"}, ":pos or :neg"),
+                            ({"model": "sam9"}, "model"), ({"exemplars": "[1, 2"}, "not valid JSON")]:
+        with pytest.raises(ValueError, match=message):
+            SegmentParams.model_validate({"text": "a cat", **fields})

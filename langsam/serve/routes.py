@@ -270,12 +270,7 @@ class _Routes:
                 queries = [] if no_text and params.exemplars else parse_queries(params.text)
             except ValueError as error:
                 raise _HTTPError(400, f"text: {error}") from None
-            settings = params.model_dump(exclude={"text", "model", "exemplars"})
-            if params.model is not None:
-                settings["model"] = params.model
-            if params.exemplars is not None:  # a tuple: the worker groups requests by their settings
-                settings["exemplars"] = tuple((tuple(box), positive) for box, positive in params.exemplars)
-            return await self._run("segment", {"queries": queries, **settings}, data, self._timeout(request))
+            return await self._run("segment", params.job_settings(queries), data, self._timeout(request))
 
         return await self._answer(handle, request)
 

@@ -55,6 +55,16 @@ class SegmentParams(_Strict):
             items.append((coords.split(","), sign == "pos"))
         return items
 
+    def job_settings(self, queries: list[str]) -> dict[str, Any]:
+        """The worker's `segment` parameters: the queries and every setting; `model` and
+        `exemplars` only when given, exemplars as tuples (the worker groups requests by settings)."""
+        settings = self.model_dump(exclude={"text", "model", "exemplars"})
+        if self.model is not None:
+            settings["model"] = self.model
+        if self.exemplars is not None:
+            settings["exemplars"] = tuple((tuple(box), positive) for box, positive in self.exemplars)
+        return {"queries": queries, **settings}
+
 
 class AutoMaskParams(_Strict):
     """`/v1/auto-masks` settings (automatic mask generator parameters; unset ones keep the
