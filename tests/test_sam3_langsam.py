@@ -263,3 +263,34 @@ def test_serve_worker_answers_the_pipeline_json(pipeline, photo, checkpoints, ti
                             ({"model": "sam9"}, "model"), ({"exemplars": "[1, 2"}, "not valid JSON")]:
         with pytest.raises(ValueError, match=message):
             SegmentParams.model_validate({"text": "a cat", **fields})
+
+
+# ------------------------------------------------------------------------------------------
+# The demo's text tab
+# ------------------------------------------------------------------------------------------
+
+
+def test_demo_text_tab_runs_sam3_with_exemplars(pipeline, photo, tmp_path):
+    from langsam.demo import build_app
+    from langsam.demo.text_tab import add_corner, object_rows, parse_exemplar_text
+
+    # Two clicks (any two opposite corners) give one box line; the second box is negative.
+    text, corner = add_corner("", None, (150, 120), False)
+    assert (text, corner) == ("", (150, 120))
+    text, corner = add_corner(text, corner, (40, 30), False)
+    text, corner = add_corner(*add_corner(text, None, (160, 60), True), (220, 10), True)
+    assert text == "40,30,150,120\n160,10,220,60:neg" and corner is None
+    assert parse_exemplar_text(text) == EXEMPLARS
+    with pytest.raises(ValueError, match="exemplar line 2"):
+        parse_exemplar_text("40,30,150,120\n1,2,3")
+    app = build_app(pipeline)
+    assert app.fns  # the page builds with the model choice and the exemplar field
+    run = next(fn for fn in app.fns.values() if fn.api_name == "segment_text").fn
+    Image.fromarray(photo).save(tmp_path / "cat.png")
+    overlay, gallery, rows, coco_path, zip_path, status = run(str(tmp_path / "cat.png"), "cat", "grounded", 0.0, 0.25,
+                                                              0.5, False, 3, None, None, None, "sam3", text)
+    expected = pipeline.segment(photo, "cat", box_threshold=0.0, exemplars=EXEMPLARS, top_k=3)
+    assert len(expected) == 3 and rows == object_rows(expected)
+    coco = json.loads(open(coco_path).read())
+    for annotation, mask in zip(coco["annotations"], expected.masks):
+        np.testing.assert_array_equal(mask_utils.decode(annotation["segmentation"]).astype(bool), mask)
