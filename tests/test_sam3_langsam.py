@@ -294,3 +294,25 @@ def test_demo_text_tab_runs_sam3_with_exemplars(pipeline, photo, tmp_path):
     coco = json.loads(open(coco_path).read())
     for annotation, mask in zip(coco["annotations"], expected.masks):
         np.testing.assert_array_equal(mask_utils.decode(annotation["segmentation"]).astype(bool), mask)
+
+
+# ------------------------------------------------------------------------------------------
+# Ray workers
+# ------------------------------------------------------------------------------------------
+
+
+def test_ray_worker_builds_sam3_and_equals_local(pipeline, photo, checkpoints):
+    """What a `--ray` worker runs, in this process (tests/test_distributed.py runs the cluster):
+    its builder loads SAM 3 alone (no SAM, no Grounding DINO) and its rows equal the local result."""
+    from langsam.distributed import PipelineBuilder, segment_row
+
+    worker = PipelineBuilder("grounded", model="sam3", sam3_checkpoint=str(checkpoints["meta"]), device="cpu")()
+    assert worker._sam3 is not None and worker._predictor is None and worker._detector is None
+    options = {"mode": "grounded", "box_threshold": 0.0, "top_k": 4, "exemplars": EXEMPLARS}
+    row = segment_row(worker, photo, {}, text=["a cat"], options=options)
+    expected = pipeline.segment(photo, ["a cat"], **options)
+    assert len(expected) == 4 and row["labels"] == expected.labels
+    np.testing.assert_array_equal(np.asarray(row["scores"], np.float32), expected.scores)
+    decoded = [mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+               for rle in row["segmentation"]]
+    np.testing.assert_array_equal(np.stack(decoded), expected.masks)
