@@ -326,7 +326,7 @@ class LangSAM:
             return self._clip_scorer
 
     @property
-    def sam3(self):
+    def sam3_predictor(self):
         """The ``sam.sam3.Sam3Predictor`` of ``model="sam3"`` (built on first access, once)."""
         with self._lock:
             if self._sam3 is None:
@@ -356,7 +356,7 @@ class LangSAM:
         alone), so that a missing one fails once, at start, not on the first image."""
         model = self.model if model is None else self._check_model(model)
         if mode in ("grounded", "hybrid") and model == "sam3":
-            self.sam3
+            self.sam3_predictor
         else:
             self.predictor
             if mode in ("grounded", "hybrid"):
@@ -639,7 +639,7 @@ class LangSAM:
         (skipped when the predictor holds this image), then one batched head pass for text-only
         queries, or one pass per query when exemplars join the prompt."""
         height, width = pixels.shape[:2]
-        predictor = self.sam3
+        predictor = self.sam3_predictor
         # The predictor holds one image; it may be shared (injected) and have run another since.
         held = (image_key(pixels), predictor.image_passes)
         if self._sam3_image != held:

@@ -77,7 +77,7 @@ def test_segment_equals_sam3_predictor(pipeline, reference, photo, threshold):
     top = pipeline.segment(photo, QUERIES, box_threshold=threshold, top_k=2)
     np.testing.assert_array_equal(top.masks, result.masks[:2])
     # The second and third calls on the same image ran no image pass.
-    assert pipeline.sam3.image_passes == 1
+    assert pipeline.sam3_predictor.image_passes == 1
 
 
 def test_exemplars_with_and_without_text(pipeline, reference, photo, threshold):
@@ -111,8 +111,8 @@ def test_hybrid_verifies_sam3_objects_with_clip(checkpoints, photo, threshold):
     assert scorer.calls[-1] == (grounded.labels, QUERIES)
 
 
-def test_bad_inputs_get_clear_errors(pipeline, photo, checkpoints):
-    passes = pipeline.sam3.image_passes
+def test_bad_inputs_get_clear_errors(pipeline, photo, checkpoints, tiny_sam_checkpoint):
+    passes = pipeline.sam3_predictor.image_passes
     cases = [
         (dict(text="a cat", exemplars=[((10, 10, 300, 50), True)]), "outside the 226x150 image"),
         (dict(text="a cat", exemplars=[((-1, 10, 30, 50), True)]), "outside"),
@@ -133,13 +133,17 @@ def test_bad_inputs_get_clear_errors(pipeline, photo, checkpoints):
         text = kwargs.pop("text")
         with pytest.raises(ValueError, match=message):
             pipeline.segment(photo, text, **kwargs)
-    assert pipeline.sam3.image_passes == passes  # refused before any image pass
+    assert pipeline.sam3_predictor.image_passes == passes  # refused before any image pass
     with pytest.raises(ValueError, match="does not exist"):
         LangSAM(model="sam3", sam3_checkpoint=checkpoints["meta"].parent / "missing.pt")
     with pytest.raises(ValueError, match="model must be one of"):
         LangSAM(model="SAM3")
     with pytest.raises(ValueError, match="sam3_checkpoint=PATH"):  # no downloadable row yet
         LangSAM(model="sam3", device="cpu").segment(photo, "a cat")
+    with pytest.raises(ValueError, match="looks like a SAM 1 checkpoint"):  # sam.build.CheckpointError
+        LangSAM(model="sam3", sam3_checkpoint=tiny_sam_checkpoint, device="cpu").segment(photo, "a cat")
+    with pytest.raises(ValueError, match="float32"):
+        LangSAM(model="sam3", sam3_checkpoint=checkpoints["meta"], dtype="bf16").segment(photo, "a cat")
     with pytest.raises(ValueError, match="no video tracker"):
         pipeline.track([photo], "a cat")
 
