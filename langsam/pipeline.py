@@ -530,10 +530,10 @@ class LangSAM:
     def _check_segment(self, text: Any, mode: str, exemplars: Any, model: str | None) -> str:
         """The concept model of a segment call, after checking that it can serve this call."""
         model = self.model if model is None else self._check_model(model)
-        if mode == "clip" and (model == "sam3" or exemplars is not None):
+        if mode == "clip" and (model == "sam3" or exemplars):
             raise ValueError("mode='clip' ranks SAM's automatic masks with CLIP and uses no concept model, so it takes "
                              "neither model='sam3' nor exemplars; use mode='grounded' or 'hybrid' with SAM 3")
-        if exemplars is not None and model != "sam3":
+        if exemplars and model != "sam3":
             raise ValueError("exemplar boxes need model='sam3': Grounding DINO takes text only")
         if _no_text(text) and mode == "hybrid":
             raise ValueError("mode='hybrid' checks each mask against its query with CLIP, so it needs text")

@@ -252,7 +252,7 @@ def build_text_tab(ctx: TabContext) -> None:
                             info="grounded: the model's objects; clip: automatic masks ranked by "
                                  "CLIP; hybrid: the model's objects, re-scored by CLIP")
             with gr.Accordion("Exemplar boxes (SAM 3)", open=False):
-                exemplar_text = gr.Textbox(label="Boxes", lines=2, elem_id="text-exemplars",
+                exemplar_text = gr.Textbox("", label="Boxes", lines=2, elem_id="text-exemplars",
                                            placeholder="x0,y0,x1,y1 per line, :neg for 'not like this'; or click "
                                                        "two opposite corners on the image")
                 negative = gr.Checkbox(False, label="Clicked boxes are negative")
