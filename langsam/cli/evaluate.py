@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from langsam.cli import eval_video
 from langsam.cli.options import (
     EXIT_FAILURES,
     EXIT_INTERRUPTED,
@@ -56,6 +57,8 @@ examples:
   langsam eval shapes/ --prompts points,box --clicks 9 --report before.json
   langsam eval val.json --images val2017/ --prompts text --modes grounded,hybrid
   langsam eval val.json --images val2017/ --prompts text --model sam3 --sam3-checkpoint sam3.pt
+  langsam eval labels.json --video out/clip/video.json      (tracking: J&F, IDF1, video AP)
+  langsam eval labels.json --track clip.mp4 --prompt box     (SAM 2.1 prompted tracking: J&F)
 """
 
 
@@ -115,6 +118,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--report", metavar="FILE", default=DEFAULT_REPORT,
                         help=f"JSON report to write (default {DEFAULT_REPORT})")
     add_model_arguments(parser)
+    eval_video.add_arguments(parser)
     parser.set_defaults(handler=run, parser=parser)
     return parser
 
@@ -132,6 +136,8 @@ def load_data(args: argparse.Namespace, path: str, images: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``langsam eval`` with parsed ``args``; returns the exit status."""
+    if args.video is not None or args.track is not None:
+        return eval_video.run(args)
     if args.sam_type is None and args.sam_checkpoint is not None:
         args.sam_type = "auto"  # a local checkpoint says what it is
     validate_model_arguments(args.parser, args)
