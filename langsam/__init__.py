@@ -1,4 +1,5 @@
-"""langsam: text-prompted image segmentation (Grounding DINO boxes -> Segment Anything masks).
+"""langsam: text-prompted image segmentation (Grounding DINO boxes -> Segment Anything masks,
+or SAM 3 alone with ``LangSAM(model="sam3")``).
 
     import langsam
     result = langsam.segment("dog.jpg", "a dog. a ball.")

@@ -181,11 +181,7 @@ class PipelineBuilder:
         from langsam.pipeline import LangSAM
 
         pipeline = LangSAM(**self.model_kwargs)
-        pipeline.predictor
-        if self.mode in ("grounded", "hybrid"):
-            pipeline.detector.load()
-        if self.mode in ("clip", "hybrid"):
-            pipeline.clip_scorer
+        pipeline.load_models(self.mode)  # SAM + Grounding DINO, or SAM 3 with model="sam3"
         return pipeline
 
 

@@ -1,8 +1,9 @@
 """Text-prompted quality: COCO mask AP of a `LangSAM` pipeline on a dataset.
 
 Every image is segmented with all category names of the dataset as queries (one detector
-caption per image), in each requested mode (grounded, hybrid, clip); the objects found become
-COCO results (score = the mode's confidence: detector score, or CLIP probability in clip mode)
+caption per image), in each requested mode (grounded, hybrid, clip) and with the pipeline's concept
+model (Grounding DINO + SAM, or SAM 3 with ``model="sam3"``); the objects found become COCO results
+(score = the mode's confidence: detector score, SAM 3's score, or CLIP probability in clip mode)
 and pycocotools' ``COCOeval`` (``iouType="segm"``) scores them against the dataset's masks:
 AP (IoU 0.50:0.95), AP50 and AP75, overall and per category.
 
@@ -107,9 +108,11 @@ class TextEvaluation:
 
     queries: list[str]
     modes: dict[str, CocoScores]
+    model: str | None = None  # the concept model of modes grounded and hybrid
 
     def to_dict(self) -> dict[str, Any]:
-        return {"queries": self.queries, "modes": {mode: scores.to_dict() for mode, scores in self.modes.items()}}
+        return {"queries": self.queries, "model": self.model,
+                "modes": {mode: scores.to_dict() for mode, scores in self.modes.items()}}
 
     def table(self) -> str:
         """Overall AP / AP50 / AP75 per mode, then AP per category and mode."""
@@ -133,10 +136,12 @@ def evaluate_text(
     text_threshold: float = 0.25,
     clip_threshold: float | None = None,
     progress: bool = False,
+    model: str | None = None,
 ) -> TextEvaluation:
     """COCO mask AP of `pipeline` (a `LangSAM`) on `dataset` with its category names as text
-    queries, for each mode in `modes`. Each image is read once; its SAM embedding is reused
-    across modes by the pipeline's cache."""
+    queries, for each mode in `modes`; `model` is the concept model of modes grounded and hybrid
+    (None: the pipeline's own, e.g. ``"sam3"``). Each image is read once; its SAM (or SAM 3)
+    image pass is reused across modes by the pipeline's cache."""
     from tqdm.auto import tqdm
 
     modes = list(dict.fromkeys(modes))
@@ -153,13 +158,17 @@ def evaluate_text(
             image = dataset.load_image(index)
             for mode in modes:
                 options = {} if mode == "grounded" else {"clip_threshold": clip_threshold}
+                if model is not None and mode != "clip":
+                    options["model"] = model
                 segmentation = pipeline.segment(image, queries, box_threshold=box_threshold,
                                                 text_threshold=text_threshold, mode=mode, **options)
                 results[mode] += segmentation.to_coco(image_id=record.image_id, category_ids=category_ids)
             bar.update(1)
     finally:
         bar.close()
-    return TextEvaluation(queries=queries, modes={mode: coco_mask_ap(ground_truth, results[mode]) for mode in modes})
+    concept = model if model is not None else getattr(pipeline, "model", None)
+    return TextEvaluation(queries=queries, modes={mode: coco_mask_ap(ground_truth, results[mode]) for mode in modes},
+                          model=concept)
 
 
 __all__ = ["MODES", "CocoScores", "TextEvaluation", "coco_mask_ap", "evaluate_text"]

@@ -5,6 +5,10 @@ caption, one forward pass) -> boxes -> SAM image embedding (cached per image con
 batched ``predict_torch`` call for all boxes -> masks. Mode ``"hybrid"`` adds a CLIP check of
 each mask against its label; mode ``"clip"`` ranks SAM's automatic masks with CLIP instead of
 using the detector.
+
+With ``model="sam3"`` SAM 3 is the concept model instead of Grounding DINO + SAM: one image pass,
+then per query the text encoder (cached) and the DETR heads give every instance's box, score and
+mask; positive / negative exemplar boxes steer it. Mode ``"hybrid"`` verifies those with CLIP too.
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ from langsam.result import MODES, Segmentation, clip_boxes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LangSAM", "check_amg_params", "image_key", "resolve_device", "resolve_dtype"]
+__all__ = ["CONCEPT_MODELS", "EXEMPLAR_LABEL", "LangSAM", "check_amg_params", "check_exemplars", "image_key",
+           "resolve_device", "resolve_dtype"]
+
+#: ``LangSAM(model=...)``: the concept model that turns text into objects. ``"grounding-dino"``:
+#: Grounding DINO boxes, then SAM (``sam_type``) masks; ``"sam3"``: SAM 3 finds every instance itself.
+CONCEPT_MODELS = ("grounding-dino", "sam3")
+DEFAULT_MODEL = "grounding-dino"
+#: The label of objects found from exemplar boxes alone (no text).
+EXEMPLAR_LABEL = "exemplar"
 
 #: SAM 2.1 small: better 1-click mIoU than SAM 1 ViT-H in the SAM 2 paper, and set_image costs
 #: 0.32x vit_b's on CPU here (benchmarks/bench_models.py).
@@ -116,6 +128,56 @@ def image_key(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _no_text(text: Any) -> bool:
+    """True for no query at all: None, an empty or blank string, or an empty list."""
+    if text is None:
+        return True
+    if isinstance(text, str):
+        return not text.strip(" .")
+    return isinstance(text, Sequence) and len(text) == 0
+
+
+def check_exemplars(exemplars: Any, image_size: tuple[int, int]) -> list[tuple[tuple[float, float, float, float], bool]]:
+    """Validate SAM 3 exemplar boxes ``[(box, positive), ...]`` against the image they are drawn
+    on: ``box`` is ``(x0, y0, x1, y1)`` in original-image pixels, inside ``(H, W)`` and not empty;
+    ``positive`` a bool (True: "more like this", False: "not like this"). Returns them as tuples."""
+    height, width = image_size
+    if isinstance(exemplars, (str, bytes)) or not isinstance(exemplars, Sequence):
+        raise ValueError(f"exemplars must be a list of (box, positive) pairs, got {type(exemplars).__name__}")
+    checked = []
+    for index, item in enumerate(exemplars):
+        try:
+            box, positive = item
+            coords = tuple(float(v) for v in box)
+        except (TypeError, ValueError):
+            raise ValueError(f"exemplar {index} must be (box x0,y0,x1,y1 in pixels, positive: bool); got {item!r}") from None
+        if len(coords) != 4 or not isinstance(positive, (bool, np.bool_)):
+            raise ValueError(f"exemplar {index} must be (box x0,y0,x1,y1 in pixels, positive: bool); got {item!r}")
+        x0, y0, x1, y1 = coords
+        if not np.isfinite(coords).all():
+            raise ValueError(f"exemplar {index}: box {list(coords)} has NaN or infinite coordinates")
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"exemplar {index}: box {list(coords)} is empty (needs x1 > x0 and y1 > y0)")
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ValueError(f"exemplar {index}: box {list(coords)} lies outside the {width}x{height} image")
+        checked.append((coords, bool(positive)))
+    return checked
+
+
+def _default_sam3_checkpoint():
+    """The registry's ``"sam3"`` checkpoint (cached / downloaded by ``langsam.weights``)."""
+    from sam.build import MODEL_SPECS
+
+    from langsam.weights import resolve_sam_checkpoint
+
+    if "sam3" not in MODEL_SPECS:
+        raise ValueError("no SAM 3 weights are registered for download in this version: pass "
+                         "sam3_checkpoint=PATH (CLI: --sam3-checkpoint PATH), Meta's sam3.pt or a transformers "
+                         "save_pretrained folder of facebook/sam3 (gated on the Hugging Face hub: request access "
+                         "there, then download it)")
+    return resolve_sam_checkpoint("sam3")
+
+
 class LangSAM:
     """Text-prompted segmentation: Grounding DINO boxes -> SAM masks (+ optional CLIP).
 
@@ -143,6 +205,13 @@ class LangSAM:
             ``segment(..., amg_params=...)`` overrides them per call.
         detector_size: the longest image side fed to Grounding DINO (speed for accuracy); None
             keeps the released preprocessing (shortest side 800, longest 1333).
+        model: the concept model, one of :data:`CONCEPT_MODELS`: ``"grounding-dino"`` (default:
+            Grounding DINO boxes -> SAM masks) or ``"sam3"`` (SAM 3 finds, boxes and masks every
+            instance itself, and takes exemplar boxes). ``segment(..., model=...)`` overrides it per call.
+        sam3_checkpoint: SAM 3 weights: Meta's ``sam3.pt`` (a ``config.json`` beside it is read if
+            present) or a transformers ``save_pretrained`` folder / its ``model.safetensors``; None
+            asks the weights registry for its ``"sam3"`` entry.
+        sam3_model: an already-built ``sam.sam3.Sam3Image`` or ``Sam3Predictor``.
     """
 
     def __init__(
@@ -161,6 +230,9 @@ class LangSAM:
         embedding_cache_size: int = 4,
         amg_params: Mapping[str, Any] | None = None,
         detector_size: int | None = None,
+        model: str = DEFAULT_MODEL,
+        sam3_checkpoint: str | os.PathLike | None = None,
+        sam3_model: Any = None,
     ) -> None:
         if detector_size is not None and (
             isinstance(detector_size, bool) or not isinstance(detector_size, int) or detector_size < 64
@@ -172,6 +244,14 @@ class LangSAM:
             raise ValueError('sam_type="auto" infers the model size from a checkpoint: pass sam_checkpoint=<path>')
         if sam_checkpoint is not None and not os.path.isfile(sam_checkpoint):
             raise ValueError(f"SAM checkpoint {os.fspath(sam_checkpoint)!r} does not exist or is not a file")
+        self.model = self._check_model(model)
+        if sam3_checkpoint is not None and not os.path.exists(sam3_checkpoint):
+            raise ValueError(f"SAM 3 checkpoint {os.fspath(sam3_checkpoint)!r} does not exist (give Meta's sam3.pt or "
+                             "a transformers save_pretrained folder)")
+        self.sam3_checkpoint = sam3_checkpoint
+        self._sam3_source = sam3_model
+        self._sam3 = None
+        self._sam3_image = None  # (image_key, image_passes) when the SAM 3 predictor holds our image
         self.sam_type = sam_type
         self.sam_checkpoint = sam_checkpoint
         self.detector_name = os.fspath(detector)
@@ -191,8 +271,15 @@ class LangSAM:
         self._lock = threading.RLock()  # the predictor holds one image at a time
 
     def __repr__(self) -> str:
-        return (f"LangSAM(sam_type={self.sam_type!r}, detector={self.detector_name!r}, device={str(self.device)!r}, "
-                f"dtype={self.dtype})")
+        concept = "" if self.model == DEFAULT_MODEL else f"model={self.model!r}, "
+        return (f"LangSAM({concept}sam_type={self.sam_type!r}, detector={self.detector_name!r}, "
+                f"device={str(self.device)!r}, dtype={self.dtype})")
+
+    @staticmethod
+    def _check_model(model: Any) -> str:
+        if model not in CONCEPT_MODELS:
+            raise ValueError(f"model must be one of {', '.join(CONCEPT_MODELS)}, got {model!r}")
+        return model
 
     # ------------------------------------------------------------------ lazy models
     @property
@@ -238,6 +325,47 @@ class LangSAM:
                                                dtype=self.dtype)
             return self._clip_scorer
 
+    @property
+    def sam3_predictor(self):
+        """The ``sam.sam3.Sam3Predictor`` of ``model="sam3"`` (built on first access, once)."""
+        with self._lock:
+            if self._sam3 is None:
+                import torch
+
+                from sam.sam3 import Sam3Image, Sam3Predictor, load_sam3
+
+                if self.dtype != torch.float32:
+                    raise ValueError(f"model='sam3' runs in float32 here; got dtype={self.dtype}")
+                source = self._sam3_source
+                if isinstance(source, Sam3Predictor):
+                    self._sam3 = source
+                    return source
+                if source is None:
+                    checkpoint = self.sam3_checkpoint
+                    if checkpoint is None:
+                        checkpoint = _default_sam3_checkpoint()
+                    logger.info("loading SAM 3 from %s", checkpoint)
+                    source = load_sam3(checkpoint)
+                if not isinstance(source, Sam3Image):
+                    raise ValueError(f"sam3_model must be a sam.sam3.Sam3Image or Sam3Predictor, got {type(source).__name__}")
+                self._sam3 = Sam3Predictor(source.to(self.device))
+            return self._sam3
+
+    def load_models(self, mode: str = "grounded", model: str | None = None) -> None:
+        """Load now every model ``segment(mode=mode, model=model)`` needs (``mode="sam"``: SAM
+        alone), so that a missing one fails once, at start, not on the first image."""
+        model = self.model if model is None else self._check_model(model)
+        if mode in ("grounded", "hybrid") and model == "sam3":
+            self.sam3_predictor
+        else:
+            self.predictor
+            if mode in ("grounded", "hybrid"):
+                detector = self.detector
+                if hasattr(detector, "load"):
+                    detector.load()
+        if mode in ("clip", "hybrid"):
+            self.clip_scorer
+
     # ------------------------------------------------------------------ embedding cache
     def set_image(self, pixels: np.ndarray) -> str:
         """Make ``pixels`` the predictor's image, reusing a cached embedding when the same
@@ -269,12 +397,13 @@ class LangSAM:
                 self._detector.clear_cache()
             if self._predictor is not None:
                 self._predictor.reset_image()
+            self._sam3_image = None
 
     # ------------------------------------------------------------------ public API
     def segment(
         self,
         image: ImageSource,
-        text: str | Sequence[str],
+        text: str | Sequence[str] | None,
         box_threshold: float = 0.3,
         text_threshold: float = 0.25,
         mode: str = "grounded",
@@ -282,48 +411,72 @@ class LangSAM:
         clip_threshold: float | None = None,
         top_k: int | None = None,
         amg_params: Mapping[str, Any] | None = None,
+        exemplars: Sequence[tuple[Sequence[float], bool]] | None = None,
+        model: str | None = None,
     ) -> Segmentation:
         """Segment every object the text names.
 
         Args:
             image: a path, a PIL image or an ``(H, W, 3)`` uint8 RGB array (see ``load_image``).
             text: one string with queries separated by ``.`` (``"a dog. a cat"``) or a list of
-                queries. Labels in the result are these queries, as written.
-            box_threshold, text_threshold: Grounding DINO thresholds (grounded / hybrid).
-            mode: ``"grounded"`` (detector boxes -> SAM), ``"hybrid"`` (grounded, then keep masks
-                whose CLIP probability for their own label is >= ``clip_threshold``) or ``"clip"``
-                (SAM automatic masks ranked by CLIP; no detector).
-            multimask: ask SAM for 3 masks per box and keep the one with the best predicted IoU.
+                queries. Labels in the result are these queries, as written. With SAM 3 and
+                exemplars it may be None or empty: the objects are then labelled ``"exemplar"``.
+            box_threshold: the minimum object score: Grounding DINO's box score, or with SAM 3
+                its score presence x query probability (0.3 is also transformers' default for
+                SAM 3; Meta's own is 0.5).
+            text_threshold: Grounding DINO's text-token threshold (unused by SAM 3).
+            mode: ``"grounded"`` (the concept model's objects: detector boxes -> SAM, or SAM 3's
+                instances), ``"hybrid"`` (grounded, then keep masks whose CLIP probability for
+                their own label is >= ``clip_threshold``) or ``"clip"`` (SAM automatic masks
+                ranked by CLIP; no concept model).
+            multimask: ask SAM for 3 masks per box and keep the one with the best predicted IoU
+                (Grounding DINO + SAM only).
             clip_threshold: CLIP probability cut (clip / hybrid; None: 0.5).
             top_k: keep at most this many objects, best first.
             amg_params: automatic-mask-generator settings for this call (clip mode only);
                 None uses the pipeline's ``amg_params``.
+            exemplars: SAM 3 only: ``[(box, positive), ...]`` with ``box`` ``(x0, y0, x1, y1)`` in
+                image pixels and ``positive`` True ("more like this") or False ("not like
+                this"). They join every query's prompt, or stand alone without text.
+            model: the concept model for this call (see :data:`CONCEPT_MODELS`); None: the
+                pipeline's ``model``.
 
         Returns:
             A :class:`Segmentation` (objects best first); empty with masks ``(0, H, W)`` when
-            nothing is found.
+            nothing is found. With SAM 3, ``scores`` and ``mask_scores`` are both SAM 3's
+            score (it has no separate mask-quality estimate).
 
         Raises:
-            ValueError: empty text, unknown mode, thresholds out of range, unreadable image.
+            ValueError: empty text (and no exemplars), unknown mode or model, thresholds out
+                of range, bad exemplars, unreadable image.
         """
-        queries = parse_queries(text)
+        model = self._check_segment(text, mode, exemplars, model)
+        queries = [] if _no_text(text) else parse_queries(text)
         amg_params = self._check_options(box_threshold, text_threshold, mode, clip_threshold, top_k, amg_params)
         pixels = load_image(image)
+        checked = None if exemplars is None else check_exemplars(exemplars, pixels.shape[:2])
         with self._lock:
             if mode == "clip":
                 return self._segment_clip(pixels, queries, clip_threshold, top_k, amg_params)
-            detections = self.detector.detect(pixels, queries, box_threshold=box_threshold,
-                                              text_threshold=text_threshold)
-            result = self._segment_boxes(pixels, detections, multimask, mode, top_k if mode == "grounded" else None)
+            if model == "sam3":
+                result = self._segment_sam3(pixels, queries, checked, box_threshold, mode,
+                                            top_k if mode == "grounded" else None)
+            else:
+                detections = self.detector.detect(pixels, queries, box_threshold=box_threshold,
+                                                  text_threshold=text_threshold)
+                result = self._segment_boxes(pixels, detections, multimask, mode,
+                                             top_k if mode == "grounded" else None)
             if mode == "hybrid":
                 result = self._verify_with_clip(result, queries, clip_threshold, top_k)
             return result
 
-    def segment_batch(self, images: Sequence[ImageSource], texts: str | Sequence[str] | Sequence[Sequence[str]],
+    def segment_batch(self, images: Sequence[ImageSource], texts: str | Sequence[str] | Sequence[Sequence[str]] | None,
                       box_threshold: float = 0.3, text_threshold: float = 0.25, mode: str = "grounded",
                       multimask: bool = False, clip_threshold: float | None = None, top_k: int | None = None,
                       amg_params: Mapping[str, Any] | None = None,
-                      detector_batch_size: int | None = None) -> list[Segmentation]:
+                      detector_batch_size: int | None = None,
+                      exemplars: Sequence[tuple[Sequence[float], bool]] | None = None,
+                      model: str | None = None) -> list[Segmentation]:
         """:meth:`segment` over several images; the results equal one :meth:`segment` per image.
 
         ``texts`` is either one text for every image (a string, or a list of query strings) or
@@ -331,7 +484,8 @@ class LangSAM:
         Each image costs one SAM encoding. In modes grounded and hybrid the detector sees the
         images through ``detect_batch``: images of the same detector input size share forward
         passes of up to ``detector_batch_size`` images (default: 1 on CPU, 8 on a GPU), and the
-        caption is encoded once for all of them.
+        caption is encoded once for all of them. With SAM 3 (``model="sam3"``) each image is one
+        image pass and ``exemplars`` (pixels) apply to every image.
         """
         images = list(images)
         if texts and not isinstance(texts, str) and all(isinstance(t, (list, tuple)) for t in texts):
@@ -340,28 +494,53 @@ class LangSAM:
                 raise ValueError(f"got {len(images)} images but {len(per_image)} per-image texts")
         else:
             per_image = [texts] * len(images)
-        query_lists = [parse_queries(text) for text in per_image]  # fail before any image work
+        for text in per_image:
+            model = self._check_segment(text, mode, exemplars, model)
+        query_lists = [[] if _no_text(text) else parse_queries(text) for text in per_image]  # fail before image work
         amg_params = self._check_options(box_threshold, text_threshold, mode, clip_threshold, top_k, amg_params)
         pixels = [load_image(image) for image in images]
+        checked = [None if exemplars is None else check_exemplars(exemplars, image.shape[:2]) for image in pixels]
         with self._lock:
             if mode == "clip":
                 return [self._segment_clip(image, queries, clip_threshold, top_k, amg_params)
                         for image, queries in zip(pixels, query_lists)]
-            detector = self.detector
-            if hasattr(detector, "detect_batch"):
-                detections = detector.detect_batch(pixels, query_lists, box_threshold, text_threshold,
-                                                   batch_size=detector_batch_size)
-            else:  # an injected detector with detect() only
-                detections = [detector.detect(image, queries, box_threshold=box_threshold,
-                                              text_threshold=text_threshold)
-                              for image, queries in zip(pixels, query_lists)]
+            if model == "sam3":
+                detections = [None] * len(pixels)
+            else:
+                detector = self.detector
+                if hasattr(detector, "detect_batch"):
+                    detections = detector.detect_batch(pixels, query_lists, box_threshold, text_threshold,
+                                                       batch_size=detector_batch_size)
+                else:  # an injected detector with detect() only
+                    detections = [detector.detect(image, queries, box_threshold=box_threshold,
+                                                  text_threshold=text_threshold)
+                                  for image, queries in zip(pixels, query_lists)]
             results = []
-            for image, queries, found in zip(pixels, query_lists, detections):
-                result = self._segment_boxes(image, found, multimask, mode, top_k if mode == "grounded" else None)
+            for image, queries, found, boxes in zip(pixels, query_lists, detections, checked):
+                keep = top_k if mode == "grounded" else None
+                if model == "sam3":
+                    result = self._segment_sam3(image, queries, boxes, box_threshold, mode, keep)
+                else:
+                    result = self._segment_boxes(image, found, multimask, mode, keep)
                 if mode == "hybrid":
                     result = self._verify_with_clip(result, queries, clip_threshold, top_k)
                 results.append(result)
             return results
+
+    def _check_segment(self, text: Any, mode: str, exemplars: Any, model: str | None) -> str:
+        """The concept model of a segment call, after checking that it can serve this call."""
+        model = self.model if model is None else self._check_model(model)
+        if mode == "clip" and (model == "sam3" or exemplars):
+            raise ValueError("mode='clip' ranks SAM's automatic masks with CLIP and uses no concept model, so it takes "
+                             "neither model='sam3' nor exemplars; use mode='grounded' or 'hybrid' with SAM 3")
+        if exemplars and model != "sam3":
+            raise ValueError("exemplar boxes need model='sam3': Grounding DINO takes text only")
+        if _no_text(text) and mode == "hybrid":
+            raise ValueError("mode='hybrid' checks each mask against its query with CLIP, so it needs text")
+        if _no_text(text) and not exemplars:
+            raise ValueError("text is empty: give at least one query, e.g. 'a dog' or 'a dog. a cat.'"
+                             + (", or exemplar boxes" if model == "sam3" else ""))
+        return model
 
     def _check_options(self, box_threshold: float, text_threshold: float, mode: str, clip_threshold: float | None,
                        top_k: int | None, amg_params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -386,6 +565,9 @@ class LangSAM:
         SAM 2 / 2.1 ``sam_type``."""
         from langsam.video import track_video
 
+        if self.model != DEFAULT_MODEL:
+            raise ValueError(f"track() detects with Grounding DINO and tracks with SAM 2; model={self.model!r} "
+                             "has no video tracker here yet")
         return track_video(self, video, text, detect_every, **kwargs)
 
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:
@@ -446,6 +628,44 @@ class LangSAM:
             scores=detections.scores[order],
             mask_scores=mask_scores,
             labels=[detections.labels[i] for i in order],
+            image_size=(height, width),
+            mode=mode,
+            image=pixels,
+        )
+
+    def _segment_sam3(self, pixels: np.ndarray, queries: list[str], exemplars: list | None, threshold: float,
+                      mode: str, top_k: int | None) -> Segmentation:
+        """Every instance of each query (or of the exemplars alone) from SAM 3: one image pass
+        (skipped when the predictor holds this image), then one batched head pass for text-only
+        queries, or one pass per query when exemplars join the prompt."""
+        height, width = pixels.shape[:2]
+        predictor = self.sam3_predictor
+        # The predictor holds one image; it may be shared (injected) and have run another since.
+        held = (image_key(pixels), predictor.image_passes)
+        if self._sam3_image != held:
+            predictor.set_image(pixels)
+            self._sam3_image = (held[0], predictor.image_passes)
+        threshold = float(threshold)
+        if not exemplars:
+            predictions = predictor.predict_many(queries, threshold=threshold)
+        else:
+            prompts = queries or [None]
+            predictions = [predictor.predict(text=query, exemplars=exemplars, threshold=threshold) for query in prompts]
+            if not queries:
+                predictions[0].labels = [EXEMPLAR_LABEL] * len(predictions[0])
+        scores = np.concatenate([p.scores for p in predictions]).astype(np.float32)
+        if len(scores) == 0:
+            return Segmentation.empty((height, width), mode=mode, image=pixels)
+        order = np.argsort(-scores, kind="stable")  # best first; ties keep query order
+        if top_k is not None:
+            order = order[:top_k]
+        labels = [label for p in predictions for label in p.labels]
+        return Segmentation(
+            masks=np.concatenate([p.masks for p in predictions])[order],
+            boxes=np.concatenate([p.boxes for p in predictions])[order],
+            scores=scores[order],
+            mask_scores=scores[order],
+            labels=[labels[i] for i in order],
             image_size=(height, width),
             mode=mode,
             image=pixels,

@@ -25,7 +25,8 @@ PACKAGES = ("langsam", "sam")
 HEAVY = ("gradio", "open_clip", "transformers")
 #: The layer on top: nothing else may import these. Each entry is a package prefix, so the
 #: subpackages (``langsam.serve.*``, ``langsam.cli.*``) belong to it too.
-TOP_LAYER = ("langsam.cli", "langsam.demo", "langsam.__main__", "langsam.serve", "langsam.distributed")
+TOP_LAYER = ("langsam.cli", "langsam.demo", "langsam.__main__", "langsam.serve", "langsam.distributed",
+             "langsam.label.review")  # the review page is a server, like langsam.serve
 #: Heavy optional libraries and the only modules (package prefixes) that may import them: the
 #: module built on the library, and the command that checks for it to give a clear error.
 HEAVY_OWNERS = {
@@ -37,6 +38,8 @@ HEAVY_OWNERS = {
     "onnxruntime": ("sam.export", "langsam.cli.export"),
     "onnx": ("sam.export", "langsam.cli.export"),
     "peft": ("sam.training", "langsam.cli.finetune"),
+    "motmetrics": ("langsam.video.metrics",),
+    "matplotlib": ("langsam.label.train",),
 }
 
 

@@ -1,5 +1,5 @@
 """The ``langsam`` command line: ``segment``, ``auto-masks``, ``track``, ``eval``,
-``finetune``, ``serve``, ``export`` and ``demo``.
+``finetune``, ``label``, ``serve``, ``export`` and ``demo``.
 
 One module per command, listed in :data:`COMMANDS`; :mod:`langsam.cli.options` holds what
 they (and the demo's launcher) share, :mod:`langsam.cli.batch` what the batch commands share.
@@ -28,7 +28,7 @@ import logging
 import sys
 from typing import Sequence
 
-from langsam.cli import auto_masks, demo, evaluate, export, finetune, segment, serve, track
+from langsam.cli import auto_masks, demo, evaluate, export, finetune, label, segment, serve, track
 from langsam.cli.batch import ANNOTATIONS_NAME, OVERLAY_NAME, RECORD_NAME, Terminated
 from langsam.cli.options import (
     EXIT_FAILURES,
@@ -68,6 +68,7 @@ COMMANDS = (
     track,
     evaluate,
     finetune,
+    label,
     serve,
     export,
     demo,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from langsam.cli import eval_video
 from langsam.cli.options import (
     EXIT_FAILURES,
     EXIT_INTERRUPTED,
@@ -55,6 +56,9 @@ examples:
   langsam eval val.json --images val2017/ --sam-checkpoint tuned.pth
   langsam eval shapes/ --prompts points,box --clicks 9 --report before.json
   langsam eval val.json --images val2017/ --prompts text --modes grounded,hybrid
+  langsam eval val.json --images val2017/ --prompts text --model sam3 --sam3-checkpoint sam3.pt
+  langsam eval labels.json --video out/clip/video.json      (tracking: J&F, IDF1, video AP)
+  langsam eval labels.json --track clip.mp4 --prompt box     (SAM 2.1 prompted tracking: J&F)
 """
 
 
@@ -100,9 +104,11 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     protocol.add_argument("--clicks", type=number(int, 1), default=5, metavar="N",
                           help="clicks per object in the point protocol (default 5)")
     protocol.add_argument("--modes", type=_choices(MODES, "modes"), default=("grounded",), metavar="LIST",
-                          help="text modes: grounded, hybrid, clip (default grounded)")
+                          help="text modes: grounded, hybrid, clip (default grounded); grounded and hybrid use "
+                               "--model's concept model")
     protocol.add_argument("--box-threshold", type=fraction, default=0.3, metavar="P",
-                          help="detector box threshold for text prompts (default 0.3)")
+                          help="minimum object score for text prompts: Grounding DINO's box score, or SAM 3's "
+                               "(default 0.3)")
     protocol.add_argument("--text-threshold", type=fraction, default=0.25, metavar="P",
                           help="detector text threshold for text prompts (default 0.25)")
     protocol.add_argument("--clip-threshold", type=fraction, default=None, metavar="P",
@@ -112,6 +118,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--report", metavar="FILE", default=DEFAULT_REPORT,
                         help=f"JSON report to write (default {DEFAULT_REPORT})")
     add_model_arguments(parser)
+    eval_video.add_arguments(parser)
     parser.set_defaults(handler=run, parser=parser)
     return parser
 
@@ -129,9 +136,14 @@ def load_data(args: argparse.Namespace, path: str, images: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``langsam eval`` with parsed ``args``; returns the exit status."""
+    if args.video is not None or args.track is not None:
+        return eval_video.run(args)
     if args.sam_type is None and args.sam_checkpoint is not None:
         args.sam_type = "auto"  # a local checkpoint says what it is
     validate_model_arguments(args.parser, args)
+    if args.model == "sam3" and "text" in args.prompts and "clip" in args.modes:
+        raise UsageError("--modes clip ranks SAM's automatic masks and uses no concept model; with --model sam3 "
+                         "evaluate grounded and/or hybrid")
     from sam.training.data import AnnotationError
 
     try:

@@ -1,7 +1,7 @@
 """What every ``langsam`` command and the demo's launcher share.
 
-* the model options (``--sam-type``, ``--sam-checkpoint``, ``--detector``, ``--detector-size``,
-  ``--clip-model``, ``--clip-pretrained``, ``--device``), the ``LANGSAM_*`` environment variables
+* the model options (``--model``, ``--sam3-checkpoint``, ``--sam-type``, ``--sam-checkpoint``,
+  ``--detector``, ``--detector-size``, ``--clip-model``, ``--clip-pretrained``, ``--device``), the ``LANGSAM_*`` environment variables
   that set their defaults, their validation, and building a :class:`~langsam.pipeline.LangSAM`
   from them;
 * the mask-generator options (one flag per ``SamAutomaticMaskGenerator`` parameter), used by
@@ -43,6 +43,7 @@ __all__ = [
     "add_ray_arguments",
     "add_sam_type_argument",
     "env_default",
+    "exemplar",
     "exit_status",
     "fraction",
     "generator_flag",
@@ -74,6 +75,8 @@ _RAY_ADDRESS_PATTERN = re.compile(r"^(local|auto|ray://\S+|[A-Za-z0-9_.\-\[\]:]+
 #: These are also the ``LangSAM(...)`` keyword names, and the settings ``langsam.demo.build_app``
 #: accepts, so one ``export`` configures every command and the demo.
 MODEL_ENVIRONMENT = {
+    "model": "LANGSAM_MODEL",
+    "sam3_checkpoint": "LANGSAM_SAM3_CHECKPOINT",
     "sam_type": "LANGSAM_SAM_TYPE",
     "sam_checkpoint": "LANGSAM_SAM_CHECKPOINT",
     "detector": "LANGSAM_DETECTOR",
@@ -199,17 +202,28 @@ def add_sam_type_argument(group: Any, *flags: str, default_text: str) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, sam: bool = True, detector: bool = True,
-                        clip: bool = True) -> argparse._ArgumentGroup:
+                        clip: bool = True, concept: bool = True) -> argparse._ArgumentGroup:
     """Add the model options shared by ``langsam segment`` and ``langsam demo`` to ``parser``.
 
     Each option's default comes from the environment variable in :data:`MODEL_ENVIRONMENT`
     (read when this function runs), else from :class:`langsam.LangSAM`'s own default, so
     an unset option is simply not passed on. Call :func:`validate_model_arguments` after
     parsing and :func:`model_kwargs_from_args` to get ``LangSAM(**kwargs)`` keywords.
+    ``concept``: also ``--model`` and ``--sam3-checkpoint`` (with ``detector``), for the commands
+    that can run SAM 3 as the concept model.
     """
     group = parser.add_argument_group(
         "model options", "each option also reads the environment variable named in its help"
     )
+    if detector and concept:
+        group.add_argument("--model", dest="model", metavar="MODEL", default=env_default("model"),
+                           help="the concept model: grounding-dino (Grounding DINO boxes -> SAM masks) or sam3 "
+                                "(SAM 3 finds and masks every instance itself; takes --exemplar boxes); default "
+                                "grounding-dino [LANGSAM_MODEL]")
+        group.add_argument("--sam3-checkpoint", dest="sam3_checkpoint", metavar="PATH",
+                           default=env_default("sam3_checkpoint"),
+                           help="SAM 3 weights for --model sam3: Meta's sam3.pt or a transformers save_pretrained "
+                                "folder; default: the registry's 'sam3' download [LANGSAM_SAM3_CHECKPOINT]")
     if sam:
         add_sam_type_argument(group, "--sam-type", default_text="sam2.1_hiera_small")
         group.add_argument("--sam-checkpoint", dest="sam_checkpoint", metavar="PATH",
@@ -255,6 +269,14 @@ def validate_model_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(f"SAM checkpoint {checkpoint!r} is not a file")
     if sam_type == "auto" and checkpoint is None:
         parser.error("SAM type 'auto' infers the model size from a checkpoint: pass --sam-checkpoint PATH")
+    model = getattr(args, "model", None)
+    from langsam.pipeline import CONCEPT_MODELS  # no torch: numpy and PIL only
+
+    if model is not None and model not in CONCEPT_MODELS:
+        parser.error(f"unknown --model {model!r}; choose one of {', '.join(CONCEPT_MODELS)}")
+    sam3_checkpoint = getattr(args, "sam3_checkpoint", None)
+    if sam3_checkpoint is not None and not Path(sam3_checkpoint).exists():
+        parser.error(f"SAM 3 checkpoint {sam3_checkpoint!r} does not exist")
     device = getattr(args, "device", None)
     if device is not None and not _DEVICE_PATTERN.match(device):
         parser.error(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps")
@@ -280,14 +302,31 @@ def load_pipeline(args: argparse.Namespace, mode: str) -> Any:
 
     try:
         pipeline = LangSAM(**model_kwargs_from_args(args))
-        pipeline.predictor
-        if mode in ("grounded", "hybrid"):
-            pipeline.detector.load()
-        if mode in ("clip", "hybrid"):
-            pipeline.clip_scorer
+        if hasattr(pipeline, "load_models"):
+            pipeline.load_models(mode)
+        else:  # a stand-in pipeline (tests) with the two models only
+            pipeline.predictor
+            if mode in ("grounded", "hybrid"):
+                pipeline.detector.load()
     except (ValueError, RuntimeError, OSError, ImportError) as error:
         raise ModelLoadError(f"cannot load the models: {error}") from error
     return pipeline
+
+
+def exemplar(text: str) -> tuple[tuple[float, float, float, float], bool]:
+    """An ``--exemplar`` value: ``x0,y0,x1,y1`` (pixels) for a positive box, ``x0,y0,x1,y1:neg``
+    for a negative one (``:pos`` is accepted too)."""
+    coords, _, sign = text.partition(":")
+    sign = sign.strip().lower() or "pos"
+    try:
+        values = tuple(float(v) for v in coords.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or sign not in ("pos", "neg") or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 in pixels, optionally followed by :neg, got {text!r}")
+    if values[2] <= values[0] or values[3] <= values[1]:
+        raise argparse.ArgumentTypeError(f"exemplar box {text!r} is empty: needs x1 > x0 and y1 > y0")
+    return values, sign == "pos"
 
 
 # ============================================================================================

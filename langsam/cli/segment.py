@@ -17,7 +17,7 @@ from langsam.cli.batch import (ANNOTATIONS_NAME, OVERLAY_NAME, RECORD_NAME, Item
     add_input_arguments, collect_items, encode_image, prepare_out, print_summary, process_items, read_json,
     set_pixel_limit)
 from langsam.cli.options import (EXIT_FAILURES, EXIT_OK, UsageError, add_generator_arguments,
-    add_model_arguments, add_ray_arguments, fraction, generator_flag, generator_params_from_args,
+    add_model_arguments, add_ray_arguments, exemplar, fraction, generator_flag, generator_params_from_args,
     model_kwargs_from_args, number, output_list, ray_options_from_args, validate_model_arguments)
 
 NAME = "segment"
@@ -45,6 +45,8 @@ examples:
   langsam segment 'shots/**/*.jpg' --queries-file queries.txt --out results/ --save masks,coco
   langsam segment cat.jpg --text cat --mode hybrid --box-threshold 0.25 --out results/
   langsam segment cat.jpg --text cat --mode clip --points-per-side 16 --out results/
+  langsam segment photos/ --text "a dog" --model sam3 --sam3-checkpoint sam3.pt --out results/
+  langsam segment cat.jpg --model sam3 --exemplar 10,20,200,240 --exemplar 300,40,380,90:neg --out results/
   langsam segment photos/ --text person --out results/ --skip-existing   # resume a run
   LANGSAM_DEVICE=cuda langsam segment photos/ --text car --sam-type vit_h --out results/
   langsam segment photos/ --text car --out results/ --ray --workers 2     # Ray, this machine
@@ -67,12 +69,18 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     queries.add_argument("--queries-file", metavar="FILE",
                          help="a UTF-8 text file with one query per line (blank lines and lines starting "
                               "with # are ignored)")
+    queries.add_argument("--exemplar", action="append", type=exemplar, default=[], metavar="X0,Y0,X1,Y1[:neg]",
+                         help="--model sam3 only: an exemplar box in image pixels, positive (more like this) or "
+                              "with :neg negative (not like this); repeatable. They join every query, or stand "
+                              "alone without --text (objects labelled 'exemplar')")
     settings = parser.add_argument_group("detection")
     settings.add_argument("--mode", choices=MODES, default="grounded",
-                          help="grounded: Grounding DINO boxes -> SAM; clip: SAM auto masks ranked by CLIP; "
-                               "hybrid: grounded, re-scored by CLIP (default grounded)")
+                          help="grounded: the concept model's objects (Grounding DINO boxes -> SAM, or SAM 3's "
+                               "instances with --model sam3); clip: SAM auto masks ranked by CLIP; hybrid: "
+                               "grounded, re-scored by CLIP (default grounded)")
     settings.add_argument("--box-threshold", type=fraction, default=None, metavar="P",
-                          help="minimum detector box score (default 0.3)")
+                          help="minimum object score: Grounding DINO's box score, or SAM 3's presence x query "
+                               "score (default 0.3)")
     settings.add_argument("--text-threshold", type=fraction, default=None, metavar="P",
                           help="minimum detector text-token score (default 0.25)")
     settings.add_argument("--clip-threshold", type=fraction, default=None, metavar="P",
@@ -103,12 +111,16 @@ def run(args: argparse.Namespace) -> int:
     queries = _collect_queries(args)
     amg_params = _generator_params(args)
     validate_model_arguments(parser, args)
+    _check_concept_options(args, queries)
     ray_options = ray_options_from_args(args)
     items = collect_items(args.inputs, allow_uris=ray_options is not None)
     out_dir = prepare_out(args.out)
     max_pixels = set_pixel_limit(args.max_pixels)
     settings = _settings(args, queries, amg_params)
-    category_ids = {query: index for index, query in enumerate(queries, start=1)}
+    from langsam.pipeline import EXEMPLAR_LABEL
+
+    labels = queries or [EXEMPLAR_LABEL]  # exemplars alone: one category
+    category_ids = {query: index for index, query in enumerate(labels, start=1)}
 
     from langsam.io import safe_join
 
@@ -138,13 +150,13 @@ def run(args: argparse.Namespace) -> int:
 
     annotations_path = None
     if "coco" in args.save:
-        coco = _build_coco(items, records, queries, category_ids)
+        coco = _build_coco(items, records, labels, category_ids)
         annotations_path = safe_join(out_dir, ANNOTATIONS_NAME)
         from langsam.io import atomic_write_json
 
         atomic_write_json(annotations_path, coco, indent=None)
     if not args.quiet:
-        lines = ["objects per query:"] + [f"  {query}: {report.objects[query]}" for query in queries]
+        lines = ["objects per query:"] + [f"  {query}: {report.objects[query]}" for query in labels]
         if annotations_path is not None:
             lines.append(f"COCO annotations: {annotations_path}")
         print_summary(NAME, report, lines)
@@ -162,10 +174,26 @@ def _collect_queries(args: argparse.Namespace) -> list[str]:
     from langsam.detector import parse_queries
 
     if not any(query.strip(" .") for query in queries):
+        if args.exemplar:
+            return []  # SAM 3 with exemplar boxes alone (checked in _check_concept_options)
         raise UsageError("no queries: pass --text 'a dog' (repeatable) or --queries-file FILE")
     # The pipeline labels objects with its own normalisation of the queries (spaces collapsed,
     # outer dots stripped, case-insensitive duplicates dropped); categories must use the same.
     return parse_queries(queries)
+
+
+def _check_concept_options(args: argparse.Namespace, queries: list[str]) -> None:
+    """``--model`` / ``--exemplar`` combinations the pipeline would refuse on every image."""
+    from langsam.pipeline import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    if model == "sam3" and args.mode == "clip":
+        raise UsageError("--mode clip ranks SAM's automatic masks with CLIP and uses no concept model; "
+                         "use --mode grounded or hybrid with --model sam3")
+    if args.exemplar and model != "sam3":
+        raise UsageError("--exemplar boxes need --model sam3 (Grounding DINO takes text only)")
+    if not queries and args.mode == "hybrid":
+        raise UsageError("--mode hybrid checks each mask against its query with CLIP: pass --text")
 
 
 def _generator_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,6 +219,8 @@ def _settings(args: argparse.Namespace, queries: list[str], amg_params: dict[str
     }
     if amg_params:  # absent when unset, so records of runs on the generator's defaults stay valid
         settings["generator"] = amg_params
+    if args.exemplar:  # likewise absent without exemplars
+        settings["exemplars"] = [[list(box), positive] for box, positive in args.exemplar]
     return settings
 
 
@@ -203,6 +233,8 @@ def _segment_kwargs(args: argparse.Namespace, amg_params: dict[str, Any]) -> dic
             kwargs[name] = value
     if amg_params:
         kwargs["amg_params"] = dict(amg_params)
+    if args.exemplar:
+        kwargs["exemplars"] = list(args.exemplar)
     return kwargs
 
 
@@ -219,7 +251,7 @@ def _finished_record(record_path: Path, item: Item, settings: dict[str, Any]) ->
 def _render_image(pipeline, image, file_name: str, source: str, *, queries, segment_kwargs, settings, category_ids,
                   save) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Segment one image and encode its record and files (here or on a Ray worker; writes nothing)."""
-    result = pipeline.segment(image, queries, **segment_kwargs)
+    result = pipeline.segment(image, queries or None, **segment_kwargs)
     return _render(file_name, source, image, result, settings, category_ids, save)
 
 

@@ -136,7 +136,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     limits.add_argument("--max-side", type=number(int, 0), default=DEFAULT_MAX_SIDE, metavar="N",
                         help=f"refuse videos whose longer side is over N pixels (default {DEFAULT_MAX_SIDE}; "
                              f"0 = no limit)")
-    add_model_arguments(parser, clip=False)
+    add_model_arguments(parser, clip=False, concept=False)  # no SAM 3 video yet
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--save", type=output_list(SAVE_CHOICES), default=DEFAULT_SAVE, metavar="LIST",
                            help="comma-separated outputs: json, overlay, masks, or all (default json,overlay). "

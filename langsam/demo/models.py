@@ -87,6 +87,14 @@ class LazyPipeline:
     def loaded(self) -> bool:
         return self._pipeline is not None
 
+    @property
+    def concept_model(self) -> str:
+        """The concept model the app starts with (the text tab's choice): the settings' ``model``,
+        a given pipeline's, else Grounding DINO. Loads nothing."""
+        if self._settings is not None and self._settings.get("model"):
+            return self._settings["model"]
+        return getattr(self._pipeline, "model", None) or "grounding-dino"
+
     def get(self) -> Any:
         """The pipeline, built now if this is the first request (or the SAM model changed)."""
         pipeline = self._pipeline

@@ -1,7 +1,11 @@
 """The demo's **Text** tab: an image and text queries give a :class:`~langsam.result.Segmentation`
 (modes ``grounded``, ``clip``, ``hybrid``), shown as an overlay, a gallery and a table of the
 objects, with the COCO JSON and a zip of the mask PNGs to download. In clip mode a few of the
-mask generator's settings can be set; left empty, the generator's defaults apply."""
+mask generator's settings can be set; left empty, the generator's defaults apply.
+
+The concept model is a choice (Grounding DINO + SAM, or SAM 3). With SAM 3, exemplar boxes can be
+given: typed as ``x0,y0,x1,y1`` lines (``:neg`` for "not like this"), or drawn by clicking two
+opposite corners on the image (Gradio's ``Image.select``; Gradio 6 has no box-drawing input)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from langsam.demo.common import TabContext, for_display, mask_png_bytes, parse_q
 from langsam.io import atomic_write_bytes, atomic_write_json, sanitize_name
 
 MODES = ("grounded", "clip", "hybrid")
+CONCEPT_MODELS = ("grounding-dino", "sam3")
 TEXT_TABLE_HEADERS = ["#", "label", "score", "mask score", "clip score", "x0", "y0", "x1", "y1", "area"]
 #: Most objects shown in the gallery (the table and downloads keep all of them).
 MAX_GALLERY_ITEMS = 48
@@ -95,6 +100,35 @@ def masks_zip_bytes(segmentation: Any) -> bytes:
     return buffer.getvalue()
 
 
+def parse_exemplar_text(text: str | None) -> list[tuple[tuple[float, float, float, float], bool]]:
+    """The exemplar box field: one ``x0,y0,x1,y1`` (image pixels) per line, ``:neg`` after a box
+    for a negative one; blank lines are ignored. Raises ValueError naming the bad line."""
+    import argparse
+
+    from langsam.cli.options import exemplar
+
+    boxes = []
+    for number, line in enumerate((text or "").splitlines(), start=1):
+        if line.strip():
+            try:
+                boxes.append(exemplar(line.strip()))
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f"exemplar line {number}: {error}") from None
+    return boxes
+
+
+def add_corner(text: str | None, corner: tuple[int, int] | None, point: tuple[int, int],
+               negative: bool) -> tuple[str, tuple[int, int] | None]:
+    """A click on the image: the first of two sets a corner, the second adds the box they span to
+    the exemplar field. Returns the new field text and the pending corner (None once used)."""
+    if corner is None:
+        return text or "", (int(point[0]), int(point[1]))
+    (xa, ya), (xb, yb) = corner, point
+    line = f"{min(xa, xb)},{min(ya, yb)},{max(xa, xb)},{max(ya, yb)}" + (":neg" if negative else "")
+    lines = [existing for existing in (text or "").splitlines() if existing.strip()] + [line]
+    return "\n".join(lines), None
+
+
 def clip_generator_params(points_per_side: Any = None, pred_iou_thresh: Any = None,
                           stability_score_thresh: Any = None) -> dict[str, Any]:
     """``amg_params`` for clip mode from the tab's fields; empty (None) fields are left out so the
@@ -157,13 +191,18 @@ def build_text_tab(ctx: TabContext) -> None:
 
     @ctx.user_errors
     def run_text(image_path, query_text, mode, box_threshold, text_threshold, clip_threshold, multimask=False,
-                 max_objects=0, points_per_side=None, pred_iou_thresh=None, stability_score_thresh=None):
+                 max_objects=0, points_per_side=None, pred_iou_thresh=None, stability_score_thresh=None,
+                 model=None, exemplar_text=""):
         image = ctx.read_upload(image_path)
         queries = parse_queries(query_text)
-        if not queries:
-            raise gr.Error("Type at least one query, e.g. 'cat' or 'cat, dog'.", print_exception=False)
+        exemplars = parse_exemplar_text(exemplar_text)
+        if not queries and not exemplars:
+            raise gr.Error("Type at least one query, e.g. 'cat' or 'cat, dog' (or give SAM 3 exemplar boxes).",
+                           print_exception=False)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if model is not None and model not in CONCEPT_MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(CONCEPT_MODELS)}")
         max_objects = int(max_objects or 0)
         if max_objects < 0:
             raise ValueError(f"max objects must be 0 (all) or more, got {max_objects}")
@@ -172,8 +211,12 @@ def build_text_tab(ctx: TabContext) -> None:
             amg_params = clip_generator_params(points_per_side, pred_iou_thresh, stability_score_thresh)
             if amg_params:
                 extra["amg_params"] = amg_params
+        if exemplars:
+            extra["exemplars"] = exemplars
+        if model is not None:
+            extra["model"] = model
         segmentation = ctx.models.get().segment(
-            image, queries, box_threshold=float(box_threshold), text_threshold=float(text_threshold),
+            image, queries or None, box_threshold=float(box_threshold), text_threshold=float(text_threshold),
             mode=mode, clip_threshold=float(clip_threshold), multimask=bool(multimask),
             top_k=max_objects or None, **extra,
         )
@@ -202,9 +245,18 @@ def build_text_tab(ctx: TabContext) -> None:
                              elem_id="text-image")
             queries = gr.Textbox(label="Queries", placeholder="cat, dog (comma or one per line)",
                                  elem_id="text-queries")
+            model = gr.Radio(list(CONCEPT_MODELS), value=ctx.models.concept_model, label="Model",
+                             info="grounding-dino: Grounding DINO boxes to SAM; sam3: SAM 3 finds and masks "
+                                  "every instance itself, and takes exemplar boxes", elem_id="text-model")
             mode = gr.Radio(list(MODES), value="grounded", label="Mode",
-                            info="grounded: detector boxes to SAM; clip: automatic masks ranked by "
-                                 "CLIP; hybrid: detector boxes to SAM, re-scored by CLIP")
+                            info="grounded: the model's objects; clip: automatic masks ranked by "
+                                 "CLIP; hybrid: the model's objects, re-scored by CLIP")
+            with gr.Accordion("Exemplar boxes (SAM 3)", open=False):
+                exemplar_text = gr.Textbox("", label="Boxes", lines=2, elem_id="text-exemplars",
+                                           placeholder="x0,y0,x1,y1 per line, :neg for 'not like this'; or click "
+                                                       "two opposite corners on the image")
+                negative = gr.Checkbox(False, label="Clicked boxes are negative")
+                corner = gr.State(None)
             with gr.Accordion("Thresholds", open=False):
                 box_threshold = gr.Slider(0.0, 1.0, value=defaults["box_threshold"], step=0.01,
                                           label="Box threshold (grounded, hybrid)")
@@ -237,9 +289,18 @@ def build_text_tab(ctx: TabContext) -> None:
         coco_file = gr.File(label="COCO JSON", interactive=False)
         zip_file = gr.File(label="Mask PNGs (zip)", interactive=False)
     inputs = [image, queries, mode, box_threshold, text_threshold, clip_threshold, multimask, max_objects,
-              points_per_side, pred_iou_thresh, stability_score_thresh]
+              points_per_side, pred_iou_thresh, stability_score_thresh, model, exemplar_text]
     outputs = [overlay, gallery, table, coco_file, zip_file, status]
     run.click(run_text, inputs, outputs, api_name="segment_text", **ctx.model_event)
     queries.submit(run_text, inputs, outputs, api_name=False, **ctx.model_event)
     mode.change(lambda chosen: gr.update(visible=chosen == "clip"), [mode], [generator_box], api_name=False,
                 queue=False)
+
+    def click_corner(text, pending, is_negative, evt):
+        return add_corner(text, pending, evt.index, is_negative)
+
+    # gradio finds the event data by the annotation's class; this module's annotations are strings.
+    click_corner.__annotations__["evt"] = gr.SelectData
+
+    image.select(click_corner, [exemplar_text, corner, negative], [exemplar_text, corner], api_name=False,
+                 queue=False)

@@ -110,7 +110,9 @@ class LangSAMAPI(ls.LitAPI):
         factory = _resolve_factory(self.config.pipeline_factory) if self.config.pipeline_factory else LangSAM
         self.pipeline = factory(**settings)
         self.pipeline.predictor
-        if self.role != "interactive":  # clicks need no detector: it is never loaded there
+        if self.role != "interactive" and hasattr(self.pipeline, "load_models"):
+            self.pipeline.load_models("grounded")  # the detector, or SAM 3 with model="sam3"
+        elif self.role != "interactive":  # clicks need no detector: it is never loaded there
             detector = self.pipeline.detector
             if hasattr(detector, "load"):
                 detector.load()

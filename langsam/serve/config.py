@@ -33,7 +33,7 @@ class ServeConfig:
     """Everything `build_server` / `serve` need; checked when made.
 
     models: `LangSAM` keyword arguments (sam_type, sam_checkpoint, detector, detector_size,
-        clip_model, clip_pretrained, device, dtype).
+        clip_model, clip_pretrained, device, dtype, model, sam3_checkpoint).
     host: None binds 127.0.0.1 without an API key and 0.0.0.0 with one; another interface needs
         a key. port: 1024-65535.
     api_key: requests must send it as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``.
@@ -123,7 +123,7 @@ class ServeConfig:
         if self.pipeline_factory is not None:
             _resolve_factory(self.pipeline_factory)  # fail here, not in the worker
         unknown = sorted(set(self.models) - {"sam_type", "sam_checkpoint", "detector", "detector_size", "clip_model",
-                                              "clip_pretrained", "device", "dtype"})
+                                              "clip_pretrained", "device", "dtype", "model", "sam3_checkpoint"})
         if unknown:
             raise ValueError(f"unknown model settings {unknown}")
 

@@ -217,7 +217,7 @@ class _Routes:
                 if key == "image":
                     continue
                 values = form.getlist(key)
-                fields[key] = values if key == "text" and len(values) > 1 else values[-1]
+                fields[key] = values if key in ("text", "exemplars") and len(values) > 1 else values[-1]
         elif content_type.startswith("application/json"):
             body = await self._json(request)
             image = body.pop("image", None)
@@ -264,11 +264,13 @@ class _Routes:
 
             data, params = await self._image_request(request, SegmentParams)
             try:
-                queries = parse_queries(params.text)
+                # SAM 3 exemplar boxes may stand alone: empty text is then no query at all.
+                texts = [params.text] if isinstance(params.text, str) else params.text
+                no_text = not any(text.strip(" .") for text in texts)
+                queries = [] if no_text and params.exemplars else parse_queries(params.text)
             except ValueError as error:
                 raise _HTTPError(400, f"text: {error}") from None
-            settings = params.model_dump(exclude={"text"})
-            return await self._run("segment", {"queries": queries, **settings}, data, self._timeout(request))
+            return await self._run("segment", params.job_settings(queries), data, self._timeout(request))
 
         return await self._answer(handle, request)
 
@@ -340,6 +342,8 @@ def _models_info(config: ServeConfig) -> dict[str, Any]:
     return {
         "version": __version__,
         "sam": {"type": models["sam_type"], "checkpoint": _public_name(models["sam_checkpoint"])},
+        "model": models["model"],
+        "sam3": {"checkpoint": _public_name(models["sam3_checkpoint"])},
         "detector": _public_name(models["detector"]),
         "clip": {"model": models["clip_model"], "pretrained": _public_name(models["clip_pretrained"])},
         "device": None if models["device"] is None else str(models["device"]),

@@ -4,11 +4,12 @@ worker's results as those JSON bodies (masks as COCO RLE, NaN scores as null).""
 from __future__ import annotations
 
 import base64
+import json
 import math
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -17,13 +18,52 @@ class _Strict(BaseModel):
 class SegmentParams(_Strict):
     """`/v1/segment` settings (the arguments of `LangSAM.segment`)."""
 
-    text: str | list[str] = Field(description="queries separated by '.', or a list of queries")
+    text: str | list[str] = Field("", description="queries separated by '.', or a list of queries (may be empty "
+                                                   "with SAM 3 exemplars)")
     mode: Literal["grounded", "hybrid", "clip"] = "grounded"
     box_threshold: float = Field(0.3, ge=0.0, le=1.0)
     text_threshold: float = Field(0.25, ge=0.0, le=1.0)
     clip_threshold: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1, le=1000)
     multimask: bool = False
+    model: Literal["grounding-dino", "sam3"] | None = Field(
+        None, description="the concept model for this request; default: the server's (langsam serve --model)")
+    exemplars: list[tuple[tuple[float, float, float, float], bool]] | None = Field(
+        None, max_length=64,
+        description="model sam3: exemplar boxes [[[x0, y0, x1, y1], positive], ...] in image pixels; as a form "
+                    "field also 'x0,y0,x1,y1[:neg]' items separated by ';'")
+
+    @field_validator("exemplars", mode="before")
+    @classmethod
+    def _exemplars_from_text(cls, value: Any) -> Any:
+        """A form field is text: JSON, or the CLI's ``x0,y0,x1,y1[:neg]`` items joined by ';'."""
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            value = ";".join(value)  # the field repeated
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("exemplars is not valid JSON") from None
+        items = []
+        for part in filter(None, (part.strip() for part in value.split(";"))):
+            coords, _, sign = part.partition(":")
+            sign = sign.strip().lower() or "pos"
+            if sign not in ("pos", "neg"):
+                raise ValueError(f"exemplar {part!r}: the suffix must be :pos or :neg")
+            items.append((coords.split(","), sign == "pos"))
+        return items
+
+    def job_settings(self, queries: list[str]) -> dict[str, Any]:
+        """The worker's `segment` parameters: the queries and every setting; `model` and
+        `exemplars` only when given, exemplars as tuples (the worker groups requests by settings)."""
+        settings = self.model_dump(exclude={"text", "model", "exemplars"})
+        if self.model is not None:
+            settings["model"] = self.model
+        if self.exemplars is not None:
+            settings["exemplars"] = tuple((tuple(box), positive) for box, positive in self.exemplars)
+        return {"queries": queries, **settings}
 
 
 class AutoMaskParams(_Strict):
