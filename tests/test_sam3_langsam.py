@@ -19,6 +19,7 @@ from sam_factory import real_photo
 from test_cli_segment import run_main
 
 from langsam.pipeline import LangSAM
+from langsam.weights import WeightsUnavailableError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -138,7 +139,7 @@ def test_bad_inputs_get_clear_errors(pipeline, photo, checkpoints, tiny_sam_chec
         LangSAM(model="sam3", sam3_checkpoint=checkpoints["meta"].parent / "missing.pt")
     with pytest.raises(ValueError, match="model must be one of"):
         LangSAM(model="SAM3")
-    with pytest.raises(ValueError, match="sam3_checkpoint=PATH"):  # no downloadable row yet
+    with pytest.raises(WeightsUnavailableError, match="sam3_checkpoint=PATH"):  # the gated hub row; offline here
         LangSAM(model="sam3", device="cpu").segment(photo, "a cat")
     with pytest.raises(ValueError, match="looks like a SAM 1 checkpoint"):  # sam.build.CheckpointError
         LangSAM(model="sam3", sam3_checkpoint=tiny_sam_checkpoint, device="cpu").segment(photo, "a cat")
