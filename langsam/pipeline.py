@@ -240,6 +240,9 @@ class LangSAM:
             raise ValueError(f"detector_size must be an integer >= 64 or None, got {detector_size!r}")
         if not isinstance(embedding_cache_size, int) or embedding_cache_size < 0:
             raise ValueError(f"embedding_cache_size must be an integer >= 0, got {embedding_cache_size!r}")
+        if sam_type == "sam3":  # SAM 3 is not a mask model for detector boxes here: it is the concept model
+            raise ValueError('sam_type="sam3": SAM 3 finds the objects itself; use LangSAM(model="sam3") '
+                             '(sam3_checkpoint=<sam3.pt> for a local file)')
         if sam_model is None and sam_checkpoint is None and sam_type == "auto":
             raise ValueError('sam_type="auto" infers the model size from a checkpoint: pass sam_checkpoint=<path>')
         if sam_checkpoint is not None and not os.path.isfile(sam_checkpoint):

@@ -139,6 +139,8 @@ def test_bad_inputs_get_clear_errors(pipeline, photo, checkpoints, tiny_sam_chec
         LangSAM(model="sam3", sam3_checkpoint=checkpoints["meta"].parent / "missing.pt")
     with pytest.raises(ValueError, match="model must be one of"):
         LangSAM(model="SAM3")
+    with pytest.raises(ValueError, match='use LangSAM\\(model="sam3"\\)'):  # a registry name, not a box-mask SAM
+        LangSAM(sam_type="sam3")
     with pytest.raises(WeightsUnavailableError, match="sam3_checkpoint=PATH"):  # the gated hub row; offline here
         LangSAM(model="sam3", device="cpu").segment(photo, "a cat")
     with pytest.raises(ValueError, match="looks like a SAM 1 checkpoint"):  # sam.build.CheckpointError
