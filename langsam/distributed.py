@@ -5,7 +5,9 @@ once in ``__init__`` and maps a batch of image rows to a batch of result rows in
 ``Dataset.map_batches`` runs a fixed pool of them (``ActorPoolStrategy``) and does the
 scheduling, streaming, back-pressure, progress bars and retries. A worker process that dies is
 restarted by Ray and its unfinished batch runs again on a live worker, so every image yields
-exactly one result row.
+exactly one result row; an image that kills its worker every time is given up after
+``max_retries`` retries (counted per image by a small :class:`AttemptLedger` actor) and its
+row says why.
 
 ::
 
@@ -37,7 +39,9 @@ from langsam.io import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageLoadError, load_i
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_MAX_RETRIES",
     "INSTALL_HINT",
+    "AttemptLedger",
     "ImageWorker",
     "PipelineBuilder",
     "RayMissingError",
@@ -54,9 +58,17 @@ INSTALL_HINT = 'pip install "langsam[distributed]"'
 
 #: Columns every result row has, whatever the task: the image id (the input's ``image_id``
 #: column, else its path), the path, and for a failed image the reason (``error``), whether
-#: the image itself was bad (``error_kind`` ``"image"``) or its processing failed (``"other"``),
-#: and ``fatal`` when the worker could not load its models (the run cannot go on).
-BASE_FIELDS = ("image_id", "path", "error", "error_kind", "fatal")
+#: the image itself was bad (``error_kind`` ``"image"``), killed its worker process on every
+#: attempt (``"crash"``) or its processing failed (``"other"``), the error's class
+#: (``error_type``), ``attempts`` (how many times a worker began the image: 1 unless workers
+#: died during it), and ``fatal`` when the worker could not load its models (the run cannot
+#: go on).
+BASE_FIELDS = ("image_id", "path", "error", "error_kind", "error_type", "attempts", "fatal")
+
+#: Retries of an image whose worker process died while processing it (a crash, an
+#: out-of-memory kill, a lost node) before the image is reported as failed; Ray Data itself
+#: retries a dead worker's batch without limit.
+DEFAULT_MAX_RETRIES = 2
 
 
 class RayMissingError(ImportError):
@@ -258,14 +270,20 @@ class ImageWorker:
             has the same Arrow types and the dataset writes to Parquet as is.
         max_pixels: images above this many pixels are refused (None: no limit).
         threads: torch threads per worker (None: leave Ray's setting).
+        ledger, max_retries: an :class:`AttemptLedger` actor and how many times an image may be
+            begun again after its worker died during it (None: no ledger, no bound).
 
     A bad image or a failure on one image becomes that row's ``error``; the batch goes on. A
     pipeline that cannot load becomes ``fatal`` on every row, so the driver stops at once
-    instead of Ray restarting a worker that can never start.
+    instead of Ray restarting a worker that can never start. An image that kills its worker
+    process (Ray then restarts the worker and runs the batch again) is begun at most
+    ``max_retries + 1`` times; after that its row says so (``error_kind`` ``"crash"``)
+    without touching the image again, and the rest of the batch goes on.
     """
 
     def __init__(self, build: Callable[[], Any], process: Process, fields: Sequence[tuple[str, Any]],
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int | None = None) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, threads: int | None = None, ledger: Any = None,
+                 max_retries: int | None = None) -> None:
         import pyarrow as pa
 
         _allow_pixels(max_pixels)
@@ -275,8 +293,11 @@ class ImageWorker:
             torch.set_num_threads(max(1, int(threads)))
         self.process = process
         self.max_pixels = max_pixels
+        self.ledger = ledger
+        self.max_retries = max_retries
         self.schema = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("error", pa.string()),
-                                 ("error_kind", pa.string()), ("fatal", pa.string()), *fields])
+                                 ("error_kind", pa.string()), ("error_type", pa.string()), ("attempts", pa.int64()),
+                                 ("fatal", pa.string()), *fields])
         self.pipeline = None
         self.load_error: str | None = None
         try:
@@ -298,19 +319,79 @@ class ImageWorker:
                 "fatal": self.load_error,
             }
             if self.load_error is None:
-                result.update(self._one(row))
+                result.update(self._attempt(result["image_id"], row))
             rows.append(result)
         return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def _attempt(self, key: str, row: Mapping[str, Any]) -> dict[str, Any]:
+        """One image's columns, unless workers already died on it more often than allowed."""
+        if self.ledger is None or self.max_retries is None:
+            return {**self._one(row), "attempts": 1}
+        attempt = self._begin(key)
+        if attempt > self.max_retries + 1:
+            attempt = self.max_retries + 1
+            name = row.get("path") or key
+            outcome = {"error": f"{name}: the worker process died while processing this image, on each of its "
+                                f"{attempt} attempt{'s' if attempt > 1 else ''} (a crash or an out-of-memory kill "
+                                f"in decoding or segmenting it); given up after {self.max_retries} "
+                                f"retr{'ies' if self.max_retries != 1 else 'y'}",
+                       "error_kind": "crash", "error_type": "WorkerDiedError"}
+        else:
+            outcome = self._one(row)
+        self.ledger.end.remote(key)  # ordered before this worker's next begin (one caller, one actor)
+        return {**outcome, "attempts": attempt}
+
+    def _begin(self, key: str) -> int:
+        import ray
+
+        try:
+            return int(ray.get(self.ledger.begin.remote(key)))
+        except ray.exceptions.RayError as error:  # the ledger is gone: carry on, unbounded
+            logger.warning("cannot count the attempts at %s (%s); retrying it without a bound", key, error)
+            return 1
 
     def _one(self, row: Mapping[str, Any]) -> dict[str, Any]:
         try:
             image = read_image(row, self.max_pixels)
             return dict(self.process(self.pipeline, image, row))
         except ImageLoadError as error:
-            return {"error": str(error), "error_kind": "image"}
+            return {"error": str(error), "error_kind": "image", "error_type": type(error).__name__}
         except (ValueError, RuntimeError, OSError, MemoryError) as error:
             # A model error on this one image, an unreadable file; the batch goes on.
-            return {"error": f"{type(error).__name__}: {error}", "error_kind": "other"}
+            return {"error": f"{type(error).__name__}: {error}", "error_kind": "other",
+                    "error_type": type(error).__name__}
+
+
+class AttemptLedger:
+    """A Ray actor (see :func:`map_images`): per image id, how many times a worker began the
+    image without ending it. A worker that dies mid-image never ends it, so when Ray runs the
+    batch again the count says how many processes that image has killed; an image that ends
+    (processed or failed normally) starts from zero if it is ever begun again."""
+
+    def __init__(self) -> None:
+        self.unfinished: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        """Count one more attempt at ``key``; returns the attempts not ended, this one included."""
+        self.unfinished[key] = self.unfinished.get(key, 0) + 1
+        return self.unfinished[key]
+
+    def end(self, key: str) -> None:
+        self.unfinished.pop(key, None)
+
+
+def _start_ledger(ray: Any) -> Any:
+    """An :class:`AttemptLedger` actor, on the driver's node where Ray can place it there (a
+    worker node may be lost mid-run; the driver's node lives as long as the run)."""
+    options: dict[str, Any] = {"num_cpus": 0}
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    except (ImportError, AttributeError, RuntimeError, ValueError):  # a Ray client driver has no node
+        pass
+    return ray.remote(AttemptLedger).options(**options).remote()
 
 
 def _allow_pixels(max_pixels: int | None) -> None:
@@ -324,26 +405,43 @@ def _allow_pixels(max_pixels: int | None) -> None:
 
 
 def map_images(ds: Any, build: Callable[[], Any], process: Process, fields: Sequence[tuple[str, Any]],
-               resources: WorkerResources, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Any:
+               resources: WorkerResources, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_retries: int | None = DEFAULT_MAX_RETRIES) -> Any:
     """``ds.map_batches`` with a fixed pool of :class:`ImageWorker` s (lazy: nothing runs until
     the result is consumed). ``ds`` rows need a ``path`` or a ``bytes`` column; an
-    ``image_id`` column is passed through."""
+    ``image_id`` column is passed through, and should be unique: it names the image to the
+    attempt count.
+
+    ``max_retries``: how many times an image whose worker process died during it is begun
+    again before its row reports the failure (None: without limit, Ray Data's own behaviour;
+    an image that kills every process that touches it then stalls the run)."""
     ray = require_ray()
+    max_retries = _check_max_retries(max_retries)
     threads = int(resources.cpus_per_worker) if resources.cpus_per_worker >= 1 else None
+    # Ray Data's actor defaults restart a dead worker and run its unfinished batches again
+    # without limit (max_restarts=-1, max_task_retries=-1; setting them through map_batches
+    # is deprecated since Ray 2.60). The bound is per image instead, kept by the ledger: it
+    # also spares the good images of a batch that holds a poison one.
+    ledger = _start_ledger(ray) if max_retries is not None else None
     return ds.map_batches(
         ImageWorker,
         fn_constructor_kwargs={"build": build, "process": process, "fields": list(fields),
-                               "max_pixels": max_pixels, "threads": threads},
+                               "max_pixels": max_pixels, "threads": threads, "ledger": ledger,
+                               "max_retries": max_retries},
         batch_size=resources.batch_size,
         batch_format="pyarrow",
         compute=(ray.data.ActorPoolStrategy(size=resources.workers) if resources.min_workers >= resources.workers
                  else ray.data.ActorPoolStrategy(min_size=resources.min_workers, max_size=resources.workers)),
         num_cpus=resources.cpus_per_worker,
         num_gpus=resources.gpus_per_worker,
-        # Ray Data's actor defaults do the fault tolerance: a dead worker restarts and its
-        # unfinished batches run again (max_restarts=-1, max_task_retries=-1). Passing them here
-        # is deprecated since Ray 2.60 (removed in 2.64).
     )
+
+
+def _check_max_retries(max_retries: int | None) -> int | None:
+    if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)
+                                    or max_retries < 0):
+        raise ValueError(f"max_retries must be a whole number of at least 0 or None, got {max_retries!r}")
+    return max_retries
 
 
 # ============================================================================================
@@ -401,6 +499,7 @@ def segment_dataset(
     cpus_per_worker: float | None = None,
     batch_size: int = 1,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_retries: int | None = DEFAULT_MAX_RETRIES,
     build: Callable[[], Any] | None = None,
     **model_kwargs: Any,
 ) -> Any:
@@ -416,6 +515,9 @@ def segment_dataset(
         workers, gpus_per_worker, cpus_per_worker: the actor pool (see :func:`plan_resources`;
             unset values come from the cluster). batch_size: images per call of a worker.
         max_pixels: refuse images larger than this (None: no limit).
+        max_retries: how many times an image is begun again after its worker process died
+            during it (a crash, an out-of-memory kill, a lost node) before its row reports it
+            failed (None: without limit). Images need distinct ``image_id`` s (or paths).
         build: ``() -> pipeline`` run once per worker instead of ``LangSAM(**model_kwargs)``.
         **model_kwargs: :class:`~langsam.pipeline.LangSAM` arguments (``sam_type``,
             ``sam_checkpoint``, ``detector``, ``clip_model``, ``clip_pretrained``, ``device``,
@@ -426,8 +528,9 @@ def segment_dataset(
         ``image_id``, ``path``, ``height``, ``width``, ``labels`` (N), ``boxes`` (N x 4, xyxy in
         input-image pixels), ``scores``, ``mask_scores``, ``clip_scores`` (N, or null without
         CLIP), ``segmentation`` (N COCO RLEs ``{"size": [H, W], "counts": str}``), and for an
-        image that failed ``error`` (the reason, naming the image) and ``error_kind``; write it
-        with ``write_parquet`` or consume it with ``iter_rows``.
+        image that failed ``error`` (the reason, naming the image), ``error_kind`` and
+        ``error_type``; ``attempts`` counts the workers that began the image (1 unless one died
+        during it). Write it with ``write_parquet`` or consume it with ``iter_rows``.
 
     Raises:
         RayMissingError: Ray is not installed. ValueError: bad text, options or columns.
@@ -457,6 +560,7 @@ def segment_dataset(
     if unknown:
         raise ValueError(f"unknown argument(s) {', '.join(unknown)}; the model arguments are LangSAM's: "
                          f"{', '.join(_langsam_arguments(LangSAM))}")
+    _check_max_retries(max_retries)
     _check_columns(ds)
     options: dict[str, Any] = {"mode": mode, "box_threshold": box_threshold, "text_threshold": text_threshold,
                                "clip_threshold": clip_threshold, "top_k": top_k, "multimask": multimask}
@@ -466,7 +570,7 @@ def segment_dataset(
     if build is None:
         build = PipelineBuilder(mode, **model_kwargs)
     return map_images(ds, build, partial(segment_row, text=queries, options=options), _segment_fields(),
-                      resources, max_pixels)
+                      resources, max_pixels, max_retries)
 
 
 def _langsam_arguments(langsam_class: Any) -> list[str]:

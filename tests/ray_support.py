@@ -1,10 +1,12 @@
 """Helpers the Ray workers of tests/test_distributed.py import (the tests folder is on their
-PYTHONPATH): a pipeline builder whose pipeline kills its own process once, mid-run."""
+PYTHONPATH): pipeline builders whose pipeline kills its own process mid-image: once in a run
+(:class:`CrashingBuilder`), or on given images once or at every attempt (:class:`DyingBuilder`)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import uuid
 from typing import Any
 
 from langsam.distributed import PipelineBuilder
@@ -48,3 +50,51 @@ class _CrashingPipeline:
     def auto_masks(self, *args: Any, **kwargs: Any) -> Any:
         self._maybe_die()
         return self.pipeline.auto_masks(*args, **kwargs)
+
+
+class DyingBuilder(PipelineBuilder):
+    """Builds the real pipeline; a worker process that gets an image of one of ``die_sizes``
+    (decoded ``(height, width)``) ends at once with ``os._exit(1)``, as a crashing decoder or an
+    out-of-memory kill would: at every attempt for ``"always"`` sizes (a poison image), at the
+    first attempt only for ``"once"`` sizes. Each death first creates a file
+    ``HxW-<unique>`` under ``deaths``, so the test counts them per image."""
+
+    def __init__(self, mode: str = "grounded", *, deaths: str, die_sizes: dict[tuple[int, int], str],
+                 **model_kwargs: Any):
+        super().__init__(mode, **model_kwargs)
+        self.deaths = deaths
+        self.die_sizes = {tuple(size): when for size, when in die_sizes.items()}
+
+    def __call__(self) -> Any:
+        return _DyingPipeline(super().__call__(), self.deaths, self.die_sizes)
+
+
+class _DyingPipeline:
+    def __init__(self, pipeline: Any, deaths: str, die_sizes: dict[tuple[int, int], str]) -> None:
+        self.pipeline, self.deaths, self.die_sizes = pipeline, deaths, die_sizes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+    def _maybe_die(self, image: Any) -> None:
+        size = tuple(image.shape[:2])
+        when = self.die_sizes.get(size)
+        if when is None:
+            return
+        name = f"{size[0]}x{size[1]}"
+        if when == "once":
+            try:  # atomic: only the first process to get here dies
+                open(os.path.join(self.deaths, f"{name}-first"), "x").close()
+            except FileExistsError:
+                return
+        else:
+            open(os.path.join(self.deaths, f"{name}-{uuid.uuid4().hex}"), "x").close()
+        os._exit(1)
+
+    def segment(self, image: Any, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_die(image)
+        return self.pipeline.segment(image, *args, **kwargs)
+
+    def auto_masks(self, image: Any, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_die(image)
+        return self.pipeline.auto_masks(image, *args, **kwargs)

@@ -1,7 +1,8 @@
 """`--ray` and `langsam.distributed` on one local Ray cluster shared by every test here, with
 the tiny random models of test_cli_segment.py: the same files as a local run (checked file by
-file), a worker process killed mid-run, bad files, resume across engines, Ctrl-C, URIs, the
-Python API, and the message when Ray is missing."""
+file), worker processes killed mid-image (once, and at every attempt: a poison image), bad
+files, resume across engines, URIs, the Python API, and the message when Ray is missing. Real
+signals on --ray are in test_ray_faults.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from langsam import cli
+from langsam.cli.batch import FAILURES_NAME
 from sam_factory import real_photo
+from ray_support import DyingBuilder
 from test_cli_segment import run_main
 from tiny_gdino import save_tiny_grounding_dino
 
@@ -47,7 +51,8 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     # The workers import tests/ray_support.py (the crashing pipeline builder).
-    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, logging_level=logging.WARNING,
+    # address="local": a cluster of our own, even if another one runs on this machine.
+    ray.init(address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]),
                                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -62,9 +67,14 @@ def models(tmp_path_factory, tiny_sam_checkpoint) -> list[str]:
             "--device", "cpu"]
 
 
+#: The decoded size of photos()["poison"], which PoisonBuilder's workers die on; no other photo has it.
+POISON_SIZE = (61, 83)
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> dict[str, Path]:
-    """Four readable images under one folder (two with the same base name) and a truncated JPEG."""
+    """Four readable images under one folder (two with the same base name), a truncated JPEG and
+    a readable image of POISON_SIZE."""
     root = tmp_path_factory.mktemp("ray_photos")
     for folder, name in (("a", "chelsea"), ("b", "coffee")):
         (root / folder).mkdir()
@@ -77,12 +87,17 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     encoded = io.BytesIO()
     Image.fromarray(real_photo("coffee")).save(encoded, format="JPEG")
     (root / "broken.jpg").write_bytes(encoded.getvalue()[:400])
+    Image.fromarray(np.ascontiguousarray(real_photo("astronaut")[100:100 + POISON_SIZE[0], 200:200 + POISON_SIZE[1]])
+                    ).save(root / "poison.png")
     return {"root": root, "good": [root / "a", root / "b", root / "gray.png", root / "rotated.jpg"],
-            "broken": root / "broken.jpg"}
+            "broken": root / "broken.jpg", "poison": root / "poison.png"}
 
 
-def segment_argv(photos, models, out: Path, *extra: str, broken: bool = False) -> list[str]:
-    inputs = [*photos["good"], *([photos["broken"]] if broken else [])]
+GOOD_KEYS = ("a_photo", "b_photo", "gray", "rotated")
+
+
+def segment_argv(photos, models, out: Path, *extra: str, broken: bool = False, poison: bool = False) -> list[str]:
+    inputs = [*photos["good"], *([photos["broken"]] if broken else []), *([photos["poison"]] if poison else [])]
     return ["segment", *map(str, inputs), "--out", str(out), *QUERY_FLAGS, *models, *extra]
 
 
@@ -145,23 +160,53 @@ def wait_for_free_cpus(timeout: float = 30.0) -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def test_killed_worker_run_finishes_once_with_the_local_files(cluster, photos, models, local_segment, tmp_path,
-                                                              monkeypatch):
-    from ray_support import CrashingBuilder
+def read_failures(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / FAILURES_NAME).read_text("utf-8").splitlines()]
 
-    marker = tmp_path / "crashed"
-    # The first worker to reach its second image SIGKILLs itself in the middle of it.
-    monkeypatch.setattr("langsam.distributed.PipelineBuilder",
-                        functools.partial(CrashingBuilder, crash_marker=str(marker), crash_after=2))
+
+def test_dead_workers_retry_their_image_a_bounded_number_of_times(cluster, photos, models, local_segment,
+                                                                   tmp_path, monkeypatch):
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+    with Image.open(photos["root"] / "gray.png") as gray:
+        gray_size = (gray.height, gray.width)
+    # A worker process dies in the middle of gray.png at its first attempt only (a worker lost
+    # once), and in the middle of poison.png at every attempt (an image that crashes its decoder).
+    monkeypatch.setattr("langsam.distributed.PipelineBuilder", functools.partial(
+        DyingBuilder, deaths=str(deaths), die_sizes={gray_size: "once", POISON_SIZE: "always"}))
     out = tmp_path / "out"
-    status, stdout, stderr = run_main(segment_argv(photos, models, out, "--ray", "--workers", "2"))
-    assert marker.exists(), "no worker was killed"
-    assert status == 0, stderr
-    assert "4 images: 4 processed, 0 skipped, 0 failed" in stdout
-    assert_same_outputs(local_segment, out)
+    status, stdout, stderr = run_main(segment_argv(photos, models, out, "--ray", "--workers", "2",
+                                                   "--ray-max-retries", "1", poison=True))
+    died = Counter(path.name.split("-")[0] for path in deaths.iterdir())
+    assert died == {"x".join(map(str, gray_size)): 1, "x".join(map(str, POISON_SIZE)): 2}  # 1 try + 1 retry
+    assert status == 1, stderr
+    assert "5 images: 4 processed, 0 skipped, 1 failed" in stdout
+    reason = "the worker process died while processing this image, on each of its 2 attempts"
+    assert stderr.count(f"error: {photos['poison']}: {reason}") == 1
+    assert f"  {photos['poison']}: {reason}" in stdout  # in the summary too
+    # Every other image was written once, as the local run wrote it; poison.png left nothing.
+    assert_same_outputs(local_segment, out, folders=(*GOOD_KEYS, cli.ANNOTATIONS_NAME))
     coco = json.loads((out / cli.ANNOTATIONS_NAME).read_text("utf-8"))
-    assert sorted(image["langsam_output"] for image in coco["images"]) == ["a_photo", "b_photo", "gray", "rotated"]
+    assert sorted(image["langsam_output"] for image in coco["images"]) == sorted(GOOD_KEYS)
+    assert not (out / "poison").exists()
+    (record,) = read_failures(out)
+    assert record == {"command": "segment", "input": str(photos["poison"]), "output": "poison",
+                      "error": "WorkerDiedError", "message": record["message"], "attempts": 2}
+    assert record["message"].startswith(reason) and "--ray-max-retries N allows more" in record["message"]
     wait_for_free_cpus()
+
+
+def test_ray_max_retries_default_is_the_one_documented():
+    from langsam.distributed import DEFAULT_MAX_RETRIES
+
+    status, help_text, _ = run_main(["segment", "--help"])
+    assert status == 0
+    flag_help = " ".join(help_text.split()).split("--ray-max-retries N")[-1]  # its help, then the epilog
+    assert flag_help.startswith(" times an image is tried again") and "outputs (under" in flag_help
+    assert flag_help.split("outputs (under")[0].endswith(f"reported as failed (default {DEFAULT_MAX_RETRIES}) ")
+    readme = (REPO / "README.md").read_text("utf-8")
+    assert f"| `--ray-max-retries N` | " in readme and f"Default {DEFAULT_MAX_RETRIES}" in readme.split(
+        "| `--ray-max-retries N` | ")[1].split("\n")[0]
 
 
 def test_resume_across_engines_with_a_broken_file(cluster, photos, models, local_segment, tmp_path):
@@ -178,41 +223,18 @@ def test_resume_across_engines_with_a_broken_file(cluster, photos, models, local
     assert f"error: {photos['broken']}: corrupt or truncated image" in stderr
     assert "5 images: 2 processed, 2 skipped, 1 failed" in stdout
     assert {key: (out / key / cli.RECORD_NAME).stat().st_mtime_ns for key in kept} == kept
-    assert_same_outputs(local_segment, out)
+    assert_same_outputs(local_segment, out, folders=(*GOOD_KEYS, cli.ANNOTATIONS_NAME))
+    (record,) = read_failures(out)
+    assert (record["input"], record["output"], record["error"], record["attempts"]) == (
+        str(photos["broken"]), "broken", "ImageLoadError", 1)
+    assert record["message"].startswith("corrupt or truncated image")
 
-    # ...and a run finished on Ray resumes locally.
+    # ...and a run finished on Ray resumes locally; broken.jpg, not among its inputs, keeps its record.
     (out / "a_photo" / cli.RECORD_NAME).unlink()
     status, stdout, _ = run_main(segment_argv(photos, models, out, "--skip-existing"))
     assert status == 0 and "4 images: 1 processed, 3 skipped, 0 failed" in stdout
-    assert_same_outputs(local_segment, out)
-
-
-def test_ctrl_c_stops_the_workers_and_a_rerun_resumes(cluster, photos, models, local_segment, tmp_path,
-                                                      monkeypatch):
-    from langsam.cli import segment
-
-    written = []
-    write = segment._write_files
-
-    def interrupt_after_first(*args, **kwargs):
-        if written:
-            raise KeyboardInterrupt
-        written.append(args[1])
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(segment, "_write_files", interrupt_after_first)
-    out = tmp_path / "out"
-    two = {**photos, "good": photos["good"][:2]}  # a/photo.png and b/photo.png
-    status, _, stderr = run_main(segment_argv(two, models, out, "--ray", "--workers", "1"))
-    assert status == cli.EXIT_INTERRUPTED and "rerun with --skip-existing" in stderr
-    wait_for_free_cpus()  # the cluster's work stopped: the worker released its CPU
-    (finished,) = written
-    assert [p.parent.name for p in out.glob(f"*/{cli.RECORD_NAME}")] == [finished]
-    assert not [p for p in out.rglob(".*")], "temporary file left behind"
-    monkeypatch.undo()
-    status, stdout, _ = run_main(segment_argv(two, models, out, "--skip-existing"))
-    assert status == 0 and "2 images: 1 processed, 1 skipped, 0 failed" in stdout
-    assert_same_outputs(local_segment, out, folders=("a_photo", "b_photo"))
+    assert_same_outputs(local_segment, out, folders=(*GOOD_KEYS, cli.ANNOTATIONS_NAME))
+    assert read_failures(out) == [record]
 
 
 def test_auto_masks_from_uris_on_ray_equal_the_local_run(cluster, photos, tiny_sam_checkpoint, tmp_path):
@@ -302,6 +324,8 @@ def test_segment_dataset_refuses_bad_arguments_before_running(cluster):
     (["--workers", "2"], "--workers: cluster options need --ray"),
     (["--ray", "--workers", "0"], "must be at least 1"),
     (["--ray", "--gpus-per-worker", "-1"], "must be at least 0.0"),
+    (["--ray-max-retries", "1"], "--ray-max-retries: cluster options need --ray"),
+    (["--ray", "--ray-max-retries", "-1"], "must be at least 0"),
 ])
 def test_cluster_usage_errors_exit_2(tmp_path, extra, message):
     Image.fromarray(real_photo("coffee")[:32, :32]).save(tmp_path / "img.png")

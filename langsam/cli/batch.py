@@ -1,7 +1,8 @@
 """What the batch commands (``segment``, ``auto-masks``) share: the input and output options,
 collecting inputs into :class:`Item` s with collision-free output names, the pixel limit,
-decoding ahead in a thread, the progress bar, failure reports, the closing summary, and the
-driver side of a ``--ray`` run (:func:`run_on_ray`).
+decoding ahead in a thread, the progress bar, failure reports (on stderr, in the summary and in
+``failures.jsonl``), the closing summary, and the driver side of a ``--ray`` run
+(:func:`run_on_ray`).
 
 Outputs are written by this process in both engines: on a cluster the workers send back each
 image's encoded files and record, and the driver writes them with the same atomic writes as a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import logging
 import os
 import posixpath
 import signal
@@ -28,11 +30,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from langsam.cli.options import ModelLoadError, UsageError, load_pipeline, model_kwargs_from_args, number
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ANNOTATIONS_NAME",
+    "FAILURES_NAME",
     "OVERLAY_NAME",
     "RECORD_NAME",
     "ClusterError",
+    "Failure",
     "Item",
     "RunReport",
     "Terminated",
@@ -49,13 +55,16 @@ __all__ = [
     "run_on_ray",
     "set_pixel_limit",
     "stop_on_sigterm",
+    "write_failures",
 ]
 
 # Per-run files at the top of --out; no per-image output may take these names.
 ANNOTATIONS_NAME = "annotations.json"
 RECORD_NAME = "result.json"
 OVERLAY_NAME = "overlay.jpg"
-_RESERVED_STEMS = {ANNOTATIONS_NAME, RECORD_NAME}
+#: One JSON object per line for each input that failed and is not finished (see write_failures).
+FAILURES_NAME = "failures.jsonl"
+_RESERVED_STEMS = {ANNOTATIONS_NAME, RECORD_NAME, FAILURES_NAME}
 
 
 @dataclass
@@ -77,6 +86,21 @@ class ClusterError(ModelLoadError):
     """The cluster could not run (or finish) the job (exit status 1; finished images stay valid)."""
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One input that failed: a line of the summary and of ``failures.jsonl``."""
+
+    input: str  # the input as the user named it (path or URI)
+    output: str  # its output name under --out (Item.key)
+    error: str  # the error's class, e.g. "ImageLoadError", "WorkerDiedError"
+    message: str  # the reason, as printed on stderr
+    attempts: int = 1  # how many times it was begun (more than 1: its Ray worker died during it)
+
+    def to_json(self, command: str) -> dict[str, Any]:
+        return {"command": command, "input": self.input, "output": self.output, "error": self.error,
+                "message": self.message, "attempts": self.attempts}
+
+
 @dataclass
 class RunReport:
     """Counts the summary prints."""
@@ -84,9 +108,11 @@ class RunReport:
     total: int = 0
     processed: int = 0
     skipped: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
     objects: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
+    finished: set[str] = field(default_factory=set)  # keys of the items this run finished
+    failures_file: Path | None = None  # failures.jsonl, once written with at least one record
 
 
 class Terminated(KeyboardInterrupt):
@@ -318,13 +344,54 @@ def progress(total: int, initial: int, description: str, quiet: bool):
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def report_failure(report: RunReport, bar: Any, path: Path | str, reason: str) -> None:
-    """Say on stderr, at once, which input failed and why; the run goes on."""
-    prefix = f"{path}: "
+def report_failure(report: RunReport, bar: Any, item: Item, reason: str, error: str, attempts: int = 1) -> None:
+    """Say on stderr, at once, which input failed and why (``error``: the error's class); the
+    run goes on, and the failure is kept for the summary and ``failures.jsonl``."""
+    prefix = f"{item.source}: "
     if reason.startswith(prefix):  # io's messages already start with the path
         reason = reason[len(prefix):]
-    report.failures.append((str(path), reason))
-    bar.write(f"error: {path}: {reason}", file=sys.stderr)
+    report.failures.append(Failure(item.source, item.key, error, reason, attempts))
+    bar.write(f"error: {item.source}: {reason}", file=sys.stderr)
+
+
+def write_failures(out_dir: Path, command: str, report: RunReport) -> Path | None:
+    """Rewrite ``out_dir/failures.jsonl`` atomically: one JSON object per line for each input of
+    this run that failed (:meth:`Failure.to_json`), after the records of earlier runs whose
+    input this run neither finished nor failed again (an interrupted rerun, other inputs, the
+    other command), so a record goes away only when its image is done. No record left: the
+    file is removed. Returns its path, or None when there is none."""
+    from langsam.io import atomic_write_text, safe_join
+
+    path = safe_join(out_dir, FAILURES_NAME)
+    ended = report.finished | {failure.output for failure in report.failures}
+    kept = [record for record in _read_failures(path)
+            if record.get("command") != command or record.get("output") not in ended]
+    records = kept + [failure.to_json(command) for failure in report.failures]
+    if not records:
+        path.unlink(missing_ok=True)
+        return None
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    return path
+
+
+def _read_failures(path: Path) -> list[dict[str, Any]]:
+    """The records of an earlier ``failures.jsonl`` (lines that are not records are dropped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as error:
+        logger.warning("cannot read the earlier %s (%s); it is replaced", path, error)
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("output"), str):
+            records.append(record)
+    return records
 
 
 def print_summary(command: str, report: RunReport, extra_lines: Sequence[str] = ()) -> None:
@@ -337,7 +404,9 @@ def print_summary(command: str, report: RunReport, extra_lines: Sequence[str] = 
     ]
     if report.failures:
         lines.append("failed:")
-        lines += [f"  {path}: {reason}" for path, reason in report.failures]
+        lines += [f"  {failure.input}: {failure.message}" for failure in report.failures]
+    if report.failures_file is not None:
+        lines.append(f"failures: {report.failures_file}")
     print("\n".join(lines))
 
 
@@ -371,12 +440,20 @@ def process_items(args: argparse.Namespace, todo: Sequence[Item], *, command: st
     models load at the first readable image (a run of only broken files loads nothing); with
     ``ray_options`` Ray workers run ``render`` and this process writes (:func:`run_on_ray`). An
     image that fails is reported and the run goes on; ``report.processed`` counts the rest.
+    However the run ends (interrupted too), ``failures.jsonl`` under ``--out`` is rewritten
+    (:func:`write_failures`).
     """
     # On a cluster Ray Data draws the progress; ours would sit at 0 until the end.
     bar = progress(report.total, report.skipped, command, args.quiet or ray_options is not None)
     with stop_on_sigterm(), closing(bar):
-        if todo:
-            _process(args, todo, mode, render, finish, ray_options, max_pixels, report, bar, postfix)
+        try:
+            if todo:
+                _process(args, todo, mode, render, finish, ray_options, max_pixels, report, bar, postfix)
+        finally:
+            try:
+                report.failures_file = write_failures(Path(args.out).resolve(), command, report)
+            except (OSError, ValueError) as error:  # a full disk; a failures.jsonl linked outside --out
+                print(f"warning: cannot write {FAILURES_NAME}: {error}", file=sys.stderr)
 
 
 def _process(args, todo, mode, render, finish, ray_options, max_pixels, report, bar, postfix) -> None:
@@ -388,6 +465,7 @@ def _process(args, todo, mode, render, finish, ray_options, max_pixels, report, 
         def on_result(item: Item, row: dict[str, Any]) -> None:
             finish(item, json.loads(row["document"]), dict(zip(row["file_names"], row["file_data"])))
             report.processed += 1
+            report.finished.add(item.key)
 
         run_on_ray(ray_options, todo, PipelineBuilder(mode, **model_kwargs_from_args(args)),
                    partial(_render_row, render=render), on_result, report, max_pixels, args.quiet, args.verbose)
@@ -408,12 +486,13 @@ def _process(args, todo, mode, render, finish, ray_options, max_pixels, report, 
             document, files = render(pipeline, image, item.file_name, item.source)
             finish(item, document, files)
         except ImageLoadError as error:
-            report_failure(report, bar, item.path, load_reason(error))
+            report_failure(report, bar, item, load_reason(error), type(error).__name__)
         except (ValueError, RuntimeError, OSError, MemoryError) as error:
             # Unreadable files (permissions, I/O), a model error on this one image, a full disk.
-            report_failure(report, bar, item.path, f"{type(error).__name__}: {error}")
+            report_failure(report, bar, item, f"{type(error).__name__}: {error}", type(error).__name__)
         else:
             report.processed += 1
+            report.finished.add(item.key)
         bar.set_postfix(**postfix(report), failed=len(report.failures), refresh=False)
         bar.update(1)
 
@@ -446,8 +525,10 @@ def run_on_ray(ray_options: dict[str, Any], todo: Sequence[Item], build: Callabl
     ``image_id`` (the item's key), ``path`` (its source) and ``file_name``, and returns
     ``{"document": JSON text, "file_names": [...], "file_data": [bytes, ...]}``.
 
-    Failed images are reported as locally and the run goes on. Each item is handed over at
-    most once even if Ray ran its batch twice (a worker died after finishing it). Raises
+    Failed images are reported as locally and the run goes on. An image whose worker process
+    died during it is begun again at most ``ray_options["max_retries"]`` times (default
+    :data:`~langsam.distributed.DEFAULT_MAX_RETRIES`), then reported as failed. Each item is
+    handed over at most once even if Ray ran its batch twice (a worker died after finishing it). Raises
     :class:`UsageError` when Ray is missing, :class:`ModelLoadError` when the workers cannot
     load the models, :class:`ClusterError` when the cluster cannot be reached or gives up.
     Ctrl-C stops the cluster's work (a cluster this call started is shut down) and propagates.
@@ -481,7 +562,9 @@ def run_on_ray(ray_options: dict[str, Any], todo: Sequence[Item], build: Callabl
                                       for item in todo])
         fields = [("document", pa.string()), ("file_names", pa.list_(pa.string())),
                   ("file_data", pa.list_(pa.binary()))]
-        results = distributed.map_images(inputs, build, process, fields, resources, max_pixels)
+        max_retries = ray_options.get("max_retries")
+        results = distributed.map_images(inputs, build, process, fields, resources, max_pixels,
+                                         distributed.DEFAULT_MAX_RETRIES if max_retries is None else max_retries)
         bar = _StderrLines()
         done: set[str] = set()
         rows = iter(results.iter_rows())
@@ -493,16 +576,21 @@ def run_on_ray(ray_options: dict[str, Any], todo: Sequence[Item], build: Callabl
                 continue
             done.add(item.key)
             if row["error"] is not None:
-                reason = load_reason(ValueError(row["error"])) if row["error_kind"] == "image" else row["error"]
-                report_failure(report, bar, item.source, reason)
+                reason = row["error"]
+                if row["error_kind"] == "image":
+                    reason = load_reason(ValueError(reason))
+                elif row["error_kind"] == "crash":
+                    reason += " (--ray-max-retries N allows more)"
+                report_failure(report, bar, item, reason, row["error_type"] or "Error", row["attempts"] or 1)
                 continue
             try:
                 on_result(item, row)
             except (ValueError, OSError) as error:  # a full disk, a name refused by safe_join
-                report_failure(report, bar, item.source, f"{type(error).__name__}: {error}")
+                report_failure(report, bar, item, f"{type(error).__name__}: {error}", type(error).__name__,
+                               row["attempts"] or 1)
         for item in todo:
             if item.key not in done:
-                report_failure(report, bar, item.source, "the cluster returned no result for this image")
+                report_failure(report, bar, item, "the cluster returned no result for this image", "MissingResult")
     except ray.exceptions.RayError as error:
         raise ClusterError(f"the cluster run failed: {error}\nfinished images are complete on disk; rerun "
                            "with --skip-existing to resume") from None

@@ -412,16 +412,19 @@ def add_ray_arguments(parser: argparse.ArgumentParser, *, batch_help: str = BATC
     group.add_argument("--cpus-per-worker", type=number(float, 0.0), default=None, metavar="C",
                        help="CPUs per worker; also its torch threads (default 1)")
     group.add_argument("--batch-size", type=number(int, 1), default=1, metavar="N", help=batch_help)
+    group.add_argument("--ray-max-retries", type=number(int, 0), default=None, metavar="N",
+                       help="times an image is tried again after its worker process died during it (a crash, "
+                            "an out-of-memory kill, a lost node) before it is reported as failed (default 2)")
     return group
 
 
 #: The cluster-only flags: given without --ray they would be silently ignored, so they are refused.
-RAY_ONLY_OPTIONS = ("workers", "gpus_per_worker", "cpus_per_worker")
+RAY_ONLY_OPTIONS = ("workers", "gpus_per_worker", "cpus_per_worker", "ray_max_retries")
 
 
 def ray_options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``{"address", "workers", "gpus_per_worker", "cpus_per_worker", "batch_size"}`` for a
-    ``--ray`` run (None values: the cluster decides), or None for a local run. Raises
+    """``{"address", "workers", "gpus_per_worker", "cpus_per_worker", "batch_size", "max_retries"}``
+    for a ``--ray`` run (None values: the cluster, or the default, decides), or None for a local run. Raises
     :class:`UsageError` for a cluster-only flag without ``--ray``."""
     if getattr(args, "ray", None) is None:
         given = [generator_flag(name) for name in RAY_ONLY_OPTIONS if getattr(args, name, None) is not None]
@@ -433,4 +436,5 @@ def ray_options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     if importlib.util.find_spec("ray") is None:  # before any folder is made or model loaded
         raise UsageError('--ray needs Ray Data, which is not installed: pip install "langsam[distributed]"')
     return {"address": args.ray, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
-            "cpus_per_worker": args.cpus_per_worker, "batch_size": args.batch_size}
+            "cpus_per_worker": args.cpus_per_worker, "batch_size": args.batch_size,
+            "max_retries": getattr(args, "ray_max_retries", None)}
