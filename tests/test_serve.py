@@ -322,7 +322,7 @@ def test_bad_input_gets_clear_4xx(keyed_server, photo):
         ("segment empty upload", dict(files={"image": ("x.png", b"", "image/png")}, data={"text": "a cat"}),
          400, "empty"),
         ("segment empty text", dict(files={"image": png}, data={"text": " . "}), 400, "text is empty"),
-        ("segment no text", dict(files={"image": png}), 422, "text: Field required"),
+        ("segment no text", dict(files={"image": png}), 400, "text is empty: give at least one query"),
         ("segment too many pixels", dict(files={"image": ("big.png", big, "image/png")}, data={"text": "a cat"}),
          400, "more than this server's limit of 1,000,000 pixels"),
         ("segment oversize body", dict(files={"image": ("x.png", b"0" * (MAX_BODY + 1), "image/png")},

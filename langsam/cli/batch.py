@@ -450,8 +450,9 @@ def process_items(args: argparse.Namespace, todo: Sequence[Item], *, command: st
             if todo:
                 _process(args, todo, mode, render, finish, ray_options, max_pixels, report, bar, postfix)
         finally:
-            try:
-                report.failures_file = write_failures(Path(args.out).resolve(), command, report)
+            try:  # commands without an output folder (label propose keeps its failures in the project)
+                if getattr(args, "out", None) is not None:
+                    report.failures_file = write_failures(Path(args.out).resolve(), command, report)
             except (OSError, ValueError) as error:  # a full disk; a failures.jsonl linked outside --out
                 print(f"warning: cannot write {FAILURES_NAME}: {error}", file=sys.stderr)
 
