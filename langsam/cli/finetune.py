@@ -78,6 +78,36 @@ def _targets(text: str) -> tuple[str, ...]:
     return items
 
 
+def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
+    """The training recipe's flags (epochs, batch, lr, warm-up, prompt rounds, seed, max steps),
+    shared by ``finetune`` and ``label train``; :func:`recipe_kwargs` reads them back."""
+    group.add_argument("--epochs", type=number(int, 1), default=10, metavar="N", help="epochs (default 10)")
+    group.add_argument("--batch-size", type=number(int, 1), default=4, metavar="N",
+                       help="images per optimizer step, gradients accumulated (default 4)")
+    group.add_argument("--objects-per-image", type=number(int, 1), default=16, metavar="N",
+                       help="masks drawn from each image per step (default 16)")
+    group.add_argument("--lr", type=number(float, 1e-12), default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)")
+    group.add_argument("--weight-decay", type=number(float, 0.0), default=0.1, metavar="W",
+                       help="AdamW weight decay (default 0.1)")
+    group.add_argument("--warmup-steps", type=number(int, 0), default=250, metavar="N",
+                       help="linear warm-up steps, at most a tenth of the run (default 250)")
+    group.add_argument("--points", type=number(int, 0), default=8, metavar="N",
+                       help="error-region point rounds after the first prompt (default 8)")
+    group.add_argument("--refine-rounds", type=number(int, 0), default=2, metavar="N",
+                       help="rounds with the previous logits only (default 2)")
+    group.add_argument("--seed", type=number(int, 0), default=0,
+                       help="seed of the data order and prompts (finetune: also of the split)")
+    group.add_argument("--max-steps", type=number(int, 1), default=None, metavar="N",
+                       help="stop (state saved, resumable) after N optimizer steps in total")
+
+
+def recipe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `TrainConfig` fields of :func:`add_recipe_arguments`' flags."""
+    return dict(epochs=args.epochs, batch_size=args.batch_size, objects_per_image=args.objects_per_image, lr=args.lr,
+                weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, num_points=args.points,
+                num_refine=args.refine_rounds, seed=args.seed, max_steps=args.max_steps)
+
+
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``langsam finetune`` and its options."""
     parser = commands.add_parser(
@@ -95,24 +125,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="fraction of DATA's images held out when --val is not given (default 0.1; 0: none)")
     split.add_argument("--val-clicks", type=number(int, 1), default=1, metavar="N",
                        help="clicks of the validation point protocol (default 1)")
-    recipe = parser.add_argument_group("training")
-    recipe.add_argument("--epochs", type=number(int, 1), default=10, metavar="N", help="epochs (default 10)")
-    recipe.add_argument("--batch-size", type=number(int, 1), default=4, metavar="N",
-                        help="images per optimizer step, gradients accumulated (default 4)")
-    recipe.add_argument("--objects-per-image", type=number(int, 1), default=16, metavar="N",
-                        help="masks drawn from each image per step (default 16)")
-    recipe.add_argument("--lr", type=number(float, 1e-12), default=1e-4, metavar="LR", help="peak learning rate (default 1e-4)")
-    recipe.add_argument("--weight-decay", type=number(float, 0.0), default=0.1, metavar="W",
-                        help="AdamW weight decay (default 0.1)")
-    recipe.add_argument("--warmup-steps", type=number(int, 0), default=250, metavar="N",
-                        help="linear warm-up steps, at most a tenth of the run (default 250)")
-    recipe.add_argument("--points", type=number(int, 0), default=8, metavar="N",
-                        help="error-region point rounds after the first prompt (default 8)")
-    recipe.add_argument("--refine-rounds", type=number(int, 0), default=2, metavar="N",
-                        help="rounds with the previous logits only (default 2)")
-    recipe.add_argument("--seed", type=number(int, 0), default=0, help="seed of the split, data order and prompts")
-    recipe.add_argument("--max-steps", type=number(int, 1), default=None, metavar="N",
-                        help="stop (state saved, resumable) after N optimizer steps in total")
+    add_recipe_arguments(parser.add_argument_group("training"))
     parts = parser.add_argument_group("what trains")
     parts.add_argument("--train", type=_trainable, default=("decoder",), metavar="LIST",
                        help="decoder and/or prompt-encoder (default decoder)")
@@ -144,13 +157,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     try:
         return TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, objects_per_image=args.objects_per_image, lr=args.lr,
-            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, num_points=args.points,
-            num_refine=args.refine_rounds, train_decoder="decoder" in args.train,
+            **recipe_kwargs(args), train_decoder="decoder" in args.train,
             train_prompt_encoder="prompt-encoder" in args.train, train_encoder_blocks=args.encoder_blocks,
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
             cache_embeddings=not args.no_cache, cache_dtype=args.cache_dtype, amp=not args.no_amp,
-            val_clicks=args.val_clicks, seed=args.seed, max_steps=args.max_steps,
+            val_clicks=args.val_clicks,
             checkpoint_every=args.checkpoint_every,
         )
     except ValueError as error:

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from langsam.cli.finetune import add_recipe_arguments, recipe_kwargs
 from langsam.cli.options import (EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, UsageError,
     add_model_arguments, add_ray_arguments, fraction, model_kwargs_from_args, number, ray_options_from_args,
     validate_model_arguments)
@@ -311,23 +312,7 @@ report.png. Interrupted? Rerun the same command: it resumes.
 """)
     parser.add_argument("--round", type=number(int, 1), default=None, metavar="N",
                         help="the round to train (default: the newest proposed one)")
-    recipe = parser.add_argument_group("training (as langsam finetune)")
-    recipe.add_argument("--epochs", type=number(int, 1), default=10, metavar="N", help="epochs (default 10)")
-    recipe.add_argument("--batch-size", type=number(int, 1), default=4, metavar="N",
-                        help="images per optimizer step (default 4)")
-    recipe.add_argument("--objects-per-image", type=number(int, 1), default=16, metavar="N",
-                        help="masks drawn from each image per step (default 16)")
-    recipe.add_argument("--lr", type=number(float, 1e-12), default=1e-4, metavar="LR",
-                        help="peak learning rate (default 1e-4)")
-    recipe.add_argument("--warmup-steps", type=number(int, 0), default=250, metavar="N",
-                        help="linear warm-up steps, at most a tenth of the run (default 250)")
-    recipe.add_argument("--points", type=number(int, 0), default=8, metavar="N",
-                        help="error-region point rounds after the first prompt (default 8)")
-    recipe.add_argument("--refine-rounds", type=number(int, 0), default=2, metavar="N",
-                        help="rounds with the previous logits only (default 2)")
-    recipe.add_argument("--seed", type=number(int, 0), default=0, help="seed of the data order and prompts")
-    recipe.add_argument("--max-steps", type=number(int, 1), default=None, metavar="N",
-                        help="stop after N optimizer steps (resumable)")
+    add_recipe_arguments(parser.add_argument_group("training (as langsam finetune)"))
     add_model_arguments(parser, detector=False, clip=False)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_train, parser=parser)
@@ -342,9 +327,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     validate_model_arguments(args.parser, args)
     try:
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, objects_per_image=args.objects_per_image,
-                             lr=args.lr, warmup_steps=args.warmup_steps, num_points=args.points,
-                             num_refine=args.refine_rounds, seed=args.seed, max_steps=args.max_steps)
+        config = TrainConfig(**recipe_kwargs(args))
     except ValueError as error:
         raise UsageError(str(error).replace("invalid TrainConfig: ", "")) from None
     project = _open(args)
