@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from langsam.cli.options import EXIT_FAILURES, EXIT_OK, UsageError
+from langsam.cli.options import EXIT_FAILURES, EXIT_OK, UsageError, choice_list
 
 METRICS = ("jf", "identity", "ap")
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "first visible frame (--prompt), and score J&F; the tracks are saved beside the report")
     video.add_argument("--prompt", choices=("mask", "box"), default="mask",
                        help="what --track gives SAM of each object: its mask or its box (default mask)")
-    video.add_argument("--metrics", default=None, metavar="LIST",
+    video.add_argument("--metrics", type=choice_list(METRICS, "metrics"), default=None, metavar="LIST",
                        help="comma-separated: jf (J&F, objects matched by id: prompted tracking), identity "
                             "(IDF1, ID switches: text tracking), ap (video mask AP) (default all three; jf with --track)")
     video.add_argument("--boundary-tolerance", type=float, default=None, metavar="T",
@@ -107,11 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.video is not None and args.track is not None:
         raise UsageError("give --video (score results) or --track (run prompted tracking), not both")
-    default = "jf" if args.track is not None else ",".join(METRICS)
-    metrics = tuple(dict.fromkeys(m.strip().lower() for m in (args.metrics or default).split(",") if m.strip()))
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise UsageError(f"--metrics: unknown {', '.join(unknown) or '(empty)'}; choose from {','.join(METRICS)}")
+    metrics = args.metrics or (("jf",) if args.track is not None else METRICS)
     tolerance = BOUNDARY_TOLERANCE if args.boundary_tolerance is None else args.boundary_tolerance
     identity_iou = IDENTITY_IOU if args.identity_iou is None else args.identity_iou
     if tolerance < 0:

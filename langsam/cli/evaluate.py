@@ -19,6 +19,7 @@ from langsam.cli.options import (
     EXIT_OK,
     UsageError,
     add_model_arguments,
+    choice_list,
     fraction,
     load_pipeline,
     model_kwargs_from_args,
@@ -62,19 +63,6 @@ examples:
 """
 
 
-def _choices(allowed: tuple[str, ...], what: str):
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(dict.fromkeys(item.strip().lower() for item in text.split(",") if item.strip()))
-        unknown = [item for item in items if item not in allowed]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(empty)'}; "
-                                             f"choose from {','.join(allowed)}")
-        return items
-
-    parse.__name__ = what
-    return parse
-
-
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """DATA, ``--images``, ``--format``, ``--skip-bad-annotations``, ``-q``, ``-v`` (shared with finetune)."""
     parser.add_argument("data", metavar="DATA",
@@ -99,11 +87,11 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_dataset_arguments(parser)
     protocol = parser.add_argument_group("protocol")
-    protocol.add_argument("--prompts", type=_choices(PROMPTS, "prompts"), default=("points", "box"), metavar="LIST",
+    protocol.add_argument("--prompts", type=choice_list(PROMPTS, "prompts"), default=("points", "box"), metavar="LIST",
                           help="comma-separated: points, box, text (default points,box)")
     protocol.add_argument("--clicks", type=number(int, 1), default=5, metavar="N",
                           help="clicks per object in the point protocol (default 5)")
-    protocol.add_argument("--modes", type=_choices(MODES, "modes"), default=("grounded",), metavar="LIST",
+    protocol.add_argument("--modes", type=choice_list(MODES, "modes"), default=("grounded",), metavar="LIST",
                           help="text modes: grounded, hybrid, clip (default grounded); grounded and hybrid use "
                                "--model's concept model")
     protocol.add_argument("--box-threshold", type=fraction, default=0.3, metavar="P",

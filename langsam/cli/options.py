@@ -107,6 +107,21 @@ class ModelLoadError(Exception):
 # ============================================================================================
 
 
+def choice_list(allowed: tuple[str, ...], what: str):
+    """An argparse type for a comma-separated list of `allowed` words (lower-cased, duplicates
+    dropped, order kept); `what` names them in the error."""
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(item.strip().lower() for item in text.split(",") if item.strip()))
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(empty)'}; "
+                                             f"choose from {','.join(allowed)}")
+        return items
+
+    parse.__name__ = what
+    return parse
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
     try:
