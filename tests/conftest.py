@@ -29,3 +29,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty weights cache (LANGSAM_CACHE) for one test, the hub offline (the weights tests)."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LANGSAM_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LANGSAM_OFFLINE", raising=False)
+    return root

@@ -4,7 +4,6 @@ its checksum against the SHA-256 the hub records, and checkpoints of the wrong f
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -25,15 +24,6 @@ from sam.sam3 import Sam3Config, Sam3Image, load_sam3
 from sam.sam3.build import meta_checkpoint
 
 URL = "https://huggingface.co/facebook/sam3/resolve/main/sam3.pt"
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("LANGSAM_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("LANGSAM_OFFLINE", raising=False)
-    return root
 
 
 @pytest.fixture

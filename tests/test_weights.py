@@ -18,15 +18,6 @@ from langsam.weights import (
 )
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("LANGSAM_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("LANGSAM_OFFLINE", raising=False)
-    return root
-
-
 def _payload(tmp_path: Path, data: bytes = b"pretend checkpoint bytes" * 100) -> tuple[Path, str]:
     source = tmp_path / "source.pth"
     source.write_bytes(data)
