@@ -164,7 +164,11 @@ def _match(ours, reference):
         unmatched.remove(best)
 
 
-@pytest.mark.parametrize("extra", [{}, {"use_m2m": True}, {"multimask_output": False, "crop_n_layers": 1, "crop_nms_thresh": 1.0}],
+# The decoder dominates (it runs once per point on every crop), so the m2m and crop cases use fewer
+# points: 3x3 for m2m, and 2x2 per crop layer (crop_n_points_downscale_factor=2) for the crops.
+@pytest.mark.parametrize("extra", [{}, {"use_m2m": True, "points_per_side": 3},
+                                   {"multimask_output": False, "crop_n_layers": 1, "crop_nms_thresh": 1.0,
+                                    "crop_n_points_downscale_factor": 2}],
                          ids=["default", "m2m", "single-mask-crops"])
 def test_generator_matches_sam2_automatic_mask_generator(models, extra):
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
