@@ -571,7 +571,7 @@ def _raise_stopped(signum: int, frame: Any) -> None:
     raise _Stopped()
 
 
-def listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (0: a free port), with SO_REUSEADDR as uvicorn binds.
     Connections made once it returns wait in the backlog until the server accepts them.
     Raises OSError with the address in its message (a port in use, an unknown interface)."""
@@ -611,7 +611,7 @@ class ReviewServer:
         config = uvicorn.Config(build_review_app(service, api_key), log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         self._server = uvicorn.Server(config)
-        self._socket = listen(self.host, port)
+        self._socket = _listen(self.host, port)
         self._thread: threading.Thread | None = None
 
     @property
