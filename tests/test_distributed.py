@@ -263,6 +263,70 @@ def test_workers_that_cannot_load_the_models_stop_the_run_once(cluster, photos, 
     wait_for_free_cpus()
 
 
+def _label_proposals(project_dir: Path) -> dict[str, list]:
+    """{image path: [(label, box, score, mask)]} of a labelling project, and its object ids."""
+    from langsam.label import Project
+
+    with Project.open(project_dir) as project:
+        return {image.path: [(o.id, o.label, o.box, o.score, o.mask) for o in project.objects(image.id)]
+                for image in project.images()}
+
+
+def test_label_propose_on_ray_equals_a_local_propose_reports_bad_files_and_resumes(cluster, photos, models,
+                                                                                    tmp_path, monkeypatch,
+                                                                                    one_torch_thread):
+    import langsam.label.propose as propose_module
+
+    images = tmp_path / "images"  # three readable photos (one EXIF-rotated) and a truncated one
+    for path in (photos["root"] / "a" / "photo.png", photos["root"] / "gray.png", photos["root"] / "rotated.jpg",
+                 photos["broken"]):
+        target = images / path.relative_to(photos["root"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    flags = ["--top-k", "2", "--box-threshold", "0", "--text-threshold", "0", *models]
+    for name in ("local", "ray"):
+        status, _, stderr = run_main(["label", "init", str(tmp_path / name), "--images", str(images),
+                                      "--classes", "a cat, a dog", "--val-fraction", "0"])
+        assert status == 0, stderr
+    status, stdout, stderr = run_main(["label", "propose", str(tmp_path / "local"), *flags])
+    assert status == 1 and "4 images: 3 processed, 0 skipped, 1 failed" in stdout, stderr
+
+    # A local run stopped (Ctrl-C) right after its first image is stored...
+    real_store, stored = propose_module.store_proposals, []
+
+    def store_then_stop(project, image_id, document, round):
+        real_store(project, image_id, document, round)
+        stored.append(image_id)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(propose_module, "store_proposals", store_then_stop)
+    status, _, stderr = run_main(["label", "propose", str(tmp_path / "ray"), *flags])
+    assert status == cli.EXIT_INTERRUPTED and "1 images were proposed and are stored" in stderr, stderr
+    first = {path: rows for path, rows in _label_proposals(tmp_path / "ray").items() if rows}
+    assert len(stored) == 1 and len(first) == 1
+
+    # ...is resumed on Ray: the rest is proposed, never that image again, and the broken file reported.
+    monkeypatch.setattr(propose_module, "store_proposals", real_store)
+    status, stdout, stderr = run_main(["label", "propose", str(tmp_path / "ray"), *flags, "--ray", "--workers", "1"])
+    assert status == 1, stderr
+    assert "4 images: 2 processed, 1 skipped, 1 failed" in stdout
+    assert f"{images / 'broken.jpg'}: corrupt or truncated image" in stderr
+    local, on_ray = _label_proposals(tmp_path / "local"), _label_proposals(tmp_path / "ray")
+    for path, rows in first.items():
+        assert [row[0] for row in on_ray[path]] == [row[0] for row in rows]  # the same objects, not redone
+    assert sorted(on_ray) == sorted(local) and not local["broken.jpg"] and not on_ray["broken.jpg"]
+    for path, expected in local.items():
+        got = on_ray[path]
+        assert [row[1] for row in got] == [row[1] for row in expected], path
+        for (_, _, box, score, mask), (_, _, want_box, want_score, want_mask) in zip(got, expected):
+            np.testing.assert_allclose(box, want_box, rtol=1e-5, atol=1e-4, err_msg=path)
+            assert score == pytest.approx(want_score, rel=1e-5, abs=1e-6), path
+            np.testing.assert_array_equal(mask, want_mask, err_msg=path)
+    assert sum(len(rows) for rows in local.values()) == 6  # top 2 of each readable image
+    assert all(0 < row[4].mean() < 1 for rows in local.values() for row in rows)
+    wait_for_free_cpus()
+
+
 # ------------------------------------------------------------------------------------------
 # The Python API
 # ------------------------------------------------------------------------------------------

@@ -543,6 +543,23 @@ def test_cli_review_refuses_a_public_host_without_a_key_as_a_usage_error(tmp_pat
     assert status == 2 and "key" in stderr.lower() and "Traceback" not in stderr
 
 
+def test_cli_review_refuses_a_bad_or_taken_port_clearly(tmp_path, monkeypatch):
+    import socket
+
+    write_images(tmp_path / "images", 2)
+    Project.init(tmp_path / "p", tmp_path / "images", CLASSES).close()
+    monkeypatch.delenv("LANGSAM_API_KEY", raising=False)
+    for port, message in (("80", "must be 0 (a free port) or 1024-65535, got 80"), ("-1", "must be at least 0")):
+        status, _, stderr = run_main(["label", "review", str(tmp_path / "p"), "--port", port, "--device", "cpu"])
+        assert status == 2 and message in stderr, stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        status, _, stderr = run_main(["label", "review", str(tmp_path / "p"), "--port", str(port), "--device", "cpu"])
+    assert status == 1 and f"cannot listen on 127.0.0.1:{port}: " in stderr and "Traceback" not in stderr, stderr
+
+
 def test_cli_export_and_train_wiring(reviewed, tmp_path):
     project, _ = reviewed
     status, stdout, stderr = run_main(["label", "export", str(project.path), "--format", "coco", "--split", "none",

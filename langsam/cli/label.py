@@ -219,14 +219,32 @@ def run_propose(args: argparse.Namespace) -> int:
 
 
 def _add_review(steps: argparse._SubParsersAction) -> None:
-    parser = _subparser(steps, "review", "review the proposals in the browser")
+    parser = _subparser(steps, "review", "review the proposals in the browser", epilog="""\
+The page's address is printed once the port is open. Every action is one database transaction,
+so a crash or kill -9 of this server loses at most the action in flight; start it again on the
+same project and the review goes on: the same queue, an open tab keeps its image, and the image
+of a tab closed meanwhile returns to the queue when its lease lapses (2 minutes).
+
+stopping: Ctrl+C or SIGTERM closes the port, gives the requests in flight 5 s to finish, closes
+the project and exits 0.
+
+exit status: 0 stopped, 1 the port cannot be opened or the server is not installed, 2 usage error.
+""")
     parser.add_argument("--host", default=None,
                         help="interface to listen on (default 127.0.0.1; another one needs an API key)")
-    parser.add_argument("--port", type=number(int, 1024), default=8000, help="port (default 8000)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="require this key (header X-API-Key); default: LANGSAM_API_KEY if set")
     add_model_arguments(parser, detector=False, clip=False)
     parser.set_defaults(handler=run_review, parser=parser)
+
+
+def _port(text: str) -> int:
+    """--port: 1024-65535, or 0 for a free port."""
+    value = number(int, 0)(text)
+    if value != 0 and not 1024 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 (a free port) or 1024-65535, got {text}")
+    return value
 
 
 def run_review(args: argparse.Namespace) -> int:
@@ -245,7 +263,7 @@ def run_review(args: argparse.Namespace) -> int:
         return EXIT_OK
     except ValueError as error:  # the binding rule, a short key, a bad port: serve's errors
         raise UsageError(str(error)) from None
-    except ImportError as error:  # the serve extra is missing
+    except (ImportError, OSError) as error:  # the serve extra is missing; the port is taken
         print(f"langsam label review: error: {error}", file=sys.stderr)
         return EXIT_FAILURES
     return EXIT_OK

@@ -18,6 +18,8 @@ import contextlib
 import io
 import logging
 import os
+import signal
+import socket
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -557,9 +559,44 @@ def check_binding(host: str | None, port: int, api_key: str | None) -> str:
     return ServeConfig(host=host, port=8000 if port == 0 else port, api_key=api_key).host
 
 
+#: Seconds a stopping server gives the requests in flight to finish (uvicorn's graceful timeout).
+SHUTDOWN_GRACE_S = 5.0
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread once uvicorn has drained the requests."""
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0: a free port), with SO_REUSEADDR as uvicorn binds.
+    Connections made once it returns wait in the backlog until the server accepts them.
+    Raises OSError with the address in its message (a port in use, an unknown interface)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
 class ReviewServer:
-    """The review app under uvicorn on a background thread; `url` once started. A context
-    manager: leaving it stops the server and closes the project."""
+    """The review app under uvicorn, in this thread (`run`) or on a background one (`start`).
+    The port is bound when it is made, so `url` is known (and a port in use is an OSError)
+    before anything is served. A context manager: leaving it stops the server and closes the
+    project.
+
+    Stopping (SIGINT, SIGTERM, or `close()`): the port closes at once (new connections are
+    refused), the requests in flight get `SHUTDOWN_GRACE_S` seconds to finish, then the
+    project is closed. An action still running on the database thread when the grace ends is
+    committed or not at all, never half (one transaction)."""
 
     def __init__(self, service: ReviewService, host: str | None = None, port: int = 8000,
                  api_key: str | None = None) -> None:
@@ -571,19 +608,22 @@ class ReviewServer:
 
         self.host = check_binding(host, port, api_key)
         self.service = service
-        config = uvicorn.Config(build_review_app(service, api_key), host=self.host, port=port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(build_review_app(service, api_key), log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         self._server = uvicorn.Server(config)
+        self._socket = _listen(self.host, port)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        sockets = [sock for server in self._server.servers for sock in server.sockets]
-        host, port = sockets[0].getsockname()[:2]
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        host, port = self._socket.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def start(self) -> "ReviewServer":
-        self._thread = threading.Thread(target=self._server.run, name="langsam-review-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="langsam-review-http", daemon=True)
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
@@ -592,16 +632,28 @@ class ReviewServer:
         return self
 
     def run(self) -> None:
-        """Serve in this thread until Ctrl+C / SIGTERM."""
+        """Serve in this thread until SIGINT (Ctrl+C) or SIGTERM, then return (see the class)."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if main:  # uvicorn drains on either signal, then raises it again: here, as _Stopped
+            previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._server.run()
+            self._server.run(sockets=[self._socket])
+        except _Stopped:
+            pass
         finally:
+            if main:  # a second signal must not interrupt closing the project
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self._socket.close()
             self.service.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def close(self) -> None:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
+        self._socket.close()
         self.service.close()
 
     def __enter__(self) -> "ReviewServer":
@@ -649,7 +701,8 @@ def serve_review(project: Any, host: str | None = None, port: int = 8000, api_ke
     lease_ttl_s: how long a tab keeps its image without renewing (the page renews while shown).
     cache_size: image embeddings kept (SAM 2.1: 16 MiB each in float32).
     block: False starts the server on a background thread and returns it (use as a context
-    manager, or call `close()`); True serves until interrupted.
+    manager, or call `close()`); True serves until SIGINT (Ctrl+C) or SIGTERM, then returns the
+    stopped server (see `ReviewServer` for what a stop keeps). Raises OSError if the port is taken.
     """
     from langsam.label.project import Project
 
@@ -663,9 +716,15 @@ def serve_review(project: Any, host: str | None = None, port: int = 8000, api_ke
     else:
         sam_type, sam_checkpoint = review_sam(project, sam_type, sam_checkpoint)
         load_predictor = sam_predictor_loader(sam_type, sam_checkpoint, device, dtype)
-    server = ReviewServer(ReviewService(project, load_predictor, lease_ttl_s, cache_size), host, port, api_key)
+    service = ReviewService(project, load_predictor, lease_ttl_s, cache_size)
+    try:
+        server = ReviewServer(service, host, port, api_key)
+    except BaseException:  # the port is taken: nothing was served, the project is closed
+        service.close()
+        raise
     if not block:
         return server.start()
-    logger.info("review page of %s on http://%s:%d", project.path, host, port)
+    logger.warning("langsam label review: %s (project %s; Ctrl+C to stop)", server.url, project.path)
     server.run()
+    logger.warning("langsam label review: stopped")
     return server
