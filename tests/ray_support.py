@@ -1,11 +1,14 @@
 """Helpers the Ray workers of tests/test_distributed.py import (the tests folder is on their
 PYTHONPATH): pipeline builders whose pipeline kills its own process mid-image: once in a run
-(:class:`CrashingBuilder`), or on given images once or at every attempt (:class:`DyingBuilder`)."""
+(:class:`CrashingBuilder`), or on given images once or at every attempt (:class:`DyingBuilder`);
+and one whose pipeline holds its image until a node is lost (:class:`NodeLossBuilder`)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -98,3 +101,46 @@ class _DyingPipeline:
     def auto_masks(self, image: Any, *args: Any, **kwargs: Any) -> Any:
         self._maybe_die(image)
         return self.pipeline.auto_masks(image, *args, **kwargs)
+
+
+class NodeLossBuilder(PipelineBuilder):
+    """Builds the real pipeline for tests/test_ray_cluster.py; each image a worker begins and
+    ends leaves a file under ``markers`` (``started-<node>-HxW-<unique>``, then
+    ``finished-...``), ``<node>`` being the Ray node id. A worker on ``victim_node`` creates
+    ``victim-started`` at its first image and then holds it until its process ends (the test
+    removes that node); a worker elsewhere holds its image until the file ``release`` exists
+    (the test creates it once the node is gone), so the victim surely gets an image to lose."""
+
+    def __init__(self, mode: str = "grounded", *, markers: str, victim_node: str, release: str,
+                 **model_kwargs: Any):
+        super().__init__(mode, **model_kwargs)
+        self.markers, self.victim_node, self.release = markers, victim_node, release
+
+    def __call__(self) -> Any:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return _NodeLossPipeline(super().__call__(), self, node)
+
+
+class _NodeLossPipeline:
+    def __init__(self, pipeline: Any, builder: NodeLossBuilder, node: str) -> None:
+        self.pipeline, self.builder, self.node = pipeline, builder, node
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+    def _mark(self, event: str, image: Any) -> None:
+        size = "x".join(map(str, image.shape[:2]))
+        open(os.path.join(self.builder.markers, f"{event}-{self.node}-{size}-{uuid.uuid4().hex}"), "x").close()
+
+    def segment(self, image: Any, *args: Any, **kwargs: Any) -> Any:
+        self._mark("started", image)
+        if self.node == self.builder.victim_node:
+            open(os.path.join(self.builder.markers, "victim-started"), "x").close()
+            threading.Event().wait()  # until the node, and this process with it, is gone
+        while not os.path.exists(self.builder.release):  # the test's go-ahead, not a guess at timing
+            time.sleep(0.02)
+        result = self.pipeline.segment(image, *args, **kwargs)
+        self._mark("finished", image)
+        return result

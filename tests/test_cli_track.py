@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +53,7 @@ def models(tmp_path_factory):
         loads.append(mode)
         return LangSAM(sam_model=model, detector=str(gdino), device="cpu")
 
+    load.gdino = gdino  # for a CLI in a subprocess, which builds the same models
     return load, loads
 
 
@@ -271,3 +277,110 @@ def test_help_lists_outputs_and_examples(capsys):
     for expected in ("--detect-every", "--save", "--skip-existing", "--max-frames", "--max-side", "tracks.json",
                      "YouTube-VIS", "overlay.mp4", "--sam-type", "exit status"):
         assert expected in text
+
+
+# ------------------------------------------------------------------------------------------
+# A real SIGINT / SIGTERM in the middle of a batch of videos
+# ------------------------------------------------------------------------------------------
+
+#: Run as the CLI's process, on the tiny models of `models`: once the ``pause_at``-th mask frame
+#: of the run is written (a frame in the middle of the second video), say so in the marker file
+#: and wait for a signal, so the test's signal lands mid-video whatever the machine's speed.
+_PAUSE_MID_VIDEO = """
+import pathlib, signal, sys, torch
+from langsam.cli import main, track
+from langsam.pipeline import LangSAM
+from langsam.video import writers
+from video_support import make_video_sam2
+torch.set_num_threads(1)
+marker, gdino, pause_at = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+model = make_video_sam2(int(sys.argv[4]))
+track.load_pipeline = lambda args, mode: LangSAM(sam_model=model, detector=gdino, device="cpu")
+add, written = writers.MaskPngWriter.add, []
+def add_then_wait(self, frame):
+    add(self, frame)
+    written.append(frame.frame_index)
+    if len(written) == pause_at:
+        marker.write_text(str(frame.frame_index))
+        signal.pause()  # returns only through the signal's exception
+writers.MaskPngWriter.add = add_then_wait
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+#: Frames of each clip of `three_videos` (short: the signal test tracks 1.5 of them in a subprocess).
+SHORT = 4
+
+
+@pytest.fixture(scope="module")
+def three_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("three_videos")
+    write_mp4(make_clip(SHORT, 120, 160), root / "a.mp4")
+    write_mp4(make_clip(SHORT, 120, 160, photo="coffee"), root / "b.mp4")
+    write_frame_folder(make_clip(SHORT, 120, 160, photo="astronaut"), root / "c", ext="jpg")
+    return root
+
+
+def _check_finished_videos(out: Path) -> dict[str, dict]:
+    """Every folder under ``out`` is a finished video: its tracks.json, one id map per frame and
+    an overlay of every frame; no temporary file anywhere. Returns {folder: tracks.json}."""
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+    finished = {}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        assert (folder / "tracks.json").is_file(), f"{folder.name}: outputs of an unfinished video left behind"
+        record = json.loads((folder / "tracks.json").read_text("utf-8"))
+        assert record["videos"][0]["length"] == SHORT
+        assert sorted(p.name for p in (folder / "masks").iterdir()) == [f"{i:06d}.png" for i in range(SHORT)]
+        assert len(read_mp4(folder / "overlay.mp4")[0]) == SHORT
+        finished[folder.name] = record
+    return finished
+
+
+@pytest.mark.parametrize(("signal_number", "exit_status", "word"), [
+    (signal.SIGINT, cli.EXIT_INTERRUPTED, "interrupted"),
+    (signal.SIGTERM, cli.EXIT_TERMINATED, "terminated"),
+])
+def test_a_signal_mid_video_leaves_only_finished_videos_and_resume_redoes_none(monkeypatch, models, three_videos,
+                                                                               tmp_path, capsys, signal_number,
+                                                                               exit_status, word):
+    out, marker = tmp_path / "out", tmp_path / "paused"
+    argv = [str(three_videos), "--text", "a cat", "--out", str(out), "--save", "all", *SETTINGS]
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
+    pause_at = SHORT + 3  # the third frame of the second video (b.mp4)
+    process = subprocess.Popen([sys.executable, "-c", _PAUSE_MID_VIDEO, str(marker), str(models[0].gdino),
+                                str(pause_at), str(VIDEO_SIZE), "track", *argv],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():  # the CLI now waits in the middle of b.mp4, until the signal
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the second video was not reached in time"
+            time.sleep(0.05)
+        assert (out / "b" / "masks" / "000002.png").is_file()  # b.mp4 was half written
+        process.send_signal(signal_number)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert marker.read_text() == "2"
+    assert process.returncode == exit_status, stderr
+    assert f"{word}; finished outputs are complete on disk" in stderr and "rerun with --skip-existing" in stderr
+    assert "Traceback" not in stderr
+    # a.mp4 is complete; nothing of the half-done b.mp4 (nor of c, never begun) is left.
+    assert list(_check_finished_videos(out)) == ["a"]
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+    if signal_number != signal.SIGINT:
+        return  # either signal leaves the same state; resumed once
+
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "a").rglob("*")}
+    loads = len(models[1])
+    capsys.readouterr()
+    assert run_cli(monkeypatch, models, *argv, "--skip-existing") == cli.EXIT_OK
+    assert "3 videos: 2 processed, 1 skipped, 0 failed" in capsys.readouterr().out
+    assert len(models[1]) == loads + 1
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "a").rglob("*")} == first  # not redone
+    assert sorted(_check_finished_videos(out)) == ["a", "b", "c"]

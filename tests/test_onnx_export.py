@@ -2,8 +2,8 @@
 
 Parity: the exported encoder and decoder, run by onnxruntime through `OnnxSamPredictor`, give
 PyTorch's `SamPredictor` outputs within 1e-4 (points, boxes, mask prompts, several point
-counts, both families). The int8 decoder keeps masks at IoU >= 0.95 with the fp32 one on real
-photos. The command line writes the files and reports its checks; bad inputs get clear errors.
+counts, both families). The int8 decoder's masks stay close to the fp32 one's on real photos
+over two random-weight seeds (the distribution README states). The command line writes the files and reports its checks; bad inputs get clear errors.
 """
 
 from __future__ import annotations
@@ -162,33 +162,63 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+#: The int8 decoder is compared with the fp32 one over these photos, random-weight seeds (0 is
+#: the `exports` fixture's model) and point prompts per photo; README ("Export to ONNX") states
+#: the distribution this measures, and the bounds below are the ones it states.
+INT8_PHOTOS = ("astronaut", "coffee", "chelsea")
+INT8_SEEDS = (0, 1)
+INT8_PROMPTS = 2
+INT8_MEDIAN, INT8_WORST, INT8_BELOW_095 = 0.98, 0.90, 0.10
+
+
+@pytest.fixture(scope="module")
+def int8_ious(models, exports, tmp_path_factory):
+    """{family: IoUs of int8 vs fp32 masks}: each photo's embedding from PyTorch, the same
+    embedding into both decoders, random single-point prompts; masks of at least 1% of the image
+    only (IoU is meaningless for near-empty masks, a few boundary pixels swing it; a random
+    decoder proposes some), for which the fraction of differing pixels is checked instead."""
+    found = {}
+    for family, make in (("sam1", make_tiny_sam), ("sam2", lambda seed: make_tiny_sam2(seed=seed))):
+        ious = []
+        for seed in INT8_SEEDS:
+            if seed == 0:
+                model, directory = models[family], exports[family]
+            else:
+                model = make(seed)
+                directory = export_onnx(model, tmp_path_factory.mktemp("onnx_int8") / family, quantize=True,
+                                        encoder=False, verify=False).directory
+            fp32, int8 = make_onnx_predictor(directory), make_onnx_predictor(directory, quantized=True)
+            reference = SamPredictor(model)
+            for name in INT8_PHOTOS:
+                image = real_photo(name)
+                reference.set_image(image)
+                for predictor in (fp32, int8):
+                    _with_features_of(predictor, reference)
+                height, width = image.shape[:2]
+                rng = np.random.default_rng(seed)
+                for _ in range(INT8_PROMPTS):
+                    prompt = dict(point_coords=np.array([[rng.uniform(0, width), rng.uniform(0, height)]]),
+                                  point_labels=np.array([1]))
+                    for ours, theirs in zip(int8.predict(**prompt)[0], fp32.predict(**prompt)[0]):
+                        if theirs.mean() >= 0.01:
+                            ious.append(_iou(ours, theirs))
+                        else:
+                            assert (ours != theirs).mean() < 0.005, (family, seed, name)
+        found[family] = np.array(ious)
+    return found
+
+
 @pytest.mark.parametrize("family", ["sam1", "sam2"])
-def test_int8_decoder_keeps_masks(exports, family):
-    fp32 = make_onnx_predictor(exports[family])
-    int8 = make_onnx_predictor(exports[family], quantized=True)
+def test_int8_decoder_keeps_masks(exports, int8_ious, family):
     directory = exports[family]
     assert (directory / "decoder.int8.onnx").stat().st_size < 0.7 * (directory / "decoder.onnx").stat().st_size
-    ious = []
-    for name in PHOTOS:
-        image = real_photo(name)
-        fp32.set_image(image)
-        int8.set_embedding(fp32.features, fp32.original_size, fp32.input_size)
-        height, width = image.shape[:2]
-        rng = np.random.default_rng(0)
-        for _ in range(3):
-            prompt = dict(point_coords=np.array([[rng.uniform(0, width), rng.uniform(0, height)]]),
-                          point_labels=np.array([1]))
-            expected = fp32.predict(**prompt)[0]
-            got = int8.predict(**prompt)[0]
-            for ours, theirs in zip(got, expected):
-                # IoU is meaningless for near-empty masks (a few boundary pixels swing it), and
-                # a random decoder proposes some: compare masks of at least 1% of the image.
-                if theirs.mean() >= 0.01:
-                    ious.append(_iou(ours, theirs))
-                else:
-                    assert (ours != theirs).mean() < 0.005
-    assert len(ious) >= 10
-    assert min(ious) >= 0.95, sorted(ious)[:5]
+    ious = int8_ious[family]
+    assert len(ious) >= 20  # 3 photos x 2 seeds x 2 prompts x 3 masks, less the near-empty ones
+    summary = f"median {np.median(ious):.4f}, worst {ious.min():.4f}, {(ious < 0.95).sum()} of {len(ious)} < 0.95"
+    assert np.median(ious) >= INT8_MEDIAN, summary
+    assert ious.min() >= INT8_WORST, summary
+    assert (ious < 0.95).mean() <= INT8_BELOW_095, summary
+    assert (ious < 1.0).any(), "the int8 decoder is not quantised at all"  # the comparison sees a change
 
 
 def test_single_mask_decoder(single_mask_dir, torch_predictors):

@@ -50,7 +50,9 @@ def write_outputs(video: Any, directory: str | os.PathLike, outputs: Collection[
     A video that breaks part-way (a ``ValueError`` with a ``frame_index`` > 0 from its frame
     source: cut short, a damaged frame) gets the outputs of the frames before the break (the
     JSON's ``length`` is their number, ``info.damaged`` says where and why); then that error is
-    raised, and kept in ``video.damage``. Any other error removes what was begun.
+    raised, and kept in ``video.damage``. Any other error, or an interruption (Ctrl-C, SIGTERM),
+    removes what was begun: the partial overlay, the frames' id maps, and ``directory`` if this
+    call made it.
 
     source_name: the video's name in the JSON (default ``video.name``); extra_info: more keys
     for the JSON's ``info``; on_frame: called with each frame after it is written (progress).
@@ -60,6 +62,7 @@ def write_outputs(video: Any, directory: str | os.PathLike, outputs: Collection[
     if unknown:
         raise ValueError(f"unknown outputs {unknown}; choose from {', '.join(OUTPUTS)}")
     root = Path(directory)
+    made_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
     writers: dict[str, Any] = {}
@@ -87,9 +90,12 @@ def write_outputs(video: Any, directory: str | os.PathLike, outputs: Collection[
                            error.frame_index, error)
         # The JSON goes last: a reader that finds it may trust the other files are complete.
         written = {output: writers[output].close() for output in ("overlay", "masks", "json") if output in writers}
-    except BaseException:
+    except BaseException:  # an error, or Ctrl-C / SIGTERM: nothing half written stays
         for writer in writers.values():
             writer.abort()
+        if made_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if empty
         raise
     if video.damage is not None:
         raise video.damage
@@ -303,7 +309,9 @@ class MaskPngWriter:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
+        self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._written: list[Path] = []
         self._palette = [0, 0, 0] + [channel for obj_id in range(1, 256) for channel in track_color(obj_id)]
 
     def add(self, frame: TrackedFrame) -> None:
@@ -317,10 +325,19 @@ class MaskPngWriter:
             image.putpalette(self._palette)
         else:
             image = Image.fromarray(ids)
-        atomic_save_image(safe_join(self.folder, f"{frame.frame_index:06d}.png"), image)
+        path = safe_join(self.folder, f"{frame.frame_index:06d}.png")
+        atomic_save_image(path, image)
+        self._written.append(path)
 
     def close(self) -> Path:
         return self.folder
 
     def abort(self) -> None:
-        pass
+        """Remove the frames written so far (and the folder, if this writer made it and it is
+        now empty): an interrupted video leaves no partial set of id maps."""
+        for path in self._written:
+            path.unlink(missing_ok=True)
+        self._written.clear()
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
