@@ -27,7 +27,6 @@ a `sam.sam3.Sam3Config`. What it takes to make Meta's code run on a machine with
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -37,8 +36,13 @@ from torch import nn
 
 
 def _stub_edt() -> None:
-    if "sam3.model.edt" in sys.modules or importlib.util.find_spec("triton") is not None:
+    if "sam3.model.edt" in sys.modules:
         return
+    try:
+        import triton  # noqa: F401
+        return
+    except ImportError:
+        pass
     stub = types.ModuleType("sam3.model.edt")
 
     def edt_triton(data):

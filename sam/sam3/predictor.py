@@ -63,7 +63,10 @@ class Sam3Predictor:
         """uint8 (H, W, 3) RGB -> (1, 3, S, S) in [-1, 1], as Meta's processor does."""
         from torchvision.transforms.v2 import functional as TF
 
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.device)
+        image = np.ascontiguousarray(image)
+        if not image.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only arrays
+            image = image.copy()
+        tensor = torch.from_numpy(image).permute(2, 0, 1).to(self.device)
         tensor = TF.resize(tensor, [self.image_size, self.image_size], antialias=True)
         return ((tensor.float() / 255.0 - 0.5) / 0.5)[None]
 
