@@ -11,6 +11,7 @@ add no_memory_embedding to a level it then drops).
 
 from __future__ import annotations
 
+import meta_sam3_shim  # noqa: F401  (before any `sam3` import: stubs its triton-only edt module where triton is missing)
 import numpy as np
 import pytest
 import torch
@@ -236,8 +237,8 @@ def test_meta_predictor_on_the_same_tracker_weights(checkpoints, photo, prompt_n
     """Meta's own SAM3InteractiveImagePredictor (sam3 0.1.4) with its SAM heads built at the tiny
     sizes and loaded strictly from the `tracker.sam_*` keys of our Meta-layout file, on our cached
     image features (set as Meta's Sam3Image.predict_inst does): Meta's transforms, decode, hole
-    filling (its CPU connected components) and upscaling against ours. No CUDA shim is needed for
-    these modules."""
+    filling (its CPU connected components) and upscaling against ours. These modules need no CUDA
+    shim; importing `sam3` needs tests/meta_sam3_shim.py only where triton is missing."""
     mask_decoder_module = pytest.importorskip("sam3.sam.mask_decoder")
     from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
     from sam3.sam.prompt_encoder import PromptEncoder

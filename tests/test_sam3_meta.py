@@ -18,6 +18,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from meta_sam3_shim import build_meta_sam3_image, load_meta_weights, meta_cpu  # before any `sam3` import
 from PIL import Image
 from sam3_factory import save_tiny_sam3
 from skimage import data
@@ -26,8 +27,6 @@ from sam.sam3 import Sam3Predictor, load_sam3
 from sam.sam3.layers import box_cxcywh_to_xyxy
 
 pytest.importorskip("sam3.model.sam3_image_processor")  # Meta's sam3 (README's test command installs it)
-
-from meta_sam3_shim import build_meta_sam3_image, load_meta_weights, meta_cpu  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
