@@ -22,11 +22,18 @@ a `sam.sam3.Sam3Config`. What it takes to make Meta's code run on a machine with
 - `TextTransformer` hard-codes a 512-wide `text_projection` (the released width); it is replaced by
   one of the config's `text_output_dim` so the checkpoint loads strictly (SAM 3 never uses the
   pooled, projected output).
+- The interactive (SAM 1 task) predictor: `build_tracker` makes the whole video tracker at the
+  released sizes, of which `Sam3Image.predict_inst` reads only the SAM heads, `no_mem_embed` and
+  `_prepare_backbone_features`. `MetaTrackerHeads` holds exactly those (Meta's `PromptEncoder`,
+  `MaskDecoder`, `TwoWayTransformer` with `build_tracker`'s arguments at tiny sizes, and
+  `Sam3TrackerBase._prepare_backbone_features` itself); `SAM3InteractiveImagePredictor` hard-codes
+  the released feature sizes (288, 144, 72) in `_bb_feat_sizes`, which are set to the tiny grid's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import types
 from pathlib import Path
@@ -73,9 +80,46 @@ def _attention(config, batch_first=False, dropout=0.1):
                                      batch_first=batch_first)
 
 
-def build_meta_sam3_image(config) -> nn.Module:
-    """Meta's `Sam3Image` (eval mode, no interactive predictor) with `config`'s sizes: the parts and
-    arguments of `sam3.model_builder.build_sam3_image_model`, CPU-safe as the module docstring says."""
+class MetaTrackerHeads(nn.Module):
+    """The parts of Meta's `Sam3TrackerBase` that its image-model interactive predictor uses, built
+    as `build_tracker` builds them (`_build_sam_heads`), at the given sizes."""
+
+    num_feature_levels = 3
+
+    def __init__(self, d_model: int, image_size: int, patch_size: int, num_heads: int = 8, mlp_dim: int = 2048,
+                 iou_head_hidden_dim: int = 256) -> None:
+        from sam3.sam.mask_decoder import MaskDecoder
+        from sam3.sam.prompt_encoder import PromptEncoder
+        from sam3.sam.transformer import TwoWayTransformer
+
+        super().__init__()
+        grid = image_size // patch_size
+        self.image_size = image_size
+        self.sam_prompt_encoder = PromptEncoder(embed_dim=d_model, image_embedding_size=(grid, grid),
+                                                input_image_size=(image_size, image_size), mask_in_chans=16)
+        self.sam_mask_decoder = MaskDecoder(
+            num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=d_model, mlp_dim=mlp_dim, num_heads=num_heads),
+            transformer_dim=d_model, iou_head_depth=3, iou_head_hidden_dim=iou_head_hidden_dim, use_high_res_features=True,
+            iou_prediction_use_sigmoid=True, pred_obj_scores=True, pred_obj_scores_mlp=True, use_multimask_token_for_obj_ptr=True,
+            dynamic_multimask_via_stability=True, dynamic_multimask_stability_delta=0.05, dynamic_multimask_stability_thresh=0.98,
+        )
+        self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, d_model))
+
+    @property
+    def device(self) -> torch.device:
+        return self.no_mem_embed.device
+
+    def _prepare_backbone_features(self, backbone_out):
+        from sam3.model.sam3_tracker_base import Sam3TrackerBase
+
+        return Sam3TrackerBase._prepare_backbone_features(self, backbone_out)
+
+
+def build_meta_sam3_image(config, interactive: dict | None = None, max_hole_area: float = 256.0) -> nn.Module:
+    """Meta's `Sam3Image` (eval mode) with `config`'s sizes: the parts and arguments of
+    `sam3.model_builder.build_sam3_image_model`, CPU-safe as the module docstring says. With
+    `interactive` (MetaTrackerHeads' sizes: num_heads, mlp_dim, iou_head_hidden_dim), as with
+    `enable_inst_interactivity=True`: the second (SAM 2) neck and a `SAM3InteractiveImagePredictor`."""
     from open_clip.tokenizer import default_bpe
     from sam3.model.decoder import TransformerDecoder, TransformerDecoderLayer
     from sam3.model.encoder import TransformerEncoderFusion, TransformerEncoderLayer
@@ -104,7 +148,7 @@ def build_meta_sam3_image(config) -> nn.Module:
         retain_cls_token=False, ln_pre=True, ln_post=False, return_interm_layers=False, bias_patch_embed=False,
     )
     neck = Sam3DualViTDetNeck(position_encoding=position_encoding(), d_model=d, scale_factors=list(c.scale_factors),
-                              trunk=trunk, add_sam2_neck=False)
+                              trunk=trunk, add_sam2_neck=interactive is not None)
     text = VETextEncoder(tokenizer=SimpleTokenizer(bpe_path=default_bpe()), d_model=d, width=c.text_width,
                          heads=c.text_heads, layers=c.text_layers, context_length=c.context_length, vocab_size=c.vocab_size)
     text.encoder.text_projection = nn.Parameter(torch.empty(c.text_width, c.text_output_dim))
@@ -147,21 +191,61 @@ def build_meta_sam3_image(config) -> nn.Module:
             cross_attention=_attention(c),
         ),
     )
+    predictor = None
+    if interactive is not None:
+        from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+
+        predictor = SAM3InteractiveImagePredictor(MetaTrackerHeads(d, c.image_size, c.patch_size, **interactive),
+                                                  max_hole_area=max_hole_area)
+        grid = c.image_size // c.patch_size
+        predictor._bb_feat_sizes = [(grid * 4, grid * 4), (grid * 2, grid * 2), (grid, grid)]
     model = Sam3Image(
         backbone=backbone, transformer=transformer, input_geometry_encoder=geometry, segmentation_head=segmentation,
         num_feature_levels=1, o2m_mask_predict=True, dot_prod_scoring=scoring, use_instance_query=False,
-        multimask_output=True, inst_interactive_predictor=None, matcher=None,
+        multimask_output=True, inst_interactive_predictor=predictor, matcher=None,
     )
     return model.eval()
 
 
 def load_meta_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
-    """Load the `detector.*` tensors of a `sam3.pt`-layout file into Meta's image model, strictly
-    (Meta's own `_load_checkpoint` is lenient: it only prints missing keys). The tracker and the
-    interactive predictor's second neck are left out, as Meta's image model without interactivity
-    has neither."""
+    """Load a `sam3.pt`-layout file into Meta's image model as Meta's `_load_checkpoint` renames it
+    (`detector.` dropped, `tracker.` -> `inst_interactive_predictor.model.`), but strictly: every
+    parameter of the model must be in the file (Meta's loader only prints missing keys). Left out:
+    the second neck when the model has no interactive predictor, and the tracker's video-memory
+    tensors, which MetaTrackerHeads does not hold."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    detector = {k[len("detector."):]: v for k, v in state.items()
-                if k.startswith("detector.") and not k.startswith("detector.backbone.vision_backbone.sam2_convs.")}
-    model.load_state_dict(detector, strict=True)
+    interactive = model.inst_interactive_predictor is not None
+    wanted = set(model.state_dict())
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("detector."):
+            if interactive or not key.startswith("detector.backbone.vision_backbone.sam2_convs."):
+                renamed[key[len("detector."):]] = value
+        elif key.startswith("tracker.") and interactive:
+            name = "inst_interactive_predictor.model." + key[len("tracker."):]
+            if name in wanted:
+                renamed[name] = value
+    model.load_state_dict(renamed, strict=True)
     return model
+
+
+def with_point_projections(checkpoint: str | Path, directory: str | Path, seed: int = 3) -> Path:
+    """A copy of a `sam3.pt`-layout file (and the config.json beside it) in `directory`, with Meta's
+    point-prompt projections added as random tensors: transformers' layout has none, so a file
+    converted from it lacks them, while Meta's geometry encoder always has them."""
+    from sam.sam3 import load_sam3
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    shapes = build_meta_sam3_image(load_sam3(checkpoint).config).state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    points = {k: v for k, v in shapes.items() if k.startswith("geometry_encoder.points_")}
+    for key, value in points.items():
+        scale = value[0].numel() ** -0.5 if value.ndim > 1 else 0.2
+        state["model"]["detector." + key] = scale * torch.randn(value.shape, generator=generator)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / "sam3.pt")
+    config = Path(checkpoint).parent / "config.json"
+    if config.is_file():
+        (directory / "config.json").write_text(json.dumps(json.loads(config.read_text())))
+    return directory / "sam3.pt"

@@ -13,12 +13,10 @@ Meta's outputs are not trivial.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from meta_sam3_shim import build_meta_sam3_image, load_meta_weights, meta_cpu  # before any `sam3` import
+from meta_sam3_shim import build_meta_sam3_image, load_meta_weights, meta_cpu, with_point_projections  # before any `sam3`
 from PIL import Image
 from sam3_factory import save_tiny_sam3
 from skimage import data
@@ -37,23 +35,12 @@ POSITIVE, NEGATIVE = (40.0, 20.0, 104.0, 90.0), (110.0, 60.0, 150.0, 110.0)  # x
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """The factory's two layouts, plus Meta's full layout: its sam3.pt with the point projections."""
+    """The factory's transformers directory, and its Meta file with the point projections added."""
     root = tmp_path_factory.mktemp("sam3meta")
     saved = save_tiny_sam3(root)
-    state = torch.load(saved["meta"], weights_only=True)
-    config = load_sam3(saved["meta"]).config
-    meta_shapes = build_meta_sam3_image(config).state_dict()
-    generator = torch.Generator().manual_seed(3)
-    points = {k: v for k, v in meta_shapes.items() if k.startswith("geometry_encoder.points_")}
-    assert len(points) == 6  # direct, pool and position projections, weight and bias each
-    for key, value in points.items():
-        scale = value[0].numel() ** -0.5 if value.ndim > 1 else 0.2
-        state["model"]["detector." + key] = scale * torch.randn(value.shape, generator=generator)
-    full = root / "meta_full"
-    full.mkdir()
-    torch.save(state, full / "sam3.pt")
-    (full / "config.json").write_text(json.dumps(json.loads((saved["meta"].parent / "config.json").read_text())))
-    return {"meta": full / "sam3.pt", "transformers": saved["transformers"]}
+    full = with_point_projections(saved["meta"], root / "meta_full")
+    assert sum(k.startswith("detector.geometry_encoder.points_") for k in torch.load(full, weights_only=True)["model"]) == 6
+    return {"meta": full, "transformers": saved["transformers"]}
 
 
 @pytest.fixture(scope="module")
