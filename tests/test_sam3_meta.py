@@ -22,7 +22,6 @@ from sam3_factory import save_tiny_sam3
 from skimage import data
 
 from sam.sam3 import Sam3Predictor, load_sam3
-from sam.sam3.layers import box_cxcywh_to_xyxy
 
 pytest.importorskip("sam3.model.sam3_image_processor")  # Meta's sam3 (README's test command installs it)
 
@@ -133,7 +132,6 @@ def _assert_matches_meta(state, raw, result, ours_raw):
     np.testing.assert_allclose(result.boxes, state["boxes"].numpy(), atol=1e-3)
     ious = [(a & b).sum() / (a | b).sum() for a, b in zip(result.masks, masks)]
     assert min(ious) >= 0.99, ious
-    return box_cxcywh_to_xyxy(ours_raw["boxes"])
 
 
 @pytest.mark.parametrize("text", TEXTS)
