@@ -11,11 +11,12 @@ add no_memory_embedding to a level it then drops).
 
 from __future__ import annotations
 
+import meta_sam3_shim  # noqa: F401  (before any `sam3` import: stubs its triton-only edt module where triton is missing)
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sam3_factory import save_tiny_sam3_interactive
+from sam3_factory import TINY_TRACKER_HEADS, save_tiny_sam3_interactive
 from skimage import data
 
 from sam.build import CheckpointError, build_sam, save_checkpoint
@@ -236,8 +237,8 @@ def test_meta_predictor_on_the_same_tracker_weights(checkpoints, photo, prompt_n
     """Meta's own SAM3InteractiveImagePredictor (sam3 0.1.4) with its SAM heads built at the tiny
     sizes and loaded strictly from the `tracker.sam_*` keys of our Meta-layout file, on our cached
     image features (set as Meta's Sam3Image.predict_inst does): Meta's transforms, decode, hole
-    filling (its CPU connected components) and upscaling against ours. No CUDA shim is needed for
-    these modules."""
+    filling (its CPU connected components) and upscaling against ours. These modules need no CUDA
+    shim; importing `sam3` needs tests/meta_sam3_shim.py only where triton is missing."""
     mask_decoder_module = pytest.importorskip("sam3.sam.mask_decoder")
     from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
     from sam3.sam.prompt_encoder import PromptEncoder
@@ -269,6 +270,47 @@ def test_meta_predictor_on_the_same_tracker_weights(checkpoints, photo, prompt_n
         assert set(np.unique(theirs[0])) <= {0.0, 1.0}  # Meta returns the binary masks as floats
         for a, b in zip(ours[0], theirs[0] > 0.5):
             assert 0.05 < a.mean() < 1.0 and (a & b).sum() / (a | b).sum() >= 0.99
+
+
+@pytest.fixture(scope="module")
+def meta_image_path(checkpoints, photo, tmp_path_factory):
+    """Meta's whole image path (sam3 0.1.4): its `Sam3Image` with the interactive predictor, built at
+    the tiny sizes by tests/meta_sam3_shim.py and loaded strictly from our Meta-layout file (plus
+    Meta's point projections); `Sam3Processor.set_image` on the photo runs its ViT, both necks and
+    the conv_s0/conv_s1 projections. Returns (our predictor on the same file, Meta's model, its state)."""
+    pytest.importorskip("sam3.model.sam3_image_processor")
+    from meta_sam3_shim import build_meta_sam3_image, load_meta_weights, meta_cpu, with_point_projections
+    from PIL import Image
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    full = with_point_projections(checkpoints["meta"], tmp_path_factory.mktemp("sam3i_meta"))
+    predictor = load_sam3_interactive_predictor(full)
+    predictor.model.max_hole_area = 256 * (48 / 288) ** 2
+    predictor.set_image(photo)
+    heads = {k: TINY_TRACKER_HEADS[k] for k in ("mlp_dim", "iou_head_hidden_dim")}
+    meta = build_meta_sam3_image(predictor.concept.model.config, interactive=dict(
+        num_heads=TINY_TRACKER_HEADS["num_attention_heads"], **heads), max_hole_area=predictor.model.max_hole_area)
+    load_meta_weights(meta, full)
+    with meta_cpu():
+        state = Sam3Processor(meta, resolution=168, device="cpu").set_image(Image.fromarray(photo))
+    return predictor, meta, state
+
+
+@pytest.mark.parametrize("prompt_name", list(PROMPTS))
+def test_metas_whole_image_path_matches(meta_image_path, photo, prompt_name):
+    """Meta's `Sam3Image.predict_inst` (its features, no_mem_embed, transforms, decoder, hole filling
+    and upscaling) against ours, both from the same Meta-layout file and the same photo."""
+    predictor, meta, state = meta_image_path
+    for multimask_output in (True, False):
+        ours = predictor.predict(**PROMPTS[prompt_name], multimask_output=multimask_output)
+        theirs = meta.predict_inst(state, **PROMPTS[prompt_name], multimask_output=multimask_output)
+        assert theirs[2].shape == ours[2].shape == (3 if multimask_output else 1, 48, 48)
+        np.testing.assert_allclose(ours[2], theirs[2], atol=1e-4)  # low-res logits
+        np.testing.assert_allclose(ours[1], theirs[1], atol=1e-4)  # IoU predictions
+        raw_fill = (theirs[2] > 0).mean(axis=(-2, -1))
+        assert ((raw_fill > 0.05) & (raw_fill < 0.95)).all(), raw_fill  # Meta's answer is not trivial
+        for a, b in zip(ours[0], theirs[0] > 0.5):
+            assert (a & b).sum() / (a | b).sum() >= 0.99
 
 
 def test_released_sizes_match_metas_tracker_heads():
