@@ -44,6 +44,7 @@ import copy
 import json
 import logging
 import os
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,9 +122,37 @@ class RealRopeAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
 
 
+def _encode_boxes_traceable(self, boxes: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """`GeometryEncoder._encode_boxes` with ROI-align given one (B * N, 5) tensor of (batch
+    index, x0, y0, x1, y1) rows: the form torchvision turns the per-image box list into itself,
+    so the result is the same, but the traced graph keeps B dynamic (unbinding the batch into a
+    list would fix B at the traced size)."""
+    from torchvision.ops import roi_align
+
+    from ..sam3.layers import TWO_PI, box_cxcywh_to_xyxy, sine_features
+
+    batch, count = boxes.shape[0], boxes.shape[1]
+    embed = self.boxes_direct_project(boxes)
+    height, width = feats.shape[-2:]
+    scale = boxes.new_tensor([width, height, width, height])
+    xyxy = (box_cxcywh_to_xyxy(boxes) * scale).float()
+    image_index = torch.arange(batch, dtype=xyxy.dtype)[:, None, None].expand(batch, count, 1)
+    rois = torch.cat((image_index, xyxy), dim=-1).reshape(-1, 5)
+    pooled = roi_align(feats, rois, self.roi_size)
+    embed = embed + self.boxes_pool_project(pooled).view(batch, count, self.d_model)
+    cx, cy, w, h = boxes.unbind(-1)
+    half = self.d_model // 2
+    pos = torch.cat(
+        (sine_features(cy * TWO_PI, half), sine_features(cx * TWO_PI, half), h[..., None], w[..., None]), dim=-1
+    )
+    embed = embed + self.boxes_pos_enc_project(pos)
+    return embed + self.label_embed(labels.long())
+
+
 def _exportable_copy(model: nn.Module) -> nn.Module:
-    """A float32 CPU copy of `model` in eval mode with every RoPE attention made real-valued.
-    The caller's model is left as it is."""
+    """A float32 CPU copy of `model` in eval mode with every RoPE attention made real-valued and
+    the geometry encoder's ROI-align made batch-dynamic (`_encode_boxes_traceable`). The caller's
+    model is left as it is."""
     from ..sam3.backbone import RopeAttention
 
     # Swap the attention before casting: `.to(dtype=float32)` would drop the tables' imaginary parts.
@@ -137,6 +166,7 @@ def _exportable_copy(model: nn.Module) -> nn.Module:
                 replace(child)
 
     replace(clone)
+    clone.geometry_encoder._encode_boxes = types.MethodType(_encode_boxes_traceable, clone.geometry_encoder)
     return clone.to(dtype=torch.float32)
 
 
