@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from sam3_factory import save_tiny_sam3
+from sam3_factory import save_tiny_sam3, save_tiny_sam3_lite_text
 from skimage import data
 
 from sam.export import SAM3_MANIFEST_NAME, OnnxSam3Predictor, export_sam3_onnx, read_sam3_manifest
@@ -151,6 +151,27 @@ def test_batched_queries_match(torch_predictor, onnx_predictor):
     for result, reference in zip(results, expected):
         np.testing.assert_allclose(result.scores, reference.scores, atol=ATOL)
         np.testing.assert_allclose(result.boxes / 512, reference.boxes / 512, atol=ATOL)
+
+
+def test_lite_text_encoder_exports(tmp_path):
+    """LiteText's MobileCLIP encoder (RepMixer convolutions with batch norm, bidirectional attention)
+    exports too. Its batch norms also guard the export's own check: run with the model left in
+    training mode after the export, they would use batch statistics and differ by whole units."""
+    from sam.sam3.text import tokenize
+
+    model = load_sam3(save_tiny_sam3_lite_text(tmp_path)["transformers"])
+    export = export_sam3_onnx(model, tmp_path / "onnx", image_encoder=False, heads=False)
+    assert export.max_abs_error["text_features"] < ATOL and export.heads is None
+    import onnxruntime as ort
+
+    ids = tokenize(["a dog", "a photo of three cats"])
+    features, valid = ort.InferenceSession(str(export.text_encoder)).run(None, {"token_ids": ids.numpy()})
+    with torch.no_grad():
+        expected, expected_valid = model.encode_text(ids)
+    assert expected[expected_valid].std() > 0.1 and (valid == expected_valid.numpy()).all()
+    np.testing.assert_allclose(features, expected.numpy(), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="holds no heads.onnx"):
+        OnnxSam3Predictor(tmp_path / "onnx")
 
 
 def test_bad_inputs(exported, checkpoints, tiny_sam_checkpoint, onnx_predictor, tmp_path, monkeypatch):

@@ -271,6 +271,9 @@ def _export_graph(graph: nn.Module, args: tuple, path: Path, opset: int, input_n
     (the released ViT is 1.8 GB in float32, close to it) keeps them in `path.name + '.data'`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
+    # The exporter restores the wrapper's train/eval mode afterwards, recursively: a wrapper left
+    # in training mode would put the model's batch norms (LiteText's) into training mode too.
+    graph.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -409,6 +412,7 @@ def _verify(model: nn.Module, export: Sam3OnnxExport, pixels: torch.Tensor, toke
 
     names = export.manifest["names"]
     errors: dict[str, float] = {}
+    model.eval()
 
     def run(path: Path, feed: dict[str, np.ndarray], expected: tuple[torch.Tensor, ...], output_names: list[str]):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -423,13 +427,11 @@ def _verify(model: nn.Module, export: Sam3OnnxExport, pixels: torch.Tensor, toke
         if export.text_encoder is not None:
             run(export.text_encoder, {"token_ids": tokens.numpy()}, text, names["text_encoder_outputs"])
         if export.heads is not None:
-            levels = len(feats)
             graph = HeadsGraph(model, [tuple(f.shape[-2:]) for f in feats])
             inputs = (*feats, *text, *prompts)
             expected = graph(*inputs)
             feed = {name: value.numpy() for name, value in zip(names["heads_inputs"], inputs)}
             run(export.heads, feed, expected, names["heads_outputs"])
-            del levels
     return errors
 
 
