@@ -174,6 +174,25 @@ def test_lite_text_encoder_exports(tmp_path):
         OnnxSam3Predictor(tmp_path / "onnx")
 
 
+def test_large_graphs_keep_weights_beside(checkpoints, torch_predictor, tmp_path, monkeypatch):
+    """The released ViT (1.8 GB) comes near protobuf's 2 GiB cap, so large graphs are written with
+    their weights in one side file; here the cap is lowered so the tiny encoder takes that path."""
+    import onnxruntime as ort
+
+    import sam.export.sam3 as sam3_export
+
+    monkeypatch.setattr(sam3_export, "_PROTOBUF_LIMIT", 2**16)
+    export = export_sam3_onnx(torch_predictor.model, tmp_path, text_encoder=False, heads=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [IMAGE_ENCODER_NAME, IMAGE_ENCODER_NAME + ".data", SAM3_MANIFEST_NAME])
+    assert (tmp_path / IMAGE_ENCODER_NAME).stat().st_size < 2**18 < (tmp_path / (IMAGE_ENCODER_NAME + ".data")).stat().st_size
+    assert export.max_abs_error["image_feats_0"] < ATOL
+    pixels = torch_predictor.preprocess(data.astronaut())
+    levels = ort.InferenceSession(str(export.image_encoder)).run(None, {"pixels": pixels.numpy()})
+    for ours, expected in zip(levels, torch_predictor._features.feats):
+        np.testing.assert_allclose(ours, expected.numpy(), atol=ATOL, rtol=0)
+
+
 def test_bad_inputs(exported, checkpoints, tiny_sam_checkpoint, onnx_predictor, tmp_path, monkeypatch):
     out = exported[0]
     with pytest.raises(ValueError, match="has no sam3_onnx.json"):

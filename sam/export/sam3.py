@@ -44,6 +44,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -266,32 +267,39 @@ def _parameter_bytes(module: nn.Module) -> int:
 
 def _export_graph(graph: nn.Module, args: tuple, path: Path, opset: int, input_names: list[str],
                   output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> Path:
-    """torch.onnx.export (TorchScript-based, as `sam.export.onnx`) to `path`, written under a
-    temporary name and renamed when complete. A graph whose weights pass protobuf's 2 GiB limit
-    (the released ViT is 1.8 GB in float32, close to it) keeps them in `path.name + '.data'`."""
+    """torch.onnx.export (TorchScript-based, as `sam.export.onnx`) to `path`, written in a
+    temporary folder beside it and moved in when complete. A graph whose weights come near
+    protobuf's 2 GiB limit (the released ViT is 1.8 GB in float32) keeps them in one side file,
+    `path.name + '.data'`, which must stay beside the graph."""
+    import onnx
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    scratch = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
     # The exporter restores the wrapper's train/eval mode afterwards, recursively: a wrapper left
     # in training mode would put the model's batch norms (LiteText's) into training mode too.
     graph.eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph, args, str(partial), dynamo=False, opset_version=opset, input_names=input_names,
-            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-        )
-    import onnx
-
-    if _parameter_bytes(graph) > _PROTOBUF_LIMIT // 2:
-        # Large: move the weights beside the graph under their final name.
-        model = onnx.load(str(partial))
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        partial.unlink()
-        for stray in partial.parent.glob(partial.name + "*"):
-            stray.unlink()
-    else:
-        os.replace(partial, path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph, args, str(scratch / path.name), dynamo=False, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+        if _parameter_bytes(graph) > _PROTOBUF_LIMIT // 2:
+            model = onnx.load(str(scratch / path.name))  # also reads any side files the exporter wrote
+            for stale in (path, path.with_name(path.name + ".data")):
+                stale.unlink(missing_ok=True)
+            onnx.save_model(model, str(scratch / "final.onnx"), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+            os.replace(scratch / (path.name + ".data"), path.with_name(path.name + ".data"))
+            os.replace(scratch / "final.onnx", path)
+        else:
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
+            os.replace(scratch / path.name, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path
 
 
