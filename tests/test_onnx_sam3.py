@@ -153,6 +153,23 @@ def test_batched_queries_match(torch_predictor, onnx_predictor):
         np.testing.assert_allclose(result.boxes / 512, reference.boxes / 512, atol=ATOL)
 
 
+def test_langsam_runs_on_the_onnx_predictor(torch_predictor, onnx_predictor, photo):
+    """`LangSAM(model="sam3", sam3_model=OnnxSam3Predictor(...))`: the concept backend on onnxruntime,
+    compared with what the PyTorch predictor gives for the same queries."""
+    from langsam import LangSAM
+    from sam3_langsam_support import expected_segment
+
+    pipeline = LangSAM(model="sam3", sam3_model=onnx_predictor.fork(), device="cpu")
+    result = pipeline.segment(photo, "an astronaut. a flag", box_threshold=0.2)
+    expected = expected_segment(torch_predictor, photo, ["an astronaut", "a flag"], 0.2)
+    assert 0 < len(result) == len(expected["scores"]) and result.labels == expected["labels"]
+    assert set(result.labels) == {"an astronaut", "a flag"}
+    np.testing.assert_allclose(result.scores, expected["scores"], atol=ATOL)
+    # Segmentation clips boxes to the image.
+    np.testing.assert_allclose(result.boxes / 512, np.clip(expected["boxes"], 0, 512) / 512, atol=ATOL)
+    assert min(_iou(a, b) for a, b in zip(result.masks, expected["masks"])) >= 0.99
+
+
 def test_lite_text_encoder_exports(tmp_path):
     """LiteText's MobileCLIP encoder (RepMixer convolutions with batch norm, bidirectional attention)
     exports too. Its batch norms also guard the export's own check: run with the model left in
