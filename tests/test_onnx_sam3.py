@@ -230,6 +230,8 @@ def test_bad_inputs(exported, checkpoints, tiny_sam_checkpoint, onnx_predictor, 
     assert status == 2 and "does not exist" in stderr
     status, _, stderr = _cli([*base, "--checkpoint", str(checkpoints["meta"]), "--quantize"])
     assert status == 2 and "--quantize applies to SAM 1 / SAM 2" in stderr
+    status, _, stderr = _cli(["export", "onnx", "--sam-type", "vit_b", "--out", str(tmp_path / "o"), "--no-text-encoder"])
+    assert status == 2 and "--no-text-encoder applies to SAM 3" in stderr
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the optional extra is not installed
     status, _, stderr = _cli([*base, "--checkpoint", str(checkpoints["meta"])])
     assert status == 1 and "pip install 'langsam[export]'" in stderr

@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         _check_sam3_arguments(args)
     else:
         validate_model_arguments(args.parser, args)
+        if not args.text_encoder and args.sam_type != "auto":
+            raise UsageError("--no-text-encoder applies to SAM 3 (--sam-type sam3) only")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a folder")
@@ -118,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     model = _load_sam3(args) if sam3 else _load_model(args)
     if _is_sam3(model):  # also --sam-type auto with a sam3.pt
         return _export_sam3(args, model, out)
+    if not args.text_encoder:
+        raise UsageError("--no-text-encoder applies to SAM 3 only; this checkpoint is SAM 1 / SAM 2")
     from sam.export import export_onnx
 
     try:

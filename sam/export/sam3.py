@@ -29,13 +29,16 @@ The ViT's rotary position embedding multiplies complex64 tables (`freqs_cis`), w
 the TorchScript exporter nor ONNX has a type for. The export swaps each ViT attention for
 `RealRopeAttention`: the same weights, and the rotation written with the tables' real and
 imaginary parts (cos and sin) on even/odd channel pairs. `apply_rope_real` equals
-`sam.sam3.backbone.apply_rope` to float32 rounding (tests/test_onnx_sam3.py). The model itself
-is not changed.
+`sam.sam3.backbone.apply_rope` to float32 rounding (tests/test_onnx_sam3.py). The geometry
+encoder's ROI-align gets its boxes as one (batch index, box) tensor instead of a per-image list
+(`_encode_boxes_traceable`), which keeps the batch axis dynamic. The model itself is not changed:
+both swaps live in the export's copy.
 
 Everything else exports as it is: SDPA with boolean and additive masks, ROI-align (ONNX RoiAlign,
 half-pixel, adaptive sampling), GroupNorm, einsum. Sine position maps and the box-bias grid depend
-only on the fixed image size and are folded to constants. onnx and onnxruntime are imported only
-when a function needs them.
+only on the fixed image size and are folded to constants. A graph whose weights pass 1 GiB (the
+released ViT, 1.8 GB, and text encoder, 1.4 GB) keeps them in one side file, `<graph>.onnx.data`.
+onnx and onnxruntime are imported only when a function needs them.
 """
 
 from __future__ import annotations
