@@ -96,6 +96,31 @@ def test_real_rope_equals_complex():
         torch.testing.assert_close(RealRopeAttention(attention)(tokens), attention(tokens), atol=1e-6, rtol=0)
 
 
+def test_image_encoder_with_uneven_grids(tmp_path):
+    """A token grid (14 x 14) that is not a multiple of the position table's (8 x 8) nor of the
+    window (6): the tiled positions are cropped and the windows padded. Traced as written, the
+    tiling's ceil division became ONNX's truncating one and the graph did not load."""
+    import onnxruntime as ort
+
+    from sam.sam3 import Sam3Config, Sam3Image
+
+    torch.manual_seed(0)
+    config = Sam3Config(image_size=196, pretrain_image_size=112, window_size=6, vit_dim=32, vit_depth=2, vit_heads=2,
+                        vit_mlp_dim=64, global_blocks=(1,), d_model=32, num_heads=4, ffn_dim=64, text_width=32,
+                        text_layers=1, text_heads=2, text_mlp_dim=64, text_output_dim=16, geometry_layers=1,
+                        encoder_layers=1, decoder_layers=1, num_queries=4)
+    model = Sam3Image(config).eval()
+    export = export_sam3_onnx(model, tmp_path, text_encoder=False, heads=False)
+    pixels = torch.rand(1, 3, 196, 196, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    levels = ort.InferenceSession(str(export.image_encoder)).run(None, {"pixels": pixels.numpy()})
+    with torch.no_grad():
+        expected = model.encode_image(pixels).feats
+    assert [level.shape[-1] for level in levels] == [56, 28, 14]
+    for ours, reference in zip(levels, expected):
+        assert reference.std() > 0.1
+        np.testing.assert_allclose(ours, reference.numpy(), atol=ATOL, rtol=0)
+
+
 def test_cli_writes_graphs_and_manifest(exported, torch_predictor):
     out, stdout = exported
     assert sorted(path.name for path in out.iterdir()) == sorted(

@@ -153,10 +153,20 @@ def _encode_boxes_traceable(self, boxes: torch.Tensor, labels: torch.Tensor, fea
     return embed + self.label_embed(labels.long())
 
 
+def _fixed_position_embedding(trunk: nn.Module, grid: int) -> None:
+    """Hold the ViT's tiled position grid for the fixed (grid, grid) token map as a constant. Traced,
+    `tiled_pos_embed`'s ceil division `-(-height // side)` becomes ONNX's truncating integer
+    division: with a grid that is not a multiple of the pretraining one (e.g. 36 tokens on a
+    24-token table) the tile count came out 1 instead of 2."""
+    trunk.register_buffer("export_pos_embed", trunk.tiled_pos_embed(grid, grid).detach().clone(), persistent=False)
+    trunk.tiled_pos_embed = types.MethodType(lambda self, height, width: self.export_pos_embed, trunk)
+
+
 def _exportable_copy(model: nn.Module) -> nn.Module:
-    """A float32 CPU copy of `model` in eval mode with every RoPE attention made real-valued and
-    the geometry encoder's ROI-align made batch-dynamic (`_encode_boxes_traceable`). The caller's
-    model is left as it is."""
+    """A float32 CPU copy of `model` in eval mode with every RoPE attention made real-valued, the
+    geometry encoder's ROI-align made batch-dynamic (`_encode_boxes_traceable`) and the ViT's
+    position grid held as a constant (`_fixed_position_embedding`). The caller's model is left as
+    it is."""
     from ..sam3.backbone import RopeAttention
 
     # Swap the attention before casting: `.to(dtype=float32)` would drop the tables' imaginary parts.
@@ -171,6 +181,8 @@ def _exportable_copy(model: nn.Module) -> nn.Module:
 
     replace(clone)
     clone.geometry_encoder._encode_boxes = types.MethodType(_encode_boxes_traceable, clone.geometry_encoder)
+    config = clone.config
+    _fixed_position_embedding(clone.backbone.vision_backbone.trunk, config.image_size // config.patch_size)
     return clone.to(dtype=torch.float32)
 
 
