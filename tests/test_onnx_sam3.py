@@ -21,6 +21,7 @@ import torch
 from sam3_factory import save_tiny_sam3, save_tiny_sam3_lite_text
 from skimage import data
 
+import sam.export.sam3 as sam3_export
 from sam.export import SAM3_MANIFEST_NAME, OnnxSam3Predictor, export_sam3_onnx, read_sam3_manifest
 from sam.export.sam3 import HEADS_NAME, IMAGE_ENCODER_NAME, TEXT_ENCODER_NAME, RealRopeAttention, apply_rope_real
 from sam.sam3 import Sam3Predictor, load_sam3
@@ -79,7 +80,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def test_real_rope_equals_complex():
+def test_real_rope_equals_complex(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     # The tiny model's window table and the released global one (72 x 72 tokens, 64 channels per head).
     for head_dim, grid, scale in ((16, 6, 1.0), (64, 72, 24 / 72)):
@@ -94,13 +95,20 @@ def test_real_rope_equals_complex():
     tokens = torch.randn(2, 6, 6, 32, generator=generator)
     with torch.no_grad():
         torch.testing.assert_close(RealRopeAttention(attention)(tokens), attention(tokens), atol=1e-6, rtol=0)
+        # Attention in blocks of queries (36 tokens in blocks of 10: three full, one partial).
+        monkeypatch.setattr(sam3_export, "QUERY_BLOCK", 10)
+        torch.testing.assert_close(RealRopeAttention(attention)(tokens), attention(tokens), atol=1e-6, rtol=0)
 
 
-def test_image_encoder_with_uneven_grids(tmp_path):
+def test_image_encoder_with_uneven_grids(tmp_path, monkeypatch):
     """A token grid (14 x 14) that is not a multiple of the position table's (8 x 8) nor of the
     window (6): the tiled positions are cropped and the windows padded. Traced as written, the
-    tiling's ceil division became ONNX's truncating one and the graph did not load."""
+    tiling's ceil division became ONNX's truncating one and the graph did not load. The global
+    block attends in blocks of 64 queries (196 tokens: three full blocks and a partial one), as
+    the released 72 x 72 map does in blocks of 1024."""
     import onnxruntime as ort
+
+    monkeypatch.setattr(sam3_export, "QUERY_BLOCK", 64)
 
     from sam.sam3 import Sam3Config, Sam3Image
 
@@ -220,8 +228,6 @@ def test_large_graphs_keep_weights_beside(checkpoints, torch_predictor, tmp_path
     """The released ViT (1.8 GB) comes near protobuf's 2 GiB cap, so large graphs are written with
     their weights in one side file; here the cap is lowered so the tiny encoder takes that path."""
     import onnxruntime as ort
-
-    import sam.export.sam3 as sam3_export
 
     monkeypatch.setattr(sam3_export, "_PROTOBUF_LIMIT", 2**16)
     export = export_sam3_onnx(torch_predictor.model, tmp_path, text_encoder=False, heads=False)

@@ -84,6 +84,8 @@ SAM3_MANIFEST_NAME = "sam3_onnx.json"
 SAM3_MANIFEST_FORMAT = 1
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
+# Queries per attention block in the exported ViT (see RealRopeAttention).
+QUERY_BLOCK = 1024
 # protobuf caps one file at 2 GiB; larger graphs keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**26
 
@@ -105,7 +107,8 @@ def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 class RealRopeAttention(nn.Module):
     """`sam.sam3.backbone.RopeAttention` with its complex table held as two real ones (the same
-    `qkv` and `proj` modules, shared, not copied)."""
+    `qkv` and `proj` modules, shared, not copied), attending in blocks of `QUERY_BLOCK` queries
+    over maps larger than that."""
 
     def __init__(self, attention: nn.Module) -> None:
         super().__init__()
@@ -122,7 +125,15 @@ class RealRopeAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         q = apply_rope_real(q, self.rope_cos, self.rope_sin)
         k = apply_rope_real(k, self.rope_cos, self.rope_sin)
-        out = F.scaled_dot_product_attention(q, k, v)
+        tokens = height * width
+        if tokens <= QUERY_BLOCK:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # onnxruntime materialises the attention matrix: over the released 72 x 72 global map
+            # that is 16 x 5184^2 floats, 1.7 GB. Blocks of queries (each row's softmax is its own)
+            # keep it to a fifth.
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, start : start + QUERY_BLOCK], k, v)
+                             for start in range(0, tokens, QUERY_BLOCK)], dim=2)
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
 
 
