@@ -59,7 +59,7 @@ def tiny_transformers_tracker_video(seed: int = 3):
         model.mask_decoder.pred_obj_score_head.proj_out.weight.mul_(0.1)
         model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(3.0)
         for mlp in model.mask_decoder.output_hypernetworks_mlps:
-            mlp.proj_out.weight.mul_(0.5)
+            mlp.proj_out.weight.mul_(1.5)
     return model
 
 

@@ -8,7 +8,7 @@ heads are SAM 2.1's at SAM 3's sizes (a 72x72 grid at 1008 px, masks resized to 
 before the memory encoder). So `Sam3Tracker` is a `sam.Sam2` whose frame encoder is SAM 3's, and
 `sam.video.SamVideoPredictor` tracks with it unchanged:
 
-    predictor = load_sam3_video_predictor("sam3.pt")   # or a transformers directory
+    predictor = SamVideoPredictor.from_sam3("sam3.pt")   # or a transformers directory
     state = predictor.init_state("clip.mp4")
     predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=[[210, 350]], labels=[1])
     for frame_idx, obj_ids, mask_logits in predictor.propagate_in_video(state):
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError
@@ -124,6 +125,24 @@ class Sam3Tracker(Sam2):
             tracking=tracking or Sam2TrackingConfig(max_cond_frames_in_attn=SAM3_MAX_COND_FRAMES),
         )
         self.model_type = "sam3"
+
+    # Where a frame's mask is brought to the memory encoder's input size (16 x the grid), which the
+    # two references do in a different order: "mask" (Meta's: the mask is binarised or put through
+    # the sigmoid, scaled to +-10, then resized by the mask downsampler) or "logits" (transformers':
+    # the logits are resized first). Same weights; the masks agree at IoU ~0.98, not exactly.
+    memory_mask_resize: str = "mask"
+
+    def encode_memory(
+        self, features: FrameFeatures, high_res_masks: torch.Tensor, object_score_logits: torch.Tensor, binarize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sam2.encode_memory, with the mask resize where `memory_mask_resize` puts it."""
+        if self.memory_mask_resize not in ("mask", "logits"):
+            raise ValueError(f"memory_mask_resize must be 'mask' or 'logits', got {self.memory_mask_resize!r}")
+        size = self.memory_encoder.mask_downsampler.mask_size
+        if self.memory_mask_resize == "logits" and tuple(high_res_masks.shape[-2:]) != (size, size):
+            high_res_masks = F.interpolate(high_res_masks.float(), (size, size), mode="bilinear", align_corners=False,
+                                           antialias=True)
+        return super().encode_memory(features, high_res_masks, object_score_logits, binarize)
 
     def set_fused_kernels(self, enabled: bool) -> None:
         self.fused_kernels = enabled  # the ViT has one path
@@ -347,12 +366,15 @@ def _sizes_from_transformers(raw: Mapping, d_model: int) -> dict[str, int]:
     )
 
 
-def load_sam3_tracker(checkpoint: str | Path) -> Sam3Tracker:
+def load_sam3_tracker(checkpoint: str | Path, memory_mask_resize: str = "mask") -> Sam3Tracker:
     """SAM 3's video tracker from Meta's `sam3.pt` (`tracker.*` with the detector's ViT trunk and
     `sam2_convs`), a transformers `Sam3TrackerVideoModel` `save_pretrained` directory, or the hub's
-    combined file (`detector_model.*`, `tracker_model.*`, `tracker_neck.*`). Raises CheckpointError for
+    combined file (`detector_model.*`, `tracker_model.*`, `tracker_neck.*`). memory_mask_resize:
+    "mask" (Meta's order) or "logits" (transformers'), see Sam3Tracker. Raises CheckpointError for
     a checkpoint of another family, one without the tracker, a missing or unexpected key or a shape
     that does not fit."""
+    if memory_mask_resize not in ("mask", "logits"):
+        raise ValueError(f"memory_mask_resize must be 'mask' (Meta's order) or 'logits' (transformers'), got {memory_mask_resize!r}")
     from .build import _read_config, _read_weights, _tracker_state_from_hub, _wrong_family, vit_sizes_from_meta_weights
 
     path = Path(checkpoint)
@@ -414,13 +436,8 @@ def load_sam3_tracker(checkpoint: str | Path) -> Sam3Tracker:
         model.load_state_dict(native, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{file} does not fit a SAM 3 tracker of these sizes: {str(error).splitlines()[0]} ...") from error
+    model.memory_mask_resize = memory_mask_resize
     logger.info("loaded SAM 3 video tracker from %s", file)
     return model.eval()
 
 
-def load_sam3_video_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", **options: Any):
-    """`sam.video.SamVideoPredictor` on SAM 3's tracker (see load_sam3_tracker); `options` are the
-    predictor's (non_overlap_masks, refine_with_previous_mask, ...)."""
-    from ..video.predictor import SamVideoPredictor
-
-    return SamVideoPredictor(load_sam3_tracker(checkpoint).to(device), **options)

@@ -104,14 +104,16 @@ class SamVideoPredictor:
 
     @classmethod
     def from_sam3(
-        cls, checkpoint: str | Path, device: str | torch.device = "cpu", **options: Any
+        cls, checkpoint: str | Path, device: str | torch.device = "cpu", *, memory_mask_resize: str = "mask",
+        **options: Any,
     ) -> "SamVideoPredictor":
         """SAM 3's video tracker from Meta's `sam3.pt`, a transformers `Sam3TrackerVideoModel`
         directory or the hub's combined file (`sam.sam3.tracker.load_sam3_tracker`), on
-        `device`; `options` as the constructor's."""
+        `device`; memory_mask_resize "mask" (Meta's order, default) or "logits" (transformers');
+        `options` as the constructor's."""
         from ..sam3.tracker import load_sam3_tracker
 
-        return cls(load_sam3_tracker(checkpoint).to(device), **options)
+        return cls(load_sam3_tracker(checkpoint, memory_mask_resize).to(device), **options)
 
     @property
     def image_size(self) -> int:
