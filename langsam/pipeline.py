@@ -254,6 +254,7 @@ class LangSAM:
         self.sam3_checkpoint = sam3_checkpoint
         self._sam3_source = sam3_model
         self._sam3 = None
+        self._sam3_video = None  # SAM 3's video predictor (track with model="sam3"), built on first use
         self._sam3_image = None  # (image_key, image_passes) when the SAM 3 predictor holds our image
         self.sam_type = sam_type
         self.sam_checkpoint = sam_checkpoint
@@ -564,13 +565,22 @@ class LangSAM:
 
     def track(self, video: Any, text: str | Sequence[str], detect_every: int = 10, **kwargs: Any):
         """Track what ``text`` names through ``video``: a lazy :class:`langsam.video.TrackedVideo`
-        of per-frame masks with stable ids (see :func:`langsam.video.track_video`). Needs a
-        SAM 2 / 2.1 ``sam_type``."""
+        of per-frame masks with stable ids (see :func:`langsam.video.track_video`). Grounding DINO
+        finds the objects and SAM 2 / 2.1 (``sam_type``) tracks them; with ``model="sam3"`` SAM 3
+        finds them (``box_threshold``: its score threshold, default 0.5) and SAM 3's video tracker,
+        from ``sam3_checkpoint``, tracks them (:mod:`langsam.video.sam3`)."""
         from langsam.video import track_video
 
-        if self.model != DEFAULT_MODEL:
-            raise ValueError(f"track() detects with Grounding DINO and tracks with SAM 2; model={self.model!r} "
-                             "has no video tracker here yet")
+        if self.model == "sam3":
+            from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector, sam3_video_predictor
+
+            kwargs.setdefault("box_threshold", DEFAULT_SAM3_THRESHOLD)
+            if kwargs.get("video_predictor") is None:
+                with self._lock:
+                    if self._sam3_video is None:  # built once: it shares the concept model's ViT
+                        self._sam3_video = sam3_video_predictor(self)
+                kwargs["video_predictor"] = self._sam3_video
+            kwargs.setdefault("detector", Sam3FrameDetector(self.sam3_predictor))
         return track_video(self, video, text, detect_every, **kwargs)
 
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:

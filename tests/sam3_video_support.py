@@ -38,8 +38,9 @@ def tiny_tracker_config():
     )
 
 
-def tiny_transformers_tracker_video(seed: int = 3):
-    """A transformers `Sam3TrackerVideoModel` at the tiny sizes, every parameter randomised (eval mode)."""
+def tiny_transformers_tracker_video(seed: int = 3, detector=None):
+    """A transformers `Sam3TrackerVideoModel` at the tiny sizes, every parameter randomised (eval mode);
+    on `detector`'s ViT (a tiny transformers `Sam3Model`) when given."""
     from transformers import Sam3TrackerVideoModel
 
     torch.manual_seed(seed)
@@ -55,6 +56,8 @@ def tiny_transformers_tracker_video(seed: int = 3):
                 fan_in = param[0].numel() if param.ndim > 1 else 1
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
         model.prompt_encoder.shared_embedding.positional_embedding.copy_(model.shared_image_embedding.positional_embedding)
+        if detector is not None:
+            model.vision_encoder.backbone.load_state_dict(detector.vision_encoder.backbone.state_dict())
         # Objects stay present (object-score logits around +3), so tracked masks are not all -1024.
         model.mask_decoder.pred_obj_score_head.proj_out.weight.mul_(0.1)
         model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(3.0)
@@ -123,3 +126,24 @@ def reference_pixels(frames: np.ndarray) -> torch.Tensor:
     resized = [np.asarray(Image.fromarray(frame).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) for frame in frames]
     pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
     return (pixels - 0.5) / 0.5
+
+
+def save_tiny_sam3_with_tracker(root: Path, seed: int = 0) -> Path:
+    """Meta's `sam3.pt` layout holding both SAM 3 models on one ViT, as the released file does: the
+    tiny detector of sam3_factory (`detector.*`, with its config.json beside the file) and a tiny
+    tracker on the same trunk (`tracker.*`, `detector.backbone.vision_backbone.sam2_convs.*`)."""
+    from sam3_factory import save_tiny_sam3
+
+    from sam.sam3.tracker import load_sam3_tracker, tracker_video_meta_state
+
+    root = Path(root)
+    saved = save_tiny_sam3(root / "detector", seed)
+    tracker = tiny_transformers_tracker_video(seed + 3, detector=saved["model"])
+    tracker.save_pretrained(root / "tracker")
+    checkpoint = torch.load(saved["meta"], weights_only=True)
+    checkpoint["model"].update(tracker_video_meta_state(load_sam3_tracker(root / "tracker")))
+    combined = root / "combined"
+    combined.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, combined / "sam3.pt")
+    (combined / "config.json").write_text((saved["meta"].parent / "config.json").read_text())
+    return combined / "sam3.pt"

@@ -366,11 +366,13 @@ def _sizes_from_transformers(raw: Mapping, d_model: int) -> dict[str, int]:
     )
 
 
-def load_sam3_tracker(checkpoint: str | Path, memory_mask_resize: str = "mask") -> Sam3Tracker:
+def load_sam3_tracker(checkpoint: str | Path, memory_mask_resize: str = "mask", trunk: ViT | None = None) -> Sam3Tracker:
     """SAM 3's video tracker from Meta's `sam3.pt` (`tracker.*` with the detector's ViT trunk and
     `sam2_convs`), a transformers `Sam3TrackerVideoModel` `save_pretrained` directory, or the hub's
     combined file (`detector_model.*`, `tracker_model.*`, `tracker_neck.*`). memory_mask_resize:
-    "mask" (Meta's order) or "logits" (transformers'), see Sam3Tracker. Raises CheckpointError for
+    "mask" (Meta's order) or "logits" (transformers'), see Sam3Tracker. trunk: run on this ViT (a
+    loaded SAM 3 image model's, `backbone.vision_backbone.trunk`) instead of a copy; the checkpoint's
+    ViT weights must equal it. Raises CheckpointError for
     a checkpoint of another family, one without the tracker, a missing or unexpected key or a shape
     that does not fit."""
     if memory_mask_resize not in ("mask", "logits"):
@@ -380,7 +382,10 @@ def load_sam3_tracker(checkpoint: str | Path, memory_mask_resize: str = "mask") 
     path = Path(checkpoint)
     file, state = _read_weights(path)
     full = _read_config(path) or {}
-    raw = full.get("tracker_config") or full
+    # A tracker's own config (Sam3TrackerVideoConfig), or the hub's combined one holding it; a
+    # config.json of the image model alone (beside a Meta file) says nothing about the tracker.
+    raw = full.get("tracker_config") or (full if "memory_attention_num_layers" in full
+                                         or str(full.get("model_type", "")).startswith("sam3_tracker") else {})
     if any(key.startswith(("tracker_model.", "tracker_neck.")) for key in state):
         state = _tracker_state_from_hub(state)
     if "memory_temporal_positional_encoding" in state:
@@ -388,13 +393,14 @@ def load_sam3_tracker(checkpoint: str | Path, memory_mask_resize: str = "mask") 
         if not vision:
             raise CheckpointError(f"{file} is a transformers SAM 3 tracker checkpoint but has no config.json beside it")
         vit, d_model = vision["backbone_config"], vision.get("fpn_hidden_size", 256)
-        model = _build(_vit(vit), vit, d_model, vision.get("scale_factors", (4.0, 2.0, 1.0, 0.5)),
+        model = _build(trunk or _vit(vit), vit, d_model, vision.get("scale_factors", (4.0, 2.0, 1.0, 0.5)),
                        _sizes_from_transformers(raw, d_model), _tracker_options(raw))
         native, tables = tracker_video_from_transformers(state, model), {}
-    elif "tracker.maskmem_tpos_enc" in state:
+    elif "tracker.maskmem_tpos_enc" in state and any(key.startswith("tracker.maskmem_backbone.") for key in state):
         prefix = "detector.backbone.vision_backbone."
         detector = {k[len("detector."):]: v for k, v in state.items() if k.startswith("detector.")}
-        vision = raw.get("vision_config") or (full.get("detector_config") or {}).get("vision_config")
+        vision = (raw.get("vision_config") or (full.get("detector_config") or {}).get("vision_config")
+                  or full.get("vision_config"))
         if vision:
             vit = dict(vision["backbone_config"])
         else:
@@ -413,7 +419,7 @@ def load_sam3_tracker(checkpoint: str | Path, memory_mask_resize: str = "mask") 
         if convs == 0:
             raise CheckpointError(f"{file}: SAM 3 checkpoint lacks the tracker's neck ('{prefix}sam2_convs.*')")
         scale_factors = (4.0, 2.0, 1.0, 0.5)[:convs]
-        model = _build(_vit(vit), vit, state["tracker.no_mem_embed"].shape[-1], scale_factors, _sizes_from_meta(state),
+        model = _build(trunk or _vit(vit), vit, state["tracker.no_mem_embed"].shape[-1], scale_factors, _sizes_from_meta(state),
                        _tracker_options(raw))
         native, tables = {}, {}
         for key in model.state_dict():
@@ -432,6 +438,12 @@ def load_sam3_tracker(checkpoint: str | Path, memory_mask_resize: str = "mask") 
         if table.shape != ours.shape or not torch.allclose(torch.view_as_real(table.to(torch.complex64)),
                                                            torch.view_as_real(ours), atol=1e-4):
             raise CheckpointError(f"{file}: RoPE table {key!r} {tuple(table.shape)} does not match the config (window/grid/heads)")
+    if trunk is not None:
+        shared = trunk.state_dict()
+        if any(native[f"image_encoder.trunk.{k}"].shape != v.shape or not torch.equal(native[f"image_encoder.trunk.{k}"], v)
+               for k, v in shared.items()):
+            raise CheckpointError(f"{file}: its ViT weights differ from the given trunk's; the tracker must run on "
+                                  "the same backbone")
     try:
         model.load_state_dict(native, strict=True)
     except RuntimeError as error:
