@@ -572,16 +572,24 @@ class LangSAM:
         from langsam.video import track_video
 
         if self.model == "sam3":
-            from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector, sam3_video_predictor
+            from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector
 
             kwargs.setdefault("box_threshold", DEFAULT_SAM3_THRESHOLD)
             if kwargs.get("video_predictor") is None:
-                with self._lock:
-                    if self._sam3_video is None:  # built once: it shares the concept model's ViT
-                        self._sam3_video = sam3_video_predictor(self)
-                kwargs["video_predictor"] = self._sam3_video
+                kwargs["video_predictor"] = self.sam3_video_predictor()
             kwargs.setdefault("detector", Sam3FrameDetector(self.sam3_predictor))
         return track_video(self, video, text, detect_every, **kwargs)
+
+    def sam3_video_predictor(self) -> Any:
+        """SAM 3's video predictor (``sam.video.SamVideoPredictor`` on ``sam.sam3.tracker.Sam3Tracker``)
+        of ``model="sam3"``: built on first use, once, from ``sam3_checkpoint`` and on the concept
+        model's ViT (see :func:`langsam.video.sam3.sam3_video_predictor`)."""
+        from langsam.video.sam3 import sam3_video_predictor
+
+        with self._lock:
+            if self._sam3_video is None:
+                self._sam3_video = sam3_video_predictor(self)
+            return self._sam3_video
 
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:
         """SAM's automatic masks of ``image``, from the generator of the loaded model's family

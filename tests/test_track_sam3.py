@@ -75,7 +75,7 @@ def test_track_with_sam3_equals_its_parts(checkpoint, frames, detections, tmp_pa
             np.testing.assert_array_equal(frame.mask_of(obj_id), expected)
             assert 0.0 < expected.mean() < 1.0
     # The tracker runs on the concept model's ViT: one copy of the weights.
-    video_predictor = pipeline._sam3_video
+    video_predictor = pipeline.sam3_video_predictor()
     assert video_predictor.model.image_encoder.trunk is pipeline.sam3_predictor.model.backbone.vision_backbone.trunk
     # Outputs as with SAM 2.1: YouTube-VIS JSON with the ids and labels.
     result.save(tmp_path / "out", {"json"})
@@ -93,3 +93,37 @@ def test_track_sam3_needs_the_tracker_weights(tmp_path, frames):
     with pytest.raises(ValueError, match="pass sam3_checkpoint"):
         LangSAM(model="sam3", sam3_model=load_sam3(saved["meta"]), device="cpu").track(frames, QUERIES)
     assert torch.get_num_threads() == 1
+
+
+def test_cli_track_model_sam3_writes_what_the_pipeline_tracks(checkpoint, frames, detections, tmp_path, capsys):
+    from video_support import write_frame_folder
+
+    from langsam import cli
+
+    folder = write_frame_folder(frames, tmp_path / "clip", ext="png")  # lossless: the same pixels
+    threshold = f"{detections['threshold']:.6f}"
+    argv = ["track", str(folder), "--text", QUERIES[0], "--text", QUERIES[1], "--model", "sam3",
+            "--sam3-checkpoint", str(checkpoint), "--detect-every", str(NUM_FRAMES), "--box-threshold", threshold,
+            "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    written = json.loads((tmp_path / "out" / "clip" / "tracks.json").read_text())
+    pipeline = LangSAM(model="sam3", sam3_checkpoint=checkpoint, device="cpu")
+    result = pipeline.track(folder, QUERIES, detect_every=NUM_FRAMES, box_threshold=float(threshold))
+    result.save(tmp_path / "direct", {"json"})
+    expected = json.loads((tmp_path / "direct" / "tracks.json").read_text())
+    assert written["annotations"] and written["annotations"] == expected["annotations"]
+    assert written["info"]["run"]["box_threshold"] == float(threshold)
+
+
+def test_cli_track_model_sam3_without_tracker_weights_stops(tmp_path, frames, capsys):
+    from sam3_factory import save_tiny_sam3
+    from video_support import write_frame_folder
+
+    from langsam import cli
+
+    saved = save_tiny_sam3(tmp_path / "image_only")
+    folder = write_frame_folder(frames[:2], tmp_path / "clip", ext="png")
+    argv = ["track", str(folder), "--text", "a cat", "--model", "sam3", "--sam3-checkpoint", str(saved["meta"]),
+            "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) != 0
+    assert "without the video tracker" in capsys.readouterr().err

@@ -35,6 +35,8 @@ class Sam3FrameDetector:
                text_threshold: float | None = None) -> Detections:
         del text_threshold
         queries = list(queries)
+        if not image.flags.writeable:  # decoded frames may be read-only; torch.from_numpy warns on those
+            image = image.copy()
         self.predictor.set_image(image)
         predictions = self.predictor.predict_many(queries, threshold=float(box_threshold))
         if not any(len(p) for p in predictions):
