@@ -588,7 +588,13 @@ class LangSAM:
 
         with self._lock:
             if self._sam3_video is None:
-                self._sam3_video = sam3_video_predictor(self)
+                checkpoint = self.sam3_checkpoint
+                if checkpoint is None:
+                    if self._sam3_source is not None:
+                        raise ValueError("track() with model='sam3' loads SAM 3's video tracker from sam3_checkpoint; "
+                                         "this pipeline was given a built sam3_model: pass sam3_checkpoint=<sam3.pt> too")
+                    checkpoint = _default_sam3_checkpoint()
+                self._sam3_video = sam3_video_predictor(self.sam3_predictor, checkpoint)
             return self._sam3_video
 
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:

@@ -51,21 +51,12 @@ class Sam3FrameDetector:
         )
 
 
-def sam3_video_predictor(langsam: Any) -> Any:
-    """A ``sam.video.SamVideoPredictor`` on SAM 3's tracker for a ``LangSAM(model="sam3")``: the
-    tracker weights from its ``sam3_checkpoint`` (Meta's ``sam3.pt`` or the hub's combined file),
-    run on the concept model's ViT (one copy of the weights)."""
+def sam3_video_predictor(concept: Any, checkpoint: Any) -> Any:
+    """A ``sam.video.SamVideoPredictor`` on SAM 3's tracker: its weights from ``checkpoint`` (Meta's
+    ``sam3.pt`` or the hub's combined file), run on ``concept``'s ViT (a ``sam.sam3.Sam3Predictor``:
+    one copy of the weights, on its device)."""
     from sam.sam3.tracker import load_sam3_tracker
     from sam.video import SamVideoPredictor
 
-    concept = langsam.sam3_predictor
-    checkpoint = langsam.sam3_checkpoint
-    if checkpoint is None:
-        if langsam._sam3_source is not None:
-            raise ValueError("track() with model='sam3' loads SAM 3's video tracker from sam3_checkpoint; this "
-                             "pipeline was given a built sam3_model instead: pass sam3_checkpoint=<sam3.pt> too")
-        from langsam.pipeline import _default_sam3_checkpoint
-
-        checkpoint = _default_sam3_checkpoint()
     trunk = concept.model.backbone.vision_backbone.trunk
     return SamVideoPredictor(load_sam3_tracker(checkpoint, trunk=trunk).to(trunk.pos_embed.device))
