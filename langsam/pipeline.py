@@ -563,15 +563,18 @@ class LangSAM:
                              f"mode='clip', not mode={mode!r}")
         return self.amg_params if amg_params is None else check_amg_params(amg_params)
 
-    def track(self, video: Any, text: str | Sequence[str], detect_every: int = 10, **kwargs: Any):
+    def track(self, video: Any, text: str | Sequence[str], detect_every: int = 10, *, model: str | None = None,
+              **kwargs: Any):
         """Track what ``text`` names through ``video``: a lazy :class:`langsam.video.TrackedVideo`
         of per-frame masks with stable ids (see :func:`langsam.video.track_video`). Grounding DINO
         finds the objects and SAM 2 / 2.1 (``sam_type``) tracks them; with ``model="sam3"`` SAM 3
         finds them (``box_threshold``: its score threshold, default 0.5) and SAM 3's video tracker,
-        from ``sam3_checkpoint``, tracks them (:mod:`langsam.video.sam3`)."""
+        from ``sam3_checkpoint``, tracks them (:mod:`langsam.video.sam3`). ``model``: this call's
+        concept model (default: the pipeline's)."""
         from langsam.video import track_video
 
-        if self.model == "sam3":
+        model = self.model if model is None else self._check_model(model)
+        if model == "sam3":
             from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector
 
             kwargs.setdefault("box_threshold", DEFAULT_SAM3_THRESHOLD)

@@ -127,3 +127,21 @@ def test_cli_track_model_sam3_without_tracker_weights_stops(tmp_path, frames, ca
             "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]
     assert cli.main(argv) != 0
     assert "without the video tracker" in capsys.readouterr().err
+
+
+def test_demo_video_tab_tracks_with_sam3(checkpoint, frames, detections, tmp_path):
+    from video_support import write_mp4
+
+    from langsam.demo.video_tab import track_clip, track_rows
+
+    clip = write_mp4(frames, tmp_path / "clip.mp4")
+    pipeline = LangSAM(sam3_checkpoint=checkpoint, device="cpu")  # Grounding DINO by default; SAM 3 per call
+    video, paths = track_clip(pipeline, str(clip), QUERIES, tmp_path / "out", detect_every=NUM_FRAMES,
+                              box_threshold=detections["threshold"], model="sam3")
+    direct = pipeline.track(str(clip), QUERIES, detect_every=NUM_FRAMES, box_threshold=detections["threshold"],
+                            model="sam3")
+    direct.save(tmp_path / "direct", {"json"})
+    written = json.loads(paths["json"].read_text())
+    assert written["annotations"] == json.loads((tmp_path / "direct" / "tracks.json").read_text())["annotations"]
+    assert [row[0] for row in track_rows(video)] == sorted(video.tracks) and video.tracks
+    assert paths["overlay"].stat().st_size > 0
