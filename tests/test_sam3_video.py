@@ -239,3 +239,21 @@ def test_meta_memory_order(saved, frames, binarize):
         model.memory_mask_resize = "logits"
         other, _ = model.encode_memory(features, high_res, present, binarize)
     assert (other - ours).abs().max() > 1e-3  # the two orders are not the same numbers
+
+
+def test_window_memory_gives_the_same_forward_masks(saved, frames):
+    """keep_memory="window" (bounded memory) drops what later frames cannot read: a forward run gives
+    the masks of keep_memory="all", and the bank stays within the window."""
+    predictor = SamVideoPredictor.from_sam3(saved["hub"])
+    runs = {}
+    for keep in ("all", "window"):
+        state = predictor.init_state(frames, keep_memory=keep)
+        predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=[[60.0, 50.0]], labels=[1])
+        runs[keep] = [masks for _, _, masks in predictor.propagate_in_video(state)]
+        kept = [t for t, memory in state.objects[1].tracked.items() if memory.maskmem_features is not None]
+        if keep == "window":
+            assert len(kept) <= predictor.model.tracking.num_maskmem - 1 < NUM_FRAMES - 1
+        else:
+            assert len(kept) == NUM_FRAMES - 1
+    for ours, reference in zip(runs["window"], runs["all"]):
+        assert torch.equal(ours, reference)
