@@ -254,6 +254,7 @@ class LangSAM:
         self.sam3_checkpoint = sam3_checkpoint
         self._sam3_source = sam3_model
         self._sam3 = None
+        self._sam3_video = None  # SAM 3's video predictor (track with model="sam3"), built on first use
         self._sam3_image = None  # (image_key, image_passes) when the SAM 3 predictor holds our image
         self.sam_type = sam_type
         self.sam_checkpoint = sam_checkpoint
@@ -562,16 +563,42 @@ class LangSAM:
                              f"mode='clip', not mode={mode!r}")
         return self.amg_params if amg_params is None else check_amg_params(amg_params)
 
-    def track(self, video: Any, text: str | Sequence[str], detect_every: int = 10, **kwargs: Any):
+    def track(self, video: Any, text: str | Sequence[str], detect_every: int = 10, *, model: str | None = None,
+              **kwargs: Any):
         """Track what ``text`` names through ``video``: a lazy :class:`langsam.video.TrackedVideo`
-        of per-frame masks with stable ids (see :func:`langsam.video.track_video`). Needs a
-        SAM 2 / 2.1 ``sam_type``."""
+        of per-frame masks with stable ids (see :func:`langsam.video.track_video`). Grounding DINO
+        finds the objects and SAM 2 / 2.1 (``sam_type``) tracks them; with ``model="sam3"`` SAM 3
+        finds them (``box_threshold``: its score threshold, default 0.5) and SAM 3's video tracker,
+        from ``sam3_checkpoint``, tracks them (:mod:`langsam.video.sam3`). ``model``: this call's
+        concept model (default: the pipeline's)."""
         from langsam.video import track_video
 
-        if self.model != DEFAULT_MODEL:
-            raise ValueError(f"track() detects with Grounding DINO and tracks with SAM 2; model={self.model!r} "
-                             "has no video tracker here yet")
+        model = self.model if model is None else self._check_model(model)
+        if model == "sam3":
+            from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector
+
+            kwargs.setdefault("box_threshold", DEFAULT_SAM3_THRESHOLD)
+            if kwargs.get("video_predictor") is None:
+                kwargs["video_predictor"] = self.sam3_video_predictor()
+            kwargs.setdefault("detector", Sam3FrameDetector(self.sam3_predictor))
         return track_video(self, video, text, detect_every, **kwargs)
+
+    def sam3_video_predictor(self) -> Any:
+        """SAM 3's video predictor (``sam.video.SamVideoPredictor`` on ``sam.sam3.tracker.Sam3Tracker``)
+        of ``model="sam3"``: built on first use, once, from ``sam3_checkpoint`` and on the concept
+        model's ViT (see :func:`langsam.video.sam3.sam3_video_predictor`)."""
+        from langsam.video.sam3 import sam3_video_predictor
+
+        with self._lock:
+            if self._sam3_video is None:
+                checkpoint = self.sam3_checkpoint
+                if checkpoint is None:
+                    if self._sam3_source is not None:
+                        raise ValueError("track() with model='sam3' loads SAM 3's video tracker from sam3_checkpoint; "
+                                         "this pipeline was given a built sam3_model: pass sam3_checkpoint=<sam3.pt> too")
+                    checkpoint = _default_sam3_checkpoint()
+                self._sam3_video = sam3_video_predictor(self.sam3_predictor, checkpoint)
+            return self._sam3_video
 
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:
         """SAM's automatic masks of ``image``, from the generator of the loaded model's family

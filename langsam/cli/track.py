@@ -58,7 +58,8 @@ outputs (under --out, one folder per video):
                           style palette PNG), with --save masks
   <video> is the video's path relative to the common input folder, made safe.
 
-tracking: Grounding DINO runs on frame 0 and every --detect-every frames; a detection that
+tracking: Grounding DINO (--model sam3: SAM 3, tracked by SAM 3's own video tracker from the
+same --sam3-checkpoint) runs on frame 0 and every --detect-every frames; a detection that
 overlaps no visible object (box IoU and box-prompted mask IoU < --new-object-iou) starts a
 new object with a new id and its query as label; other detections keep their object's id;
 an object absent for more than --max-lost-frames frames ends.
@@ -71,6 +72,7 @@ examples:
   langsam track clips/ --text "a person" --text "a dog" --detect-every 5 --out results/
   langsam track frames_dir/ --text car --save json,overlay,masks --out results/
   langsam track clips/ --text car --out results/ --skip-existing      # resume a run
+  langsam track video.mp4 --text "a car" --model sam3 --sam3-checkpoint sam3.pt --out results/
 """
 
 
@@ -118,8 +120,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tracking = parser.add_argument_group("tracking")
     tracking.add_argument("--detect-every", type=number(int, 1), default=DEFAULT_DETECT_EVERY, metavar="N",
                           help=f"run the detector on frame 0 and every N frames (default {DEFAULT_DETECT_EVERY})")
-    tracking.add_argument("--box-threshold", type=fraction, default=0.3, metavar="P",
-                          help="minimum detector box score (default 0.3)")
+    tracking.add_argument("--box-threshold", type=fraction, default=None, metavar="P",
+                          help="minimum detector box score (default 0.3; with --model sam3 SAM 3's score, default 0.5)")
     tracking.add_argument("--text-threshold", type=fraction, default=0.25, metavar="P",
                           help="minimum detector text-token score (default 0.25)")
     tracking.add_argument("--new-object-iou", type=fraction, default=DEFAULT_NEW_OBJECT_IOU, metavar="P",
@@ -136,7 +138,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     limits.add_argument("--max-side", type=number(int, 0), default=DEFAULT_MAX_SIDE, metavar="N",
                         help=f"refuse videos whose longer side is over N pixels (default {DEFAULT_MAX_SIDE}; "
                              f"0 = no limit)")
-    add_model_arguments(parser, clip=False, concept=False)  # no SAM 3 video yet
+    add_model_arguments(parser, clip=False)  # --model sam3: SAM 3 finds and SAM 3's video tracker tracks
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--save", type=output_list(SAVE_CHOICES), default=DEFAULT_SAVE, metavar="LIST",
                            help="comma-separated outputs: json, overlay, masks, or all (default json,overlay). "
@@ -216,7 +218,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no queries: pass --text 'a car' (repeatable)")
     queries = parse_queries(args.text)
     validate_model_arguments(parser, args)
-    if args.sam_type not in (None, "auto"):
+    sam3 = getattr(args, "model", None) == "sam3"
+    if args.box_threshold is None:
+        from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD
+
+        args.box_threshold = DEFAULT_SAM3_THRESHOLD if sam3 else 0.3
+    if args.sam_type not in (None, "auto") and not sam3:
         from sam.build import model_family
 
         if model_family(args.sam_type) != "sam2":
@@ -294,14 +301,21 @@ def _track_one(args, item: VideoItem, queries, settings, out_dir: Path, models: 
     name = str(item.path)
     frames = open_video(item.path, max_frames=args.max_frames or None, max_side=args.max_side or None, name=name)
     try:
+        sam3 = getattr(args, "model", None) == "sam3"
         if "pipeline" not in models:
             models["pipeline"] = load_pipeline(args, "grounded")
-            if getattr(models["pipeline"].predictor, "family", "sam2") != "sam2":
+            if sam3:
+                try:  # SAM 3's video tracker, from the same checkpoint: a file without it stops the run
+                    models["pipeline"].sam3_video_predictor()
+                except (ValueError, RuntimeError, OSError) as error:
+                    raise ModelLoadError(f"cannot load SAM 3's video tracker: {error}") from error
+            elif getattr(models["pipeline"].predictor, "family", "sam2") != "sam2":
                 raise ModelLoadError("video tracking needs a SAM 2 / 2.1 model; the checkpoint is a SAM 1 model")
         pipeline = models["pipeline"]
-        result = track_video(pipeline, frames, queries, detect_every=args.detect_every,
-                             box_threshold=args.box_threshold, text_threshold=args.text_threshold,
-                             new_object_iou=args.new_object_iou, max_lost_frames=args.max_lost_frames, name=name)
+        options = dict(detect_every=args.detect_every, box_threshold=args.box_threshold,
+                       text_threshold=args.text_threshold, new_object_iou=args.new_object_iou,
+                       max_lost_frames=args.max_lost_frames, name=name)
+        result = pipeline.track(frames, queries, **options) if sam3 else track_video(pipeline, frames, queries, **options)
         folder = safe_join(out_dir, item.key)
         json_path = safe_join(folder, JSON_NAME)
         json_path.unlink(missing_ok=True)  # until the new one exists, the video counts as unfinished

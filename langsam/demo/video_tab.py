@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from langsam.demo.common import TabContext, parse_queries, rounded
+from langsam.demo.text_tab import CONCEPT_MODELS
 from langsam.io import sanitize_name
 
 #: Longest clip the tab tracks, in frames (10 s at 30 fps).
@@ -30,9 +31,11 @@ def track_rows(video: Any) -> list[list[Any]]:
 
 def track_clip(pipeline: Any, video_path: str, queries: list[str], folder: Path, *, detect_every: int = 10,
                box_threshold: float = 0.3, text_threshold: float = 0.25, max_frames: int = MAX_VIDEO_FRAMES,
-               max_side: int = MAX_VIDEO_SIDE) -> tuple[Any, dict[str, Path]]:
+               max_side: int = MAX_VIDEO_SIDE, model: str | None = None) -> tuple[Any, dict[str, Path]]:
     """Track ``queries`` through the clip at ``video_path``; write ``overlay.mp4`` and
     ``<clip>.tracks.json`` into ``folder`` (ours). Returns the tracked video and the paths.
+    ``model="sam3"``: SAM 3 finds the objects and SAM 3's video tracker tracks them
+    (``LangSAM.track(model="sam3")``; ``box_threshold`` is then SAM 3's score threshold).
 
     A clip that breaks part-way (cut short, damaged) gives the outputs of the frames before
     the break, and ``video.damage`` says where (see :func:`clip_status`).
@@ -46,9 +49,12 @@ def track_clip(pipeline: Any, video_path: str, queries: list[str], folder: Path,
     if int(detect_every) < 1:
         raise ValueError(f"detect every must be at least 1 frame, got {detect_every}")
     name = Path(video_path).name
-    video = track_video(pipeline, video_path, queries, detect_every=int(detect_every),
-                        box_threshold=float(box_threshold), text_threshold=float(text_threshold),
-                        max_frames=max_frames, max_side=max_side, name=name)
+    options = dict(detect_every=int(detect_every), box_threshold=float(box_threshold),
+                   text_threshold=float(text_threshold), max_frames=max_frames, max_side=max_side, name=name)
+    if model == "sam3":
+        video = pipeline.track(video_path, queries, model="sam3", **options)
+    else:
+        video = track_video(pipeline, video_path, queries, **options)
     try:
         paths = video.save(folder, ("json", "overlay"), source_name=sanitize_name(name, max_len=80))
     except ValueError as error:
@@ -84,7 +90,7 @@ def build_video_tab(ctx: TabContext, max_frames: int | None = None, max_side: in
     max_side = MAX_VIDEO_SIDE if max_side is None else int(max_side)
 
     @ctx.user_errors
-    def run_video(video_path, query_text, detect_every, box_threshold, text_threshold):
+    def run_video(video_path, query_text, detect_every, box_threshold, text_threshold, model=None):
         if not video_path:
             raise gr.Error("Upload a video first.", print_exception=False)
         queries = parse_queries(query_text)
@@ -93,7 +99,7 @@ def build_video_tab(ctx: TabContext, max_frames: int | None = None, max_side: in
         folder = ctx.outputs.new_request()
         video, paths = track_clip(ctx.models.get(), video_path, queries, folder, detect_every=int(detect_every),
                                   box_threshold=box_threshold, text_threshold=text_threshold,
-                                  max_frames=max_frames, max_side=max_side)
+                                  max_frames=max_frames, max_side=max_side, model=model)
         return str(paths["overlay"]), str(paths["json"]), track_rows(video), clip_status(video)
 
     gr.Markdown(f"Upload a short clip (at most {max_frames} frames and {max_side} pixels on the longer side) "
@@ -105,6 +111,9 @@ def build_video_tab(ctx: TabContext, max_frames: int | None = None, max_side: in
             queries = gr.Textbox(label="Queries", placeholder="a car, a person (comma or one per line)",
                                  elem_id="video-queries")
             detect_every = gr.Slider(1, 60, value=10, step=1, label="Detect every N frames")
+            model = gr.Radio(list(CONCEPT_MODELS), value=ctx.models.concept_model, label="Model",
+                             info="grounding-dino: Grounding DINO finds, SAM 2.1 tracks; sam3: SAM 3 finds and "
+                                  "tracks (the box threshold is then SAM 3's score)", elem_id="video-model")
             with gr.Accordion("Thresholds", open=False):
                 box_threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Box threshold")
                 text_threshold = gr.Slider(0.0, 1.0, value=0.25, step=0.01, label="Text threshold")
@@ -114,5 +123,5 @@ def build_video_tab(ctx: TabContext, max_frames: int | None = None, max_side: in
             status = gr.Markdown(elem_id="video-status")
             json_file = gr.File(label="Tracks (YouTube-VIS JSON)", interactive=False)
     table = gr.Dataframe(headers=VIDEO_TABLE_HEADERS, label="Objects", interactive=False)
-    inputs = [video, queries, detect_every, box_threshold, text_threshold]
+    inputs = [video, queries, detect_every, box_threshold, text_threshold, model]
     run.click(run_video, inputs, [overlay, json_file, table, status], api_name="track_video", **ctx.model_event)

@@ -73,6 +73,7 @@ def track_video(
     max_side: int | None = None,
     offload_state_to_cpu: bool = False,
     video_predictor: Any = None,
+    detector: Any = None,
     name: str | None = None,
 ) -> "TrackedVideo":
     """Track every object the text names through ``video``.
@@ -100,6 +101,8 @@ def track_video(
         offload_state_to_cpu: keep the predictor's per-frame state in CPU memory (saves GPU memory).
         video_predictor: an object with ``SamVideoPredictor``'s methods to use instead of one built
             on ``langsam.predictor.model`` (tests, a predictor configured by hand).
+        detector: an object with ``detect(image, queries, box_threshold, text_threshold)`` to use
+            instead of ``langsam.detector`` (SAM 3: :class:`langsam.video.sam3.Sam3FrameDetector`).
         name: how errors name the video (default: the path, or "video").
 
     Returns:
@@ -128,7 +131,8 @@ def track_video(
     try:
         if video_predictor is None:
             video_predictor = _build_video_predictor(langsam)
-        detector = langsam.detector
+        if detector is None:
+            detector = langsam.detector
     except BaseException:
         if owns_frames and hasattr(frames, "close"):
             frames.close()

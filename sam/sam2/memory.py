@@ -220,12 +220,17 @@ class MemoryAttention(nn.Module):
 # --------------------------------------------------------------------------- memory encoder
 class MaskDownSampler(nn.Module):
     """(B, 1, H, W) mask -> (B, embed_dim, H/16, W/16): strided conv + LayerNorm2d + GELU
-    stages (each multiplying channels by stride**2), then a 1x1 conv (`encoder.i`)."""
+    stages (each multiplying channels by stride**2), then a 1x1 conv (`encoder.i`).
+
+    mask_size: first resize the mask to mask_size x mask_size (bilinear, antialiased) when it
+    has another size; SAM 3's tracker does (1008-px masks -> 1152 = 16 x its 72 grid)."""
 
     def __init__(
-        self, embed_dim: int = 256, kernel_size: int = 3, stride: int = 2, padding: int = 1, total_stride: int = 16
+        self, embed_dim: int = 256, kernel_size: int = 3, stride: int = 2, padding: int = 1, total_stride: int = 16,
+        mask_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.mask_size = mask_size
         num_layers = int(math.log2(total_stride) // math.log2(stride))
         if stride**num_layers != total_stride:
             raise ValueError(f"total_stride {total_stride} is not a power of stride {stride}")
@@ -243,6 +248,9 @@ class MaskDownSampler(nn.Module):
         self.encoder = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.mask_size
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x.float(), (size, size), mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
         return self.encoder(x)
 
 
@@ -282,9 +290,9 @@ class Fuser(nn.Module):
 class MemoryEncoder(nn.Module):
     """Frame features + mask -> memory features and their sine position encoding."""
 
-    def __init__(self, out_dim: int = 64, in_dim: int = 256, fuser_layers: int = 2) -> None:
+    def __init__(self, out_dim: int = 64, in_dim: int = 256, fuser_layers: int = 2, mask_size: int | None = None) -> None:
         super().__init__()
-        self.mask_downsampler = MaskDownSampler(embed_dim=in_dim)
+        self.mask_downsampler = MaskDownSampler(embed_dim=in_dim, mask_size=mask_size)
         self.pix_feat_proj = nn.Conv2d(in_dim, in_dim, kernel_size=1)
         self.fuser = Fuser(in_dim, fuser_layers)
         self.position_encoding = PositionEmbeddingSine(out_dim)

@@ -102,7 +102,7 @@ class Sam2(nn.Module):
         self.image_size = image_size
         self.backbone_stride = backbone_stride
         self.model_type: str | None = None  # the registry name, set by build_sam
-        hidden_dim = image_encoder.neck.d_model
+        hidden_dim = sam_prompt_encoder.embed_dim  # the neck's d_model
         self.hidden_dim = hidden_dim
         mem_dim = memory_encoder.out_proj.weight.shape[0] if hasattr(memory_encoder.out_proj, "weight") else hidden_dim
         self.mem_dim = mem_dim
@@ -396,9 +396,8 @@ class Sam2(nn.Module):
         pointer from decoding the downsampled mask. pix_feat: raw (B, C, g, g) features."""
         mask = mask.float()
         high_res = mask * 20.0 - 10.0  # sigmoid(-10) ~ 4.5e-5
-        low_res = F.interpolate(
-            high_res, (high_res.shape[-2] // 4, high_res.shape[-1] // 4), mode="bilinear",
-            align_corners=False, antialias=True,
+        low_res = F.interpolate(  # 4x the embedding grid (S/4 for SAM 2, S/14*4 for SAM 3)
+            high_res, self.sam_prompt_encoder.mask_input_size, mode="bilinear", align_corners=False, antialias=True,
         )
         decoded = self.track_heads(pix_feat, high_res_feats, None, None, self.mask_downsample(mask), False)
         appearing = (mask.flatten(1) > 0).any(dim=1, keepdim=True).float()

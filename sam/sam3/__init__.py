@@ -13,6 +13,8 @@ Checkpoint-exact with Meta's `sam3.pt` image model (the detector); written for t
 - `predictor.py` Sam3Predictor: set_image once, predict(text=..., exemplars=...) many times
 - `interactive.py` Sam3Interactive (second neck + SAM 2.1 heads, Meta's `tracker.sam_*`) and
   Sam3InteractivePredictor: SamPredictor's point / box / mask prompts on the same image pass
+- `tracker.py`   Sam3Tracker: SAM 2.1's video tracker on SAM 3's ViT (Meta's `tracker.*`, transformers'
+  `Sam3TrackerVideoModel`), run by `sam.video.SamVideoPredictor`; load_sam3_tracker
 
 Where the two references differ, this follows Meta: a text-only prompt still runs the geometry
 encoder (transformers' `Sam3Model` skips it unless given a box; pass one padded box, label -10, to
@@ -23,8 +25,10 @@ from .build import build_sam3, load_sam3, load_sam3_interactive, load_sam3_inter
 from .interactive import Sam3Interactive, Sam3InteractivePredictor
 from .model import ImageFeatures, Sam3Config, Sam3Image
 from .predictor import Sam3Prediction, Sam3Predictor
+from .tracker import Sam3Tracker, load_sam3_tracker
 
 __all__ = [
     "ImageFeatures", "Sam3Config", "Sam3Image", "Sam3Interactive", "Sam3InteractivePredictor", "Sam3Prediction",
-    "Sam3Predictor", "build_sam3", "load_sam3", "load_sam3_interactive", "load_sam3_interactive_predictor",
+    "Sam3Predictor", "Sam3Tracker", "build_sam3", "load_sam3", "load_sam3_interactive", "load_sam3_interactive_predictor",
+    "load_sam3_tracker",
 ]

@@ -222,6 +222,29 @@ def _count(state: Mapping, pattern: str) -> int:
 def config_from_meta_weights(state: Mapping[str, torch.Tensor]) -> Sam3Config:
     """Sizes read off native (Meta) weights. Heads: the ViT's from its RoPE tables, 64 channels per
     text head and 32 per detector head otherwise (the released model's)."""
+    vit = vit_sizes_from_meta_weights(state)
+    text = "backbone.language_backbone.encoder."
+    d_model = state["backbone.language_backbone.resizer.weight"].shape[0]
+    text_width = state[text + "token_embedding.weight"].shape[1]
+    return Sam3Config(
+        **vit, d_model=d_model, num_heads=max(1, d_model // 32),
+        ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        vocab_size=state[text + "token_embedding.weight"].shape[0], context_length=state[text + "positional_embedding"].shape[0],
+        text_width=text_width, text_layers=_count(state, r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\."),
+        text_heads=max(1, text_width // 64), text_mlp_dim=state[text + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        text_output_dim=state[text + "text_projection"].shape[1], geometry_layers=_count(state, r"geometry_encoder\.encode\.(\d+)\."),
+        roi_size=state["geometry_encoder.boxes_pool_project.weight"].shape[-1],
+        point_projections="geometry_encoder.points_direct_project.weight" in state,
+        encoder_layers=_count(state, r"transformer\.encoder\.layers\.(\d+)\."),
+        decoder_layers=_count(state, r"transformer\.decoder\.layers\.(\d+)\."),
+        num_queries=state["transformer.decoder.query_embed.weight"].shape[0],
+        pixel_decoder_stages=_count(state, r"segmentation_head\.pixel_decoder\.conv_layers\.(\d+)\."),
+    )
+
+
+def vit_sizes_from_meta_weights(state: Mapping[str, torch.Tensor]) -> dict:
+    """The ViT trunk's Sam3Config fields read off native weights (`backbone.vision_backbone.trunk.*`):
+    heads, grid, window and global blocks from the RoPE tables when present, else the released model's."""
     trunk = "backbone.vision_backbone.trunk."
     pos = state[trunk + "pos_embed"]
     patch = state[trunk + "patch_embed.proj.weight"].shape[-1]
@@ -234,24 +257,10 @@ def config_from_meta_weights(state: Mapping[str, torch.Tensor]) -> Sam3Config:
         grid = int(max(sizes) ** 0.5)
         global_blocks = tuple(i for i, s in enumerate(sizes) if s == max(sizes))
         window = int(min(sizes) ** 0.5) if min(sizes) != max(sizes) else grid
-    text = "backbone.language_backbone.encoder."
-    d_model = state["backbone.language_backbone.resizer.weight"].shape[0]
-    text_width = state[text + "token_embedding.weight"].shape[1]
-    return Sam3Config(
+    return dict(
         image_size=grid * patch, patch_size=patch, pretrain_image_size=int((pos.shape[1] - 1) ** 0.5) * patch,
         vit_dim=vit_dim, vit_depth=depth, vit_heads=vit_heads, vit_mlp_dim=state[trunk + "blocks.0.mlp.fc1.weight"].shape[0],
-        window_size=window, global_blocks=global_blocks, d_model=d_model, num_heads=max(1, d_model // 32),
-        ffn_dim=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        vocab_size=state[text + "token_embedding.weight"].shape[0], context_length=state[text + "positional_embedding"].shape[0],
-        text_width=text_width, text_layers=_count(state, r"backbone\.language_backbone\.encoder\.transformer\.resblocks\.(\d+)\."),
-        text_heads=max(1, text_width // 64), text_mlp_dim=state[text + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        text_output_dim=state[text + "text_projection"].shape[1], geometry_layers=_count(state, r"geometry_encoder\.encode\.(\d+)\."),
-        roi_size=state["geometry_encoder.boxes_pool_project.weight"].shape[-1],
-        point_projections="geometry_encoder.points_direct_project.weight" in state,
-        encoder_layers=_count(state, r"transformer\.encoder\.layers\.(\d+)\."),
-        decoder_layers=_count(state, r"transformer\.decoder\.layers\.(\d+)\."),
-        num_queries=state["transformer.decoder.query_embed.weight"].shape[0],
-        pixel_decoder_stages=_count(state, r"segmentation_head\.pixel_decoder\.conv_layers\.(\d+)\."),
+        window_size=window, global_blocks=global_blocks,
     )
 
 

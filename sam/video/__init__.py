@@ -1,4 +1,4 @@
-"""SAM 2.1 video tracking with streamed frames.
+"""SAM 2.1 (and SAM 3 tracker) video tracking with streamed frames.
 
     from sam.video import SamVideoPredictor, open_frames
     predictor = SamVideoPredictor(build_sam("sam2.1_hiera_tiny", "sam2.1_hiera_tiny.pt"))
@@ -6,6 +6,8 @@
     predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=[[210, 350]], labels=[1])
     for frame_idx, obj_ids, mask_logits in predictor.propagate_in_video(state):
         ...  # mask_logits: (num_objects, 1, H, W); > 0 is the object
+
+SAM 3's tracker runs on the same predictor: `SamVideoPredictor.from_sam3("sam3.pt")`.
 """
 
 from .frames import FrameSource, VideoLoadError, open_frames

@@ -60,7 +60,14 @@ class SamVideoPredictor:
     many low-res pixels in the output masks (the reference's CUDA extension does this on
     GPU; on CPU the reference skips it, hence 0 here by default); non_overlap_masks: where
     objects overlap in an output, only the highest-scoring one keeps a positive logit (the
-    others are clamped to -10), in every returned mask; the memory is not affected.
+    others are clamped to -10), in every returned mask; the memory is not affected;
+    refine_with_previous_mask: a click on a frame that already has a result for the object
+    refines that result (its low-res logits go in as the mask prompt), as Meta's SAM 2 and
+    SAM 3 predictors do; transformers' Sam2VideoModel / Sam3TrackerVideoModel start afresh
+    from the clicks alone (False).
+
+    SAM 3's tracker (`sam.sam3.tracker.Sam3Tracker`, a `Sam2`) runs here unchanged; see
+    `SamVideoPredictor.from_sam3`.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class SamVideoPredictor:
         non_overlap_masks: bool = False,
         add_all_frames_to_correct_as_cond: bool = False,
         binarize_mask_from_pts_for_mem_enc: bool = True,
+        refine_with_previous_mask: bool = True,
     ) -> None:
         if not isinstance(model, Sam2):
             raise ValueError(f"SamVideoPredictor needs a SAM 2 model (sam.Sam2), got {type(model).__name__}")
@@ -79,6 +87,7 @@ class SamVideoPredictor:
         self.non_overlap_masks = bool(non_overlap_masks)
         self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
         self.binarize_mask_from_pts_for_mem_enc = binarize_mask_from_pts_for_mem_enc
+        self.refine_with_previous_mask = bool(refine_with_previous_mask)
 
     @classmethod
     def from_checkpoint(
@@ -92,6 +101,19 @@ class SamVideoPredictor:
         if not isinstance(model, Sam2):
             raise ValueError(f"{model_type!r} is a SAM 1 model; video tracking needs SAM 2 / 2.1")
         return cls(model.to(device))
+
+    @classmethod
+    def from_sam3(
+        cls, checkpoint: str | Path, device: str | torch.device = "cpu", *, memory_mask_resize: str = "mask",
+        **options: Any,
+    ) -> "SamVideoPredictor":
+        """SAM 3's video tracker from Meta's `sam3.pt`, a transformers `Sam3TrackerVideoModel`
+        directory or the hub's combined file (`sam.sam3.tracker.load_sam3_tracker`), on
+        `device`; memory_mask_resize "mask" (Meta's order, default) or "logits" (transformers');
+        `options` as the constructor's."""
+        from ..sam3.tracker import load_sam3_tracker
+
+        return cls(load_sam3_tracker(checkpoint, memory_mask_resize).to(device), **options)
 
     @property
     def image_size(self) -> int:
@@ -227,7 +249,9 @@ class SamVideoPredictor:
         reverse = track.directions.get(frame_idx, False)
         is_cond = is_init_cond_frame or self.add_all_frames_to_correct_as_cond
         with torch.inference_mode():
-            prev_logits = self._previous_logits(track, frame_idx, is_cond, state.device)
+            prev_logits = None
+            if self.refine_with_previous_mask:
+                prev_logits = self._previous_logits(track, frame_idx, is_cond, state.device)
             output = self._infer_frame(
                 state, track, frame_idx, is_init_cond_frame, reverse,
                 points=prompt, mask=None, prev_logits=prev_logits, encode_memory=False,
