@@ -131,9 +131,9 @@ def memory_child(kind: str, root: Path, video: Path, frames: int) -> dict:
             if kind == "transformers_video":
                 from transformers.video_utils import load_video
 
-                clip, _ = load_video(str(video), backend="pyav")
-                session = processor.init_video_session(video=list(clip[:frames]), inference_device="cpu",
-                                                       dtype=torch.float32)
+                # The first `frames` frames of the file, no more decoded.
+                clip, _ = load_video(str(video), backend="pyav", sample_indices_fn=lambda metadata, **_: np.arange(frames))
+                session = processor.init_video_session(video=clip, inference_device="cpu", dtype=torch.float32)
                 processor.add_inputs_to_inference_session(session, frame_idx=0, obj_ids=[1],
                                                           input_points=[[MEMORY_CLICK]], input_labels=[[[1]]])
                 size = [session.video_height, session.video_width]
