@@ -47,8 +47,10 @@ def tiny_video_config(**options):
     return Sam3VideoConfig(detector_config=Sam3Config(**detector), tracker_config=tracker, **settings)
 
 
-def tiny_video_model(seed: int = 0, **options):
-    """A transformers `Sam3VideoModel` at the tiny sizes, every parameter randomised (eval mode)."""
+def tiny_video_model(seed: int = 0, calibration=None, **options):
+    """A transformers `Sam3VideoModel` at the tiny sizes, every parameter randomised (eval mode).
+    calibration: (pixels (T, 3, S, S), token ids (1, L)) to spread the detector's queries on (see
+    `spread_queries`)."""
     from transformers import Sam3VideoModel
 
     torch.manual_seed(seed)
@@ -72,16 +74,44 @@ def tiny_video_model(seed: int = 0, **options):
         weight.sub_(weight.mean(dim=1, keepdim=True))
         detector.mask_decoder.instance_projection.bias.zero_()
         tracker.prompt_encoder.shared_embedding.positional_embedding.copy_(tracker.shared_image_embedding.positional_embedding)
-        tracker.mask_decoder.pred_obj_score_head.proj_out.weight.mul_(0.1)
+        tracker.mask_decoder.pred_obj_score_head.proj_out.weight.mul_(0.6)
         tracker.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(3.0)
         for mlp in tracker.mask_decoder.output_hypernetworks_mlps:
             mlp.proj_out.weight.mul_(1.5)
+    if calibration is not None:
+        spread_queries(detector, *calibration)
     return model
 
 
-def save_tiny_video_model(root: Path, seed: int = 0, **options) -> dict:
+def spread_queries(detector, pixels: torch.Tensor, token_ids: torch.Tensor) -> None:
+    """Random DETR queries come out nearly equal (3% apart), so every detection has the same mask and
+    score and no association rule could tell them apart. Project the queries' mean (over these
+    frames) out of the mask embedder's input and the score projection, and scale both up: masks of
+    different queries then overlap at IoU 0.4-0.9 and scores spread over 0.05-0.95."""
+    captured = []
+    hook = detector.mask_decoder.mask_embedder.register_forward_pre_hook(lambda module, args: captured.append(args[0][0]))
+    with torch.no_grad():
+        for frame in pixels:
+            vision = detector.get_vision_features(pixel_values=frame[None])
+            detector(vision_embeds=vision, input_ids=token_ids, attention_mask=(token_ids != 0).long())
+    hook.remove()
+    mean = torch.cat(captured).mean(dim=0)
+    direction = mean / mean.norm()
+    projection = torch.eye(len(mean)) - torch.outer(direction, direction)
+    with torch.no_grad():
+        embedder = detector.mask_decoder.mask_embedder.layers
+        for layer in embedder:
+            layer.bias.zero_()
+        embedder[0].weight.copy_(embedder[0].weight @ projection * 30.0)
+        scoring = detector.dot_product_scoring.query_proj
+        scoring.bias.sub_(scoring.weight @ mean)
+        scoring.weight.mul_(8.0)
+        scoring.bias.mul_(8.0)
+
+
+def save_tiny_video_model(root: Path, seed: int = 0, calibration=None, **options) -> dict:
     """Save one tiny model with `save_pretrained`; returns {"transformers": directory, "model": model}."""
-    model = tiny_video_model(seed, **options)
+    model = tiny_video_model(seed, calibration, **options)
     directory = Path(root) / "sam3_video"
     model.save_pretrained(directory)
     return {"transformers": directory, "model": model}

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..sam2.model import FrameFeatures
-from .frames import FrameSource, VideoLoadError
+from .frames import FrameSource
 from .predictor import SamVideoPredictor
 from .state import CachedFeatures, FrameMemory, ObjectTrack, VideoState
 
@@ -168,7 +168,6 @@ class ConceptVideoState:
     keep_alive: dict[int, int] = field(default_factory=dict)
     removed: set[int] = field(default_factory=set)
     hidden: set[int] = field(default_factory=set)  # removed by the hot-start rules: never shown
-    image_size: tuple[int, int] | None = None  # (H, W) of the first frame decoded
 
     @property
     def obj_ids(self) -> list[int]:
@@ -196,10 +195,13 @@ class Sam3ConceptVideoPredictor:
     exemplar_token: a text prompt still runs the exemplar encoder, whose cls token joins the prompt
     (True, Meta's image model) or the text goes alone (False, transformers' `Sam3VideoModel`).
     The tracker's `memory_mask_resize` ("mask", Meta's order, or "logits", transformers') applies here too.
+    non_overlap_masks: in the returned masks each pixel belongs to at most one object of a prompt
+    (the one with the highest tracker score there), as the reference's post-processing; False returns
+    each object's own mask (the memory is the same either way).
     """
 
     def __init__(self, detector, tracker, config: ConceptTrackingConfig | None = None, *,
-                 exemplar_token: bool = True) -> None:
+                 exemplar_token: bool = True, non_overlap_masks: bool = True) -> None:
         from ..sam3.model import Sam3Image
         from ..sam3.tracker import Sam3Tracker
 
@@ -217,10 +219,11 @@ class Sam3ConceptVideoPredictor:
         self.tracker = SamVideoPredictor(tracker, refine_with_previous_mask=False)
         self.config = config or ConceptTrackingConfig()
         self.exemplar_token = bool(exemplar_token)
+        self.non_overlap_masks = bool(non_overlap_masks)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "cpu", *,
-                        memory_mask_resize: str = "mask", exemplar_token: bool = True,
+                        memory_mask_resize: str = "mask", exemplar_token: bool = True, non_overlap_masks: bool = True,
                         **settings: Any) -> "Sam3ConceptVideoPredictor":
         """Both models from one checkpoint: Meta's `sam3.pt` (detector and tracker), or a
         transformers `Sam3VideoModel` `save_pretrained` directory / the hub's combined file (whose
@@ -232,7 +235,8 @@ class Sam3ConceptVideoPredictor:
         tracker = load_sam3_tracker(checkpoint, memory_mask_resize, trunk=detector.backbone.vision_backbone.trunk)
         raw = _read_config(Path(checkpoint)) or {}
         config = ConceptTrackingConfig.from_config_dict(raw if "tracker_config" in raw else None, **settings)
-        return cls(detector, tracker.to(device), config, exemplar_token=exemplar_token)
+        return cls(detector, tracker.to(device), config, exemplar_token=exemplar_token,
+                   non_overlap_masks=non_overlap_masks)
 
     @property
     def image_size(self) -> int:
@@ -399,13 +403,7 @@ class Sam3ConceptVideoPredictor:
         """Decode the frame, stretch it to S x S (PIL bicubic, as the tracker's frame loader), one ViT
         pass; the tracker's features go to its one-frame cache, the detector's are returned."""
         video = state.video
-        frame = video.frames[frame_idx]
-        if state.image_size is None:
-            state.image_size = frame.shape[:2]
-        elif tuple(frame.shape[:2]) != tuple(state.image_size):
-            raise VideoLoadError(f"frame {frame_idx} is {frame.shape[1]}x{frame.shape[0]} but the video's frames are "
-                                 f"{state.image_size[1]}x{state.image_size[0]}; every frame must have one size",
-                                 frame_idx)
+        frame = video.frames[frame_idx]  # a frame of another size raises VideoLoadError (FrameSource)
         size = self.image_size
         resized = np.array(Image.fromarray(frame).resize((size, size), Image.BICUBIC))
         pixels = torch.from_numpy(resized).to(video.device).permute(2, 0, 1)[None].float().div(255.0)
@@ -618,8 +616,8 @@ class Sam3ConceptVideoPredictor:
     def _postprocess(self, state: ConceptVideoState, frame: _RawFrame) -> ConceptFrame:
         """As transformers' `Sam3VideoProcessor.postprocess_outputs`: low-res logits to the video size
         (bilinear) and cut at 0; empty masks and hidden ids (removed by the hot-start rules, or out of
-        keep-alive) dropped; boxes from the masks; then, per prompt, each pixel kept only by the object
-        with the highest tracker score there."""
+        keep-alive) dropped; boxes from the masks; then (non_overlap_masks) per prompt each pixel kept
+        only by the object with the highest tracker score there."""
         from torchvision.ops import masks_to_boxes
 
         height, width = state.video.video_height, state.video.video_width
@@ -637,7 +635,7 @@ class Sam3ConceptVideoPredictor:
         tracker_scores = torch.tensor([frame.tracker_scores.get(obj_id, 0.0) for obj_id in obj_ids], dtype=torch.float32)
         boxes = masks_to_boxes(masks) if len(obj_ids) else torch.zeros(0, 4)
         prompt_of = [state.obj_prompt.get(obj_id, -1) for obj_id in obj_ids]
-        if len(obj_ids) > 1:
+        if len(obj_ids) > 1 and self.non_overlap_masks:
             masks = keep_top_scoring(masks, tracker_scores, prompt_of)
         labels = [state.prompts.get(prompt_id, "") for prompt_id in prompt_of]
         return ConceptFrame(frame.frame_idx, obj_ids, masks, boxes, scores, tracker_scores, labels)
