@@ -149,10 +149,14 @@ class Reference:
         self.session.prompt_attention_masks[prompt_id] = (ids != 0).long()
         return prompt_id
 
-    def propagate(self, **kwargs) -> list[dict]:
+    def propagate(self, non_overlap: bool = True, **kwargs) -> list[dict]:
+        """Every yielded frame post-processed; non_overlap=False leaves out the processor's last step
+        (each pixel to the object of highest tracker score)."""
         from transformers import Sam3VideoProcessor
 
         processor = object.__new__(Sam3VideoProcessor)  # postprocess_outputs needs none of its parts
+        if not non_overlap:
+            processor._apply_object_wise_non_overlapping_constraints = lambda masks, *args, **kwargs: masks
         frames = []
         with torch.no_grad():
             for output in self.model.propagate_in_video_iterator(self.session, **kwargs):
