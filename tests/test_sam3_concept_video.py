@@ -228,3 +228,19 @@ def test_remove_object_and_reset(saved, frames):
     assert all(0 not in frame.obj_ids for frame in later)
     predictor.reset_state(state)
     assert state.obj_ids == [] and state.prompts == {} and state.max_obj_id == -1
+
+
+def test_meta_layout_loads_and_runs_with_nms_and_hole_filling(tmp_path, frames):
+    """Meta's `sam3.pt` layout (detector and tracker on one ViT, no association settings in it): the
+    released defaults, Meta's orders, NMS and hole filling on; objects come out on every frame."""
+    from sam3_video_support import save_tiny_sam3_with_tracker
+
+    predictor = Sam3ConceptVideoPredictor.from_checkpoint(save_tiny_sam3_with_tracker(tmp_path))
+    assert predictor.config == ConceptTrackingConfig()
+    assert predictor.exemplar_token and predictor.tracker.model.memory_mask_resize == "mask"
+    assert predictor.tracker.model.image_encoder.trunk is predictor.detector.backbone.vision_backbone.trunk
+    state = predictor.init_state(frames)
+    predictor.add_text_prompt(state, TEXT)
+    ours = list(predictor.propagate_in_video(state, max_frame_num_to_track=2))
+    assert [frame.frame_idx for frame in ours] == [0, 1, 2]
+    assert all(len(frame) > 0 and frame.masks.any(dim=(1, 2)).all() for frame in ours)
