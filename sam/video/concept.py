@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..sam2.model import FrameFeatures
-from .frames import FrameSource
+from .frames import FrameSource, VideoLoadError
 from .predictor import SamVideoPredictor
 from .state import CachedFeatures, FrameMemory, ObjectTrack, VideoState
 
@@ -125,7 +125,7 @@ class ConceptFrame:
     """One frame's objects, in id order: masks (N, H, W) bool at video size, boxes (N, 4) xyxy video
     pixels (of the masks before overlaps are resolved), scores (N,) the detection score that started
     each object, tracker_scores (N,) the tracker's presence probability on this frame (the start
-    score on an object's first frame), labels the prompt text that found each object."""
+    score on an object's first frame), labels the prompt text that found each object, image the frame."""
 
     frame_idx: int
     obj_ids: list[int]
@@ -134,6 +134,7 @@ class ConceptFrame:
     scores: torch.Tensor
     tracker_scores: torch.Tensor
     labels: list[str]
+    image: np.ndarray | None = None  # the decoded frame (H, W, 3) uint8
 
     def __len__(self) -> int:
         return len(self.obj_ids)
@@ -148,6 +149,7 @@ class _RawFrame:
     scores: dict[int, float]
     tracker_scores: dict[int, float]
     suppressed: set[int]
+    image: np.ndarray | None = None
 
 
 @dataclass
@@ -320,8 +322,14 @@ class Sam3ConceptVideoPredictor:
         delay = self.config.hotstart_delay
         held: list[_RawFrame] = []
         for frame_idx in order:
-            with torch.inference_mode():
-                raw, removed = self._step(state, frame_idx, reverse)
+            try:
+                with torch.inference_mode():
+                    raw, removed = self._step(state, frame_idx, reverse)
+            except VideoLoadError:  # a damaged video: hand out the frames before the bad one first
+                for frame in held:
+                    with torch.inference_mode():
+                        yield self._postprocess(state, frame)
+                raise
             held.append(raw)
             if delay > 0:  # as the reference: without the delay, an object shows on the frame it is removed
                 state.hidden.update(removed)
@@ -342,7 +350,7 @@ class Sam3ConceptVideoPredictor:
         """Detect, track, associate, update the tracker; returns the frame's raw result and the ids
         the hot-start rules removed on it."""
         config = self.config
-        image = self._encode(state, frame_idx)
+        frame, image = self._encode(state, frame_idx)
         detections = self._detect(state, image)
         obj_ids = state.obj_ids
         track_masks, track_logits = self._track(state, frame_idx, reverse)
@@ -397,11 +405,11 @@ class Sam3ConceptVideoPredictor:
             low_res.update(zip(new_ids, new_masks))
         for obj_id in recondition_ids(recondition, obj_ids):
             low_res[obj_id] = detections.masks[plan.recondition_det[obj_id]]
-        return _RawFrame(frame_idx, low_res, dict(scores), tracker_scores, suppressed), removed
+        return _RawFrame(frame_idx, low_res, dict(scores), tracker_scores, suppressed, frame), removed
 
     def _encode(self, state: ConceptVideoState, frame_idx: int):
         """Decode the frame, stretch it to S x S (PIL bicubic, as the tracker's frame loader), one ViT
-        pass; the tracker's features go to its one-frame cache, the detector's are returned."""
+        pass; the tracker's features go to its one-frame cache. Returns the frame and the detector's features."""
         video = state.video
         frame = video.frames[frame_idx]  # a frame of another size raises VideoLoadError (FrameSource)
         size = self.image_size
@@ -413,7 +421,7 @@ class Sam3ConceptVideoPredictor:
         video.cache = CachedFeatures(frame_idx, tracker_frame_features(tracker, levels))
         from ..sam3.model import ImageFeatures
 
-        return ImageFeatures(*self.detector.backbone.vision_backbone.neck(trunk_map))
+        return frame, ImageFeatures(*self.detector.backbone.vision_backbone.neck(trunk_map))
 
     def _detect(self, state: ConceptVideoState, image) -> Detections:
         """Every prompt's detections scoring above score_threshold_detection (after mask NMS), in
@@ -624,7 +632,7 @@ class Sam3ConceptVideoPredictor:
         obj_ids = sorted(frame.low_res)
         if not obj_ids:
             return ConceptFrame(frame.frame_idx, [], torch.zeros(0, height, width, dtype=torch.bool),
-                                torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), [])
+                                torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), [], frame.image)
         low_res = torch.stack([frame.low_res[obj_id] for obj_id in obj_ids]).float()
         masks = F.interpolate(low_res[:, None], (height, width), mode="bilinear", align_corners=False)[:, 0] > 0
         hidden = frame.suppressed | state.hidden
@@ -638,7 +646,7 @@ class Sam3ConceptVideoPredictor:
         if len(obj_ids) > 1 and self.non_overlap_masks:
             masks = keep_top_scoring(masks, tracker_scores, prompt_of)
         labels = [state.prompts.get(prompt_id, "") for prompt_id in prompt_of]
-        return ConceptFrame(frame.frame_idx, obj_ids, masks, boxes, scores, tracker_scores, labels)
+        return ConceptFrame(frame.frame_idx, obj_ids, masks, boxes, scores, tracker_scores, labels, frame.image)
 
 
 # --------------------------------------------------------------------------- the rules, as functions
