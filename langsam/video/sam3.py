@@ -96,9 +96,8 @@ class Sam3ConceptRun:
 
     def step(self, index: int) -> Any:
         from langsam.result import Segmentation
-        from langsam.video.results import TrackedFrame, TrackInfo
+        from langsam.video.results import TrackedFrame, TrackInfo, mask_box
         from langsam.video.sources import check_frame
-        from langsam.video.tracker import _mask_box
 
         video = self.video
         frame = next(self.frames)
@@ -116,7 +115,7 @@ class Sam3ConceptRun:
             track.last_frame = index
         segmentation = Segmentation(
             masks=masks,
-            boxes=np.array([_mask_box(mask) for mask in masks], dtype=np.float32).reshape(-1, 4),
+            boxes=np.array([mask_box(mask) for mask in masks], dtype=np.float32).reshape(-1, 4),
             scores=np.array([video.tracks[i].score for i in obj_ids], dtype=np.float32),
             mask_scores=frame.tracker_scores.numpy().astype(np.float32),
             labels=list(frame.labels),

@@ -40,6 +40,7 @@ import numpy as np
 from langsam.detector import parse_queries
 from langsam.result import Segmentation, clip_boxes
 from langsam.video.results import TrackedFrame, TrackInfo
+from langsam.video.results import mask_box as _mask_box
 from langsam.video.sources import check_frame, frame_rate, open_video
 from langsam.video.writers import OUTPUTS, write_outputs
 
@@ -501,16 +502,6 @@ def _masks_from_logits(logits: Any, image_size: tuple[int, int]) -> np.ndarray:
         raise RuntimeError(f"the video predictor returned masks of shape {array.shape}, expected (O, 1, {height}, "
                            f"{width})")
     return array > 0
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    """Tight xyxy box of a bool mask, in pixel-edge coordinates (a 1-pixel mask at (x, y) is
-    ``[x, y, x + 1, y + 1]``); zeros for an empty mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if len(rows) == 0:
-        return np.zeros(4, dtype=np.float32)
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
 def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
