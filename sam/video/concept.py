@@ -282,8 +282,7 @@ class Sam3ConceptVideoPredictor:
         Returns the remaining ids; an unknown id raises ValueError naming the tracked ones."""
         obj_id = SamVideoPredictor._check_obj_id(obj_id)
         SamVideoPredictor._known_track(state.video, obj_id)
-        del state.video.objects[obj_id]
-        state.obj_prompt.pop(obj_id, None)
+        del state.video.objects[obj_id]  # its prompt stays known: frames still held back name it
         return state.obj_ids
 
     def reset_state(self, state: ConceptVideoState) -> None:
@@ -395,7 +394,6 @@ class Sam3ConceptVideoPredictor:
             self._add_objects(state, frame_idx, new_ids, detections.masks[torch.tensor(new_indices, dtype=torch.long)])
         for obj_id in removed:
             state.video.objects.pop(obj_id, None)
-            state.obj_prompt.pop(obj_id, None)
 
         low_res = {obj_id: mask for obj_id, mask in zip(obj_ids, track_masks)}
         if new_ids:
@@ -642,10 +640,10 @@ class Sam3ConceptVideoPredictor:
         scores = torch.tensor([frame.scores[obj_id] for obj_id in obj_ids], dtype=torch.float32)
         tracker_scores = torch.tensor([frame.tracker_scores.get(obj_id, 0.0) for obj_id in obj_ids], dtype=torch.float32)
         boxes = masks_to_boxes(masks) if len(obj_ids) else torch.zeros(0, 4)
-        prompt_of = [state.obj_prompt.get(obj_id, -1) for obj_id in obj_ids]
+        prompt_of = [state.obj_prompt[obj_id] for obj_id in obj_ids]
         if len(obj_ids) > 1 and self.non_overlap_masks:
             masks = keep_top_scoring(masks, tracker_scores, prompt_of)
-        labels = [state.prompts.get(prompt_id, "") for prompt_id in prompt_of]
+        labels = [state.prompts[prompt_id] for prompt_id in prompt_of]
         return ConceptFrame(frame.frame_idx, obj_ids, masks, boxes, scores, tracker_scores, labels, frame.image)
 
 
