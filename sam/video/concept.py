@@ -401,8 +401,8 @@ class Sam3ConceptVideoPredictor:
             if config.fill_hole_area > 0:
                 new_masks = fill_holes_and_sprinkles(new_masks, config.fill_hole_area)
             low_res.update(zip(new_ids, new_masks))
-        for obj_id in recondition_ids(recondition, obj_ids):
-            low_res[obj_id] = detections.masks[plan.recondition_det[obj_id]]
+        for index in recondition:  # a reconditioned masklet shows its detection's mask
+            low_res[obj_ids[index]] = detections.masks[plan.recondition_det[obj_ids[index]]]
         return _RawFrame(frame_idx, low_res, dict(scores), tracker_scores, suppressed, frame), removed
 
     def _encode(self, state: ConceptVideoState, frame_idx: int):
@@ -678,10 +678,6 @@ def associate(detections: Detections, track_masks: torch.Tensor, obj_ids: list[i
             recondition[int(ids[best[det_index]])] = det_index
     return Association(torch.nonzero(is_new, as_tuple=True)[0].tolist(), unmatched, matches, recondition,
                        ids[~nonempty].tolist())
-
-
-def recondition_ids(recondition: dict[int, torch.Tensor], obj_ids: list[int]) -> list[int]:
-    return [obj_ids[index] for index in recondition]
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
