@@ -3,8 +3,8 @@ tiny random weights, loaded by ours from the reference's own `save_pretrained` d
 
 The clip is real photos moving over a real background (vis_clip). Both sides get the same pixels
 (each frame stretched to the square with PIL bicubic, normalised with mean = std = 0.5) and the same
-text tokens. Ours runs in the reference's two orders (the exemplar encoder's cls token left out of a
-text prompt, masks resized as logits for the memory encoder). Where transformers cannot load its CUDA
+text tokens; ours runs with its defaults (transformers' pipeline: no exemplar cls token in a text
+prompt). Where transformers cannot load its CUDA
 kernels (on CPU, offline) it skips mask NMS and hole filling, so the saved config switches both off
 (`det_nms_thresh=0`, `fill_hole_area=0`); ours does both when asked (tested on their own here).
 
@@ -53,8 +53,7 @@ def saved(tmp_path_factory, frames):
 
 
 def predictor_for(saved, **settings) -> Sam3ConceptVideoPredictor:
-    return Sam3ConceptVideoPredictor.from_checkpoint(saved["transformers"], memory_mask_resize="logits",
-                                                     exemplar_token=False, **settings)
+    return Sam3ConceptVideoPredictor.from_checkpoint(saved["transformers"], **settings)
 
 
 def reference_for(saved, frames, **settings) -> Reference:
@@ -232,12 +231,12 @@ def test_remove_object_and_reset(saved, frames):
 
 def test_meta_layout_loads_and_runs_with_nms_and_hole_filling(tmp_path, frames):
     """Meta's `sam3.pt` layout (detector and tracker on one ViT, no association settings in it): the
-    released defaults, Meta's orders, NMS and hole filling on; objects come out on every frame."""
+    released defaults, NMS and hole filling on, the exemplar token in; objects come out on every frame."""
     from sam3_video_support import save_tiny_sam3_with_tracker
 
-    predictor = Sam3ConceptVideoPredictor.from_checkpoint(save_tiny_sam3_with_tracker(tmp_path))
+    predictor = Sam3ConceptVideoPredictor.from_checkpoint(save_tiny_sam3_with_tracker(tmp_path), exemplar_token=True)
     assert predictor.config == ConceptTrackingConfig()
-    assert predictor.exemplar_token and predictor.tracker.model.memory_mask_resize == "mask"
+    assert predictor.exemplar_token and predictor.tracker.model.memory_mask_resize == "mask"  # not used here
     assert predictor.tracker.model.image_encoder.trunk is predictor.detector.backbone.vision_backbone.trunk
     state = predictor.init_state(frames)
     predictor.add_text_prompt(state, TEXT)

@@ -194,16 +194,18 @@ class Sam3ConceptVideoPredictor:
     detector and `Sam3Tracker`, which share the ViT (the tracker must have been loaded on the
     detector's trunk, `load_sam3_tracker(..., trunk=...)`).
 
-    exemplar_token: a text prompt still runs the exemplar encoder, whose cls token joins the prompt
-    (True, Meta's image model) or the text goes alone (False, transformers' `Sam3VideoModel`).
-    The tracker's `memory_mask_resize` ("mask", Meta's order, or "logits", transformers') applies here too.
+    The pipeline is transformers' `Sam3VideoModel`'s, step for step. exemplar_token=True: a text
+    prompt also runs the exemplar encoder, whose cls token joins the prompt, as Meta's models do
+    (its image model, and its video model with an empty geometric prompt); False (default):
+    the text goes alone, as transformers'. Masks reach the memory encoder as logits resized to its
+    input (both references' order here), whatever the tracker's `memory_mask_resize`.
     non_overlap_masks: in the returned masks each pixel belongs to at most one object of a prompt
     (the one with the highest tracker score there), as the reference's post-processing; False returns
     each object's own mask (the memory is the same either way).
     """
 
     def __init__(self, detector, tracker, config: ConceptTrackingConfig | None = None, *,
-                 exemplar_token: bool = True, non_overlap_masks: bool = True) -> None:
+                 exemplar_token: bool = False, non_overlap_masks: bool = True) -> None:
         from ..sam3.model import Sam3Image
         from ..sam3.tracker import Sam3Tracker
 
@@ -225,7 +227,7 @@ class Sam3ConceptVideoPredictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device = "cpu", *,
-                        memory_mask_resize: str = "mask", exemplar_token: bool = True, non_overlap_masks: bool = True,
+                        exemplar_token: bool = False, non_overlap_masks: bool = True,
                         **settings: Any) -> "Sam3ConceptVideoPredictor":
         """Both models from one checkpoint: Meta's `sam3.pt` (detector and tracker), or a
         transformers `Sam3VideoModel` `save_pretrained` directory / the hub's combined file (whose
@@ -234,7 +236,7 @@ class Sam3ConceptVideoPredictor:
         from ..sam3.tracker import load_sam3_tracker
 
         detector = load_sam3(checkpoint).to(device)
-        tracker = load_sam3_tracker(checkpoint, memory_mask_resize, trunk=detector.backbone.vision_backbone.trunk)
+        tracker = load_sam3_tracker(checkpoint, trunk=detector.backbone.vision_backbone.trunk)
         raw = _read_config(Path(checkpoint)) or {}
         config = ConceptTrackingConfig.from_config_dict(raw if "tracker_config" in raw else None, **settings)
         return cls(detector, tracker.to(device), config, exemplar_token=exemplar_token,
@@ -584,10 +586,18 @@ class Sam3ConceptVideoPredictor:
         masks = suppress_shrunk_masks(masks, [state.obj_prompt[track.obj_id] for track in tracks])
         present = torch.where((masks > 0).any(dim=(-1, -2)), 10.0, -10.0)
         features = video.cache.features
-        memory = self.tracker._encode_memory(video, features, masks, present, binarize=False)
+        memory = self.tracker._encode_memory(video, features, self._memory_size(masks), present, binarize=False)
         for index, track in enumerate(tracks):
             output = track.cond.get(frame_idx) or track.tracked.get(frame_idx)
             output.maskmem_features = memory[index : index + 1]
+
+    def _memory_size(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, 1, s, s) logits resized (bilinear, antialiased) to the memory encoder's input size,
+        before any sigmoid or binarisation, as both references do in this pipeline."""
+        size = self.tracker.model.memory_encoder.mask_downsampler.mask_size
+        if tuple(masks.shape[-2:]) == (size, size):
+            return masks
+        return F.interpolate(masks.float(), (size, size), mode="bilinear", align_corners=False, antialias=True)
 
     def _add_objects(self, state: ConceptVideoState, frame_idx: int, new_ids: list[int], det_masks: torch.Tensor) -> None:
         """New objects from their detection masks (logits >= 0.5), each taken as the answer on its
@@ -613,7 +623,8 @@ class Sam3ConceptVideoPredictor:
             added.append(track)
             high_res.append(output.high_res_masks)
             logits.append(output.object_score_logits)
-        memory = self.tracker._encode_memory(video, features, torch.cat(high_res), torch.cat(logits), binarize=True)
+        memory = self.tracker._encode_memory(video, features, self._memory_size(torch.cat(high_res)),
+                                             torch.cat(logits), binarize=True)
         for index, track in enumerate(again):
             track.tracked[frame_idx].maskmem_features = memory[index : index + 1]
         for index, track in enumerate(added, start=len(again)):
