@@ -145,7 +145,7 @@ def test_reverse_propagation_matches_transformers(saved, frames):
     predictor.add_text_prompt(state, TEXT)
     ours = list(predictor.propagate_in_video(state, start_frame_idx=NUM_FRAMES - 1, reverse=True))
     assert [frame.frame_idx for frame in ours] == list(range(NUM_FRAMES - 2, -1, -1))
-    assert_same_run(theirs, ours, "reverse")
+    assert_same_run(theirs, ours, "reverse", min_fill=0.05)
     assert any(len(frame) for frame in ours)
     assert state.removed == reference.session.removed_obj_ids
 
