@@ -243,3 +243,36 @@ def test_meta_layout_loads_and_runs_with_nms_and_hole_filling(tmp_path, frames):
     ours = list(predictor.propagate_in_video(state, max_frame_num_to_track=2))
     assert [frame.frame_idx for frame in ours] == [0, 1, 2]
     assert all(len(frame) > 0 and frame.masks.any(dim=(1, 2)).all() for frame in ours)
+
+
+def test_a_removal_frame_keeps_each_mask_with_its_id(saved, frames):
+    """Where ours differs from transformers on purpose. Unmatched twice within the hot-start delay,
+    objects 0-6 (started on frame 0) are removed on frame 2 while 7-12 (started on frame 1) stay.
+    transformers then pairs frame 2's masks, still listed 0..12, with the shortened id list 7..12, so
+    object 7 gets object 0's mask; ours keeps each object's own mask (and agrees everywhere else)."""
+    settings = dict(STRICT, hotstart_delay=4, hotstart_unmatch_thresh=2, hotstart_dup_thresh=4)
+    predictor = predictor_for(saved, **settings)
+    reference = reference_for(saved, frames, **settings)
+    with torch.no_grad():
+        theirs = {out.frame_idx: out for out in reference.model.propagate_in_video_iterator(reference.session)}
+    state = predictor.init_state(frames)
+    predictor.add_text_prompt(state, TEXT)
+    ours = {}
+    step = predictor._step
+
+    def keep_raw(*args):
+        raw, removed = step(*args)
+        ours[raw.frame_idx] = raw
+        return raw, removed
+
+    predictor._step = keep_raw
+    list(predictor.propagate_in_video(state))
+    assert reference.session.removed_obj_ids == state.removed == set(range(13))  # 7-12 go on frame 3
+    for frame_idx in (0, 1):
+        assert sorted(theirs[frame_idx].obj_id_to_mask) == sorted(ours[frame_idx].low_res)
+        for obj_id, mask in theirs[frame_idx].obj_id_to_mask.items():
+            torch.testing.assert_close(ours[frame_idx].low_res[obj_id], mask[0], atol=1e-2, rtol=0)
+    assert sorted(theirs[2].obj_id_to_mask) == list(range(7, 13)) and sorted(ours[2].low_res) == list(range(13))
+    for shifted, obj_id in enumerate(range(7, 13)):
+        torch.testing.assert_close(theirs[2].obj_id_to_mask[obj_id][0], ours[2].low_res[shifted], atol=1e-2, rtol=0)
+        assert (theirs[2].obj_id_to_mask[obj_id][0] - ours[2].low_res[obj_id]).abs().max() > 0.1
