@@ -157,6 +157,11 @@ def bench_parity(args, workdir: Path) -> None:
     print(f"    ratio ours / transformers: {statistics.median(ratios):.2f}x (target <= 0.75x)")
 
 
+def number(value) -> str:
+    """A metric in six columns; undefined ones (no detections, no matches) as "-"."""
+    return f"{value:6.3f}" if value is not None else f"{'-':>6s}"
+
+
 def track_and_score(pipeline, frames, ground_truth, out: Path, **track_kwargs) -> tuple[float, dict]:
     from langsam.video.metrics import evaluate_video
 
@@ -197,9 +202,8 @@ def bench_trackers(args, workdir: Path) -> None:
     for name, seconds, report in rows:
         identity = report["identity"]["overall"]
         objects = len(json.loads((workdir / name.split()[0] / "tracks.json").read_text())["annotations"])
-        ap = report["ap"]["ap"]
-        print(f"    {name:44s} {seconds:8.3f} {objects:7d} {report['jf']['jf']:6.3f} {identity['idf1']:6.3f} "
-              f"{identity['id_switches']:5d} {ap if ap is not None else float('nan'):6.3f}")
+        print(f"    {name:44s} {seconds:8.3f} {objects:7d} {number(report['jf']['J&F'])} {number(identity['idf1'])} "
+              f"{identity['num_switches']:5d} {number(report['ap']['ap'])}")
     if args.report:
         Path(args.report).write_text(json.dumps({name: dict(s_per_frame=s, **report) for name, s, report in rows},
                                                 indent=1, default=str))
