@@ -13,7 +13,8 @@ side on a clip with ground truth.
    propagate_in_video for ours. The settings are the test's strict thresholds (several objects live
    through the clip, more start on frame 1), with the last one-object-per-pixel step off on both
    sides (its winner is decided by tracker scores ~1e-5 apart, below float noise) and mask NMS and
-   hole filling off (transformers skips both without its CUDA kernels). Each run is checked: the
+   hole filling off (transformers skips both without its CUDA kernels); --released: the released
+   thresholds instead (frame 0's detections start objects, the hot-start rule removes duplicates). Each run is checked: the
    same frames, the same object ids per frame, every mask at IoU >= 0.99. The two sides alternate
    after a warm-up; prints the median seconds per frame of each and the median ratio.
    --size tiny: the test's model (168 px, 32-wide ViT, 128-wide heads). --size wide: the released
@@ -133,9 +134,10 @@ def bench_parity(args, workdir: Path) -> None:
 
     frames = moving_objects_clip(args.frames, HEIGHT, WIDTH)[0]
     directory, model, image_size = build_model(args.size, frames, workdir)
-    for name, value in {**ConceptTrackingConfig(**UNCHECKED).__dict__, **STRICT}.items():
+    settings = {} if args.released else STRICT
+    for name, value in {**ConceptTrackingConfig(**UNCHECKED).__dict__, **settings}.items():
         setattr(model, name, value)  # Sam3VideoModel reads its settings from attributes
-    predictor = Sam3ConceptVideoPredictor.from_checkpoint(directory, non_overlap_masks=False, **STRICT)
+    predictor = Sam3ConceptVideoPredictor.from_checkpoint(directory, non_overlap_masks=False, **settings)
     ours_s, theirs_s = [], []
     with torch.inference_mode():
         objects, lowest = check_parity(run_theirs(model, frames, image_size), run_ours(predictor, frames))  # warm-up
@@ -150,7 +152,8 @@ def bench_parity(args, workdir: Path) -> None:
             lowest = min(lowest, worst)
     ratios = [o / t for o, t in zip(ours_s, theirs_s)]
     print(f"[1] concept video, --size {args.size} ({image_size} px), {args.frames} frames {WIDTH}x{HEIGHT}, "
-          f"{objects} objects on the last frame, {args.repeats} repeats, threads {torch.get_num_threads()}")
+          f"{'released' if args.released else 'strict'} thresholds, {objects} objects on the last frame, "
+          f"{args.repeats} repeats, threads {torch.get_num_threads()}")
     print(f"    parity: same ids on every frame, lowest mask IoU {lowest:.4f}")
     print(f"    transformers Sam3VideoModel: median {statistics.median(theirs_s) / args.frames:.3f} s/frame")
     print(f"    ours Sam3ConceptVideoPredictor: median {statistics.median(ours_s) / args.frames:.3f} s/frame")
@@ -214,6 +217,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=6, help="clip length for part 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", choices=("tiny", "wide"), default="tiny")
+    parser.add_argument("--released", action="store_true",
+                        help="part 1 at the released association thresholds instead of the test's strict ones")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--track-frames", type=int, default=8, help="clip length for part 2")
     parser.add_argument("--detect-every", type=int, default=4)
