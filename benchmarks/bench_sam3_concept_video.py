@@ -2,7 +2,7 @@
 transformers' Sam3VideoModel + Sam3VideoProcessor, then the two trackers of `LangSAM.track` side by
 side on a clip with ground truth.
 
-    python benchmarks/bench_sam3_concept_video.py [--frames 6] [--repeats 3] [--threads 2]
+    python benchmarks/bench_sam3_concept_video.py [--frames 6] [--repeats 3] [--threads 1]
                                                   [--size tiny|wide] [--track-frames 8] [--skip-track]
 
 1. Speed and parity. The same random weights (tests/sam3_concept_support.py: every parameter
@@ -30,6 +30,9 @@ side on a clip with ground truth.
    `langsam.video.metrics.evaluate_video` against the clip's ground truth: J&F, IDF1, ID switches,
    video mask AP. The weights are random, so the metrics are low; the point is that the tool
    reports them side by side.
+
+On a shared, loaded machine use --threads 1: with 2 threads both sides ran 10-25x slower and the
+ratio swung between runs.
 """
 
 from __future__ import annotations
