@@ -170,21 +170,15 @@ def test_a_failing_fused_call_falls_back_to_one_at_a_time(worker, monkeypatch):
     assert_same_answers(fused, unfused)
 
 
-@pytest.mark.parametrize("family", list(FACTORIES))
-def test_predict_fused_equals_predict(family, images):
+def test_predict_fused_equals_predict(worker):
     """The predictor on its own: logits (return_logits), scores and low-res logits of every set
     equal `set_embedding` + `predict`, also when groups are split (max_batch)."""
-    from test_serve_support import make_tiny_sam_pipeline, make_sam2_pipeline
-
-    pipeline = (make_tiny_sam_pipeline if family == "sam1" else make_sam2_pipeline)()
-    predictor = pipeline.predictor
-    stored = []
-    for image in images[:2]:
-        predictor.set_image(image)
-        stored.append((predictor.features, predictor.original_size, predictor.input_size))
+    predictor = worker.fused.pipeline.predictor
+    stored = [(entry.features, entry.original_size, entry.input_size)
+              for entry in (worker.fused.images.get(image_id) for image_id in worker.ids[:2])]
     rng = np.random.default_rng(0)
     prompts = []
-    for index, count in enumerate([1, 2, 1, 0, 1, 2]):
+    for index, count in enumerate([1, 2, 1, 0, 1]):
         height, width = stored[index % 2][1]
         prompts.append({
             "point_coords": np.c_[rng.uniform(0, width, count), rng.uniform(0, height, count)] if count else None,
@@ -212,7 +206,7 @@ def test_predict_fused_equals_predict(family, images):
         predictor.prompt_set(np.zeros(3), *stored[0][1:], box=[0, 0, 5, 5])
 
 
-def test_switch(monkeypatch, images, decoder_calls):
+def test_switch(monkeypatch, worker, decoder_calls):
     monkeypatch.delenv("LANGSAM_SERVE_FUSE", raising=False)
     assert ServeConfig().fuse_decoder is True
     monkeypatch.setenv("LANGSAM_SERVE_FUSE", "0")
@@ -228,14 +222,14 @@ def test_switch(monkeypatch, images, decoder_calls):
         ServeConfig(fuse_decoder="yes")
     # Switched off by the environment, a worker decodes each job alone: the same answers.
     monkeypatch.setenv("LANGSAM_SERVE_FUSE", "0")
-    worker = Worker(FACTORIES["sam1"], images[:2], fuse=None)
-    assert worker.fused.config.fuse_decoder is False
+    api = LangSAMAPI(ServeConfig(pipeline_factory=FACTORIES["sam1"], models={"device": "cpu"}))
+    assert api.config.fuse_decoder is False
+    api.pipeline, api.images = worker.fused.pipeline, worker.fused.images
     batch = [click(worker.ids[0], points=[[100.0, 100.0]], labels=[1]),
              click(worker.ids[1], points=[[30.0, 20.0]], labels=[1])]
     decoder_calls.clear()
-    off = worker.run(worker.fused, batch)
+    off = worker.run(api, batch)
     assert decoder_calls == [1, 1]
-    worker.fused.config.fuse_decoder = True
     decoder_calls.clear()
     on = worker.run(worker.fused, batch)
     assert decoder_calls == [2]
