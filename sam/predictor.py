@@ -301,7 +301,8 @@ class SamPredictor:
             masks = masks > self.mask_threshold
         if self.family == "sam2":
             low_res_logits = low_res_logits.clamp(-32.0, 32.0)
-        return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy(), low_res_logits[0].cpu().numpy()
+        # Copies: views would keep the whole call's (B, 4, 256, 256) logits alive with each answer.
+        return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy().copy(), low_res_logits[0].cpu().numpy().copy()
 
     def predict_batch(
         self,
