@@ -273,7 +273,10 @@ class SamPredictor:
                 part = indices[start : start + step]
                 features = _cat_features([prompt_sets[index].features for index in part])
                 sparse = torch.cat([embedded[index][0] for index in part])
-                dense = torch.cat([embedded[index][1] for index in part])
+                if any(prompt_sets[index].mask_input is not None for index in part):
+                    dense = torch.cat([embedded[index][1] for index in part])
+                else:  # every set's dense embedding is no_mask_embed: broadcast it, not copy it
+                    dense = embedded[part[0]][1].expand(len(part), -1, -1, -1)
                 decoded = self.model.decode_each(
                     features, sparse, dense, [prompt_sets[index].multimask_output for index in part]
                 )
