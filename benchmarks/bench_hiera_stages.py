@@ -373,7 +373,9 @@ def main() -> None:
         """(median seconds, GFLOP) of one component; 'other' is the stage total minus the rest."""
         recorders, stage_totals = samples[(name, side)], totals[(name, side)]
         if component == "other":
-            seconds = [t - sum(v for k, v in r.seconds.items() if k != "other") for r, t in zip(recorders, stage_totals)]
+            seconds = [
+                total - sum(v for k, v in r.seconds.items() if k != "other") for r, total in zip(recorders, stage_totals)
+            ]
         else:
             seconds = [r.seconds.get(component, 0.0) for r in recorders]
         return statistics.median(seconds), recorders[0].flops.get(component, 0.0) / 1e9

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from sam2_factory import TINY_WIDTH, build_reference_sam2, make_tiny_sam2
-from sam_factory import real_photo
+from sam_factory import randomize_parameters, real_photo
 
 from sam.transforms import ResizeSquare, transform_for
 
@@ -314,3 +314,45 @@ def test_position_embedding_cache_follows_parameter_changes():
         assert torch.equal(trunk.position_embedding(64, 64), fresh())
     with_grad = trunk.position_embedding(64, 64)
     assert with_grad.requires_grad and with_grad is not trunk.position_embedding(64, 64)
+
+
+@pytest.mark.parametrize("q_stride", [None, (2, 2)])
+def test_banded_blocks_and_chunked_mlp_match_the_eager_path(monkeypatch, q_stride):
+    """At inference a windowed block on a large grid runs one band of window rows at a time,
+    and an MLP on a large unbanded grid in token chunks; both match the plain eager path."""
+    from sam.sam2.hiera import GeluMLP, MultiScaleBlock
+
+    torch.manual_seed(0)
+    block = randomize_parameters(MultiScaleBlock(16, 32, 2, q_stride=q_stride, window_size=8), seed=1).eval()
+    x = torch.randn(2, 40, 24, 16)
+    with torch.inference_mode():
+        block.fused = False
+        expected = block(x)
+        block.fused = True
+        monkeypatch.setattr(MultiScaleBlock, "band_tokens", 100 // torch.get_num_threads())
+        bands = []
+
+        def one_band(band: torch.Tensor) -> torch.Tensor:
+            bands.append(band.shape)
+            return MultiScaleBlock._forward(block, band)
+
+        monkeypatch.setattr(block, "_forward", one_band)
+        banded = block(x)  # 2 * 40 * 24 tokens: bands of one window row (2 * 8 * 24 tokens)
+        assert bands == [(2, 8, 24, 16)] * 5
+        assert banded.shape == expected.shape == (2, 40 // (2 if q_stride else 1), 24 // (2 if q_stride else 1), 32)
+        assert (banded - expected).abs().max().item() <= 1e-5
+
+        mlp = block.mlp
+        tokens, residual = torch.randn(3, 20, 32), torch.randn(3, 20, 32)
+        monkeypatch.setattr(GeluMLP, "chunk_tokens", 7 // torch.get_num_threads() or 1)
+        chunks = []
+
+        def chunked_forward(*args) -> torch.Tensor:
+            chunks.append(args[-1])
+            return GeluMLP._forward_chunked(mlp, *args)
+
+        monkeypatch.setattr(mlp, "_forward_chunked", chunked_forward)
+        chunked = mlp(tokens, residual=residual)
+        assert chunks
+        plain = mlp(tokens, residual=residual, fused=False)
+        assert (chunked - plain).abs().max().item() <= 1e-5

@@ -86,10 +86,12 @@ def linear_weights(
 
     With `fused` (inference), the GELU and the sum run in place on the product: the same
     operations as the eager path, so the same bits, without allocating (and first touching)
-    a second output. `out`: a contiguous (M, N) buffer for a 2-D x to write the product into.
-    The matrix product itself is always `F.linear` / `addmm` (MKL on CPU): on our CPUs the fused
-    oneDNN kernels we used to call were slower than it from 448 input features up (the bulk
-    of base+), and keeping the epilogue in cache (see `GeluMLP`) recovers what fusion saved.
+    a second output. `out`: a contiguous (M, N) buffer to write the product into (2-D x).
+    The product is always `F.linear` / `addmm` (MKL on CPU). The oneDNN kernels with the GELU
+    or the sum fused in, used here before, were slower than MKL plus a separate pass from 448
+    input features up on the 2-core AMD EPYC (AVX2) dev machine, the GELU one by up to 50%,
+    and running the small-width stages in cache-sized pieces (`GeluMLP`, `MultiScaleBlock`)
+    saves the memory traffic that fusing saved.
     """
     if out is not None and bias is not None and x.dim() == 2:
         y = torch.addmm(bias, x, weight.t(), out=out)  # what F.linear computes for 2-D inputs
@@ -111,9 +113,10 @@ def linear_weights(
 class GeluMLP(nn.Module):
     """Linear -> GELU -> ... -> Linear (`layers.i` as in the SAM 2 checkpoints)."""
 
-    # With `fused`, token grids above this many tokens run the MLP this many tokens at a time:
-    # the 4x-wide hidden activations of one chunk stay in cache between the two products
-    # instead of making a round trip through memory (stage 1 of base+: 117 MB).
+    # With `fused`, grids of more than twice this many tokens per thread run the MLP this many
+    # tokens per thread at a time: the 4x-wide hidden activations of a chunk stay in cache
+    # between the two products instead of a round trip through memory (base+ stage 1: 117 MB).
+    # Per thread, so that more threads get fewer, larger pieces (fewer parallel regions).
     chunk_tokens = 2048
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
@@ -127,21 +130,22 @@ class GeluMLP(nn.Module):
     ) -> torch.Tensor:
         """MLP(x), plus `residual` if given (summed in place where possible)."""
         tokens = x.numel() // x.shape[-1]
-        if fused and tokens > 2 * self.chunk_tokens and x.is_contiguous() and _epilogue_in_place(x):
-            return self._forward_chunked(x, residual)
+        chunk = self.chunk_tokens * torch.get_num_threads()
+        if fused and tokens > 2 * chunk and x.is_contiguous() and _epilogue_in_place(x):
+            return self._forward_chunked(x, residual, chunk)
         for layer in self.layers[:-1]:
             x = linear(x, layer, gelu=True, fused=fused)
         return linear(x, self.layers[-1], residual=residual, fused=fused)
 
-    def _forward_chunked(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _forward_chunked(self, x: torch.Tensor, residual: torch.Tensor | None, chunk_tokens: int) -> torch.Tensor:
         """The same per-token arithmetic, `chunk_tokens` rows at a time, into one output."""
         last = self.layers[-1]
         rows = x.reshape(-1, x.shape[-1])
         out = torch.empty(rows.shape[0], last.out_features, dtype=x.dtype, device=x.device)
         if residual is not None:
             residual = residual.expand(*x.shape[:-1], last.out_features).reshape(out.shape)
-        for start in range(0, rows.shape[0], self.chunk_tokens):
-            chunk = slice(start, start + self.chunk_tokens)
+        for start in range(0, rows.shape[0], chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
             hidden = rows[chunk]
             for layer in self.layers[:-1]:
                 hidden = linear(hidden, layer, gelu=True)
@@ -202,6 +206,7 @@ class MultiScaleBlock(nn.Module):
     """Pre-norm transformer block; at a stage change it also pools (q_stride) and widens."""
 
     fused = True  # in-place epilogues and cache-sized MLP chunks at inference; False: plain eager path
+    band_tokens = 2048  # with fused: windowed blocks on larger grids run in bands of this many tokens per thread
 
     def __init__(
         self,
@@ -225,6 +230,39 @@ class MultiScaleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, dim) -> (B, H', W', dim_out)."""
+        batch, height, width, _ = x.shape
+        window = self.window_size
+        if (
+            self.fused
+            and window > 0
+            and height % window == 0
+            and width % window == 0
+            and batch * height * width > 2 * self.band_tokens * torch.get_num_threads()
+            and _epilogue_in_place(x)
+        ):
+            return self._forward_in_bands(x)
+        return self._forward(x)
+
+    def _forward_in_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """A windowed block on a large grid, one band of window rows at a time.
+
+        Windowed attention, the norms, the MLP and the pooled shortcut all stay inside a row
+        of windows, so each band is a complete block on its own: the same arithmetic, with
+        every intermediate (qkv, attention output, MLP hidden) cache-sized.
+        """
+        batch, height, width, _ = x.shape
+        window = self.window_size
+        row_stride = self.q_stride[0] if self.q_stride is not None else 1
+        band_rows = max(1, self.band_tokens * torch.get_num_threads() // (batch * width * window)) * window
+        out = None
+        for top in range(0, height, band_rows):
+            band = self._forward(x[:, top : top + band_rows])
+            if out is None:
+                out = band.new_empty(batch, height // row_stride, band.shape[2], band.shape[3])
+            out[:, top // row_stride : top // row_stride + band.shape[1]] = band
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused
         shortcut = x
         x = self.norm1(x)
