@@ -318,41 +318,53 @@ def test_position_embedding_cache_follows_parameter_changes():
 
 @pytest.mark.parametrize("q_stride", [None, (2, 2)])
 def test_banded_blocks_and_chunked_mlp_match_the_eager_path(monkeypatch, q_stride):
-    """At inference a windowed block on a large grid runs one band of window rows at a time,
-    and an MLP on a large unbanded grid in token chunks; both match the plain eager path."""
+    """At one-thread inference a windowed block on a large grid runs one band of window rows
+    at a time, and an MLP on a large unbanded grid in token chunks: both match the plain eager
+    path. With more threads both run whole."""
     from sam.sam2.hiera import GeluMLP, MultiScaleBlock
 
     torch.manual_seed(0)
     block = randomize_parameters(MultiScaleBlock(16, 32, 2, q_stride=q_stride, window_size=8), seed=1).eval()
+    mlp = block.mlp
+    monkeypatch.setattr(MultiScaleBlock, "band_tokens", 100)
+    monkeypatch.setattr(GeluMLP, "chunk_tokens", 7)
+    bands, chunks = [], []
+
+    def one_band(band: torch.Tensor) -> torch.Tensor:
+        bands.append(tuple(band.shape))
+        return MultiScaleBlock._forward(block, band)
+
+    def chunked(*args) -> torch.Tensor:
+        chunks.append(args)
+        return GeluMLP._forward_chunked(mlp, *args)
+
+    monkeypatch.setattr(block, "_forward", one_band)
+    monkeypatch.setattr(mlp, "_forward_chunked", chunked)
     x = torch.randn(2, 40, 24, 16)
-    with torch.inference_mode():
-        block.fused = False
-        expected = block(x)
-        block.fused = True
-        monkeypatch.setattr(MultiScaleBlock, "band_tokens", 100 // torch.get_num_threads())
-        bands = []
-
-        def one_band(band: torch.Tensor) -> torch.Tensor:
-            bands.append(band.shape)
-            return MultiScaleBlock._forward(block, band)
-
-        monkeypatch.setattr(block, "_forward", one_band)
-        banded = block(x)  # 2 * 40 * 24 tokens: bands of one window row (2 * 8 * 24 tokens)
-        assert bands == [(2, 8, 24, 16)] * 5
-        assert banded.shape == expected.shape == (2, 40 // (2 if q_stride else 1), 24 // (2 if q_stride else 1), 32)
-        assert (banded - expected).abs().max().item() <= 1e-5
-
-        mlp = block.mlp
-        tokens, residual = torch.randn(3, 20, 32), torch.randn(3, 20, 32)
-        monkeypatch.setattr(GeluMLP, "chunk_tokens", 7 // torch.get_num_threads() or 1)
-        chunks = []
-
-        def chunked_forward(*args) -> torch.Tensor:
-            chunks.append(args[-1])
-            return GeluMLP._forward_chunked(mlp, *args)
-
-        monkeypatch.setattr(mlp, "_forward_chunked", chunked_forward)
-        chunked = mlp(tokens, residual=residual)
-        assert chunks
-        plain = mlp(tokens, residual=residual, fused=False)
-        assert (chunked - plain).abs().max().item() <= 1e-5
+    tokens, residual = torch.randn(3, 20, 32), torch.randn(3, 20, 32)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            block.fused = False
+            expected = block(x)
+            expected_mlp = mlp(tokens, residual=residual, fused=False)
+            block.fused = True
+            torch.set_num_threads(1)
+            banded = block(x)  # 2 * 40 * 24 tokens: 5 bands of one window row
+            assert bands[-5:] == [(2, 8, 24, 16)] * 5
+            chunks.clear()
+            chunked_mlp = mlp(tokens, residual=residual)
+            assert chunks
+            torch.set_num_threads(2)
+            bands.clear()
+            chunks.clear()
+            whole, whole_mlp = block(x), mlp(tokens, residual=residual)
+            assert bands == [(2, 40, 24, 16)] and not chunks
+    finally:
+        torch.set_num_threads(threads)
+    stride = 2 if q_stride else 1
+    assert banded.shape == expected.shape == (2, 40 // stride, 24 // stride, 32)
+    for result in (banded, whole):
+        assert (result - expected).abs().max().item() <= 1e-5
+    for result in (chunked_mlp, whole_mlp):
+        assert (result - expected_mlp).abs().max().item() <= 1e-5

@@ -61,6 +61,18 @@ def _epilogue_in_place(y: torch.Tensor) -> bool:
     return not torch.jit.is_tracing()
 
 
+def _run_in_pieces() -> bool:
+    """Cache-sized pieces (`GeluMLP` chunks, `MultiScaleBlock` bands) only with one thread.
+
+    With several threads every op is a parallel region that ends when its slowest thread does;
+    on a machine shared with other work a descheduled thread stretches each such wait to a
+    scheduler time slice, and pieces multiply the regions (hiera tiny at 2 threads with one of
+    2 cores busy elsewhere: 10.7 s in pieces, 6.3 s whole). One thread has no such waits, and
+    there the pieces save 15-20% of the stage-1 and stage-2 MLP time.
+    """
+    return torch.get_num_threads() == 1
+
+
 def linear(
     x: torch.Tensor,
     layer: nn.Linear,
@@ -113,10 +125,9 @@ def linear_weights(
 class GeluMLP(nn.Module):
     """Linear -> GELU -> ... -> Linear (`layers.i` as in the SAM 2 checkpoints)."""
 
-    # With `fused`, grids of more than twice this many tokens per thread run the MLP this many
-    # tokens per thread at a time: the 4x-wide hidden activations of a chunk stay in cache
-    # between the two products instead of a round trip through memory (base+ stage 1: 117 MB).
-    # Per thread, so that more threads get fewer, larger pieces (fewer parallel regions).
+    # With `fused` and one thread, grids of more than twice this many tokens run the MLP this many
+    # tokens at a time: the 4x-wide hidden activations of a chunk stay in cache between the two
+    # products instead of a round trip through memory (base+ stage 1: 117 MB).
     chunk_tokens = 2048
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
@@ -130,22 +141,22 @@ class GeluMLP(nn.Module):
     ) -> torch.Tensor:
         """MLP(x), plus `residual` if given (summed in place where possible)."""
         tokens = x.numel() // x.shape[-1]
-        chunk = self.chunk_tokens * torch.get_num_threads()
-        if fused and tokens > 2 * chunk and x.is_contiguous() and _epilogue_in_place(x):
-            return self._forward_chunked(x, residual, chunk)
+        large = tokens > 2 * self.chunk_tokens and x.is_contiguous()
+        if fused and large and _epilogue_in_place(x) and _run_in_pieces():
+            return self._forward_chunked(x, residual)
         for layer in self.layers[:-1]:
             x = linear(x, layer, gelu=True, fused=fused)
         return linear(x, self.layers[-1], residual=residual, fused=fused)
 
-    def _forward_chunked(self, x: torch.Tensor, residual: torch.Tensor | None, chunk_tokens: int) -> torch.Tensor:
+    def _forward_chunked(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The same per-token arithmetic, `chunk_tokens` rows at a time, into one output."""
         last = self.layers[-1]
         rows = x.reshape(-1, x.shape[-1])
         out = torch.empty(rows.shape[0], last.out_features, dtype=x.dtype, device=x.device)
         if residual is not None:
             residual = residual.expand(*x.shape[:-1], last.out_features).reshape(out.shape)
-        for start in range(0, rows.shape[0], chunk_tokens):
-            chunk = slice(start, start + chunk_tokens)
+        for start in range(0, rows.shape[0], self.chunk_tokens):
+            chunk = slice(start, start + self.chunk_tokens)
             hidden = rows[chunk]
             for layer in self.layers[:-1]:
                 hidden = linear(hidden, layer, gelu=True)
@@ -206,7 +217,7 @@ class MultiScaleBlock(nn.Module):
     """Pre-norm transformer block; at a stage change it also pools (q_stride) and widens."""
 
     fused = True  # in-place epilogues and cache-sized MLP chunks at inference; False: plain eager path
-    band_tokens = 2048  # with fused: windowed blocks on larger grids run in bands of this many tokens per thread
+    band_tokens = 2048  # with fused and one thread: windowed blocks on larger grids run in bands of this many tokens
 
     def __init__(
         self,
@@ -237,8 +248,9 @@ class MultiScaleBlock(nn.Module):
             and window > 0
             and height % window == 0
             and width % window == 0
-            and batch * height * width > 2 * self.band_tokens * torch.get_num_threads()
+            and batch * height * width > 2 * self.band_tokens
             and _epilogue_in_place(x)
+            and _run_in_pieces()
         ):
             return self._forward_in_bands(x)
         return self._forward(x)
@@ -253,7 +265,7 @@ class MultiScaleBlock(nn.Module):
         batch, height, width, _ = x.shape
         window = self.window_size
         row_stride = self.q_stride[0] if self.q_stride is not None else 1
-        band_rows = max(1, self.band_tokens * torch.get_num_threads() // (batch * width * window)) * window
+        band_rows = max(1, self.band_tokens // (batch * width * window)) * window
         out = None
         for top in range(0, height, band_rows):
             band = self._forward(x[:, top : top + band_rows])
