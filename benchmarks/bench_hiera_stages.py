@@ -15,8 +15,10 @@ the code that runs is the code users run. FLOPs are counted from the shapes each
 each attention call actually gets (so window padding counts; multiply-add = 2 FLOPs).
 
 Prints, per stage and per component: median ms, GFLOP, GFLOP/s as % of the measured peak, and
-the ours/reference ratio. With --threads 1 (the default) the process CPU time is used, which
-on a shared machine measures the work itself; --clock wall for wall time.
+the ours/reference ratio; then the bound: how long ours would take with every qkv / proj / MLP
+product at 100% of the peak and everything else as measured. With --threads 1 (the default)
+the process CPU time is used, which on a shared machine measures the work itself; --clock wall
+for wall time. The peak is measured again after the runs, and the higher figure used.
 """
 
 from __future__ import annotations
