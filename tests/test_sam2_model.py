@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from sam2_factory import TINY_WIDTH, build_reference_sam2, make_tiny_sam2
-from sam_factory import real_photo
+from sam_factory import randomize_parameters, real_photo
 
 from sam.transforms import ResizeSquare, transform_for
 
@@ -314,3 +314,57 @@ def test_position_embedding_cache_follows_parameter_changes():
         assert torch.equal(trunk.position_embedding(64, 64), fresh())
     with_grad = trunk.position_embedding(64, 64)
     assert with_grad.requires_grad and with_grad is not trunk.position_embedding(64, 64)
+
+
+@pytest.mark.parametrize("q_stride", [None, (2, 2)])
+def test_banded_blocks_and_chunked_mlp_match_the_eager_path(monkeypatch, q_stride):
+    """At one-thread inference a windowed block on a large grid runs one band of window rows
+    at a time, and an MLP on a large unbanded grid in token chunks: both match the plain eager
+    path. With more threads both run whole."""
+    from sam.sam2.hiera import GeluMLP, MultiScaleBlock
+
+    torch.manual_seed(0)
+    block = randomize_parameters(MultiScaleBlock(16, 32, 2, q_stride=q_stride, window_size=8), seed=1).eval()
+    mlp = block.mlp
+    monkeypatch.setattr(MultiScaleBlock, "band_tokens", 100)
+    monkeypatch.setattr(GeluMLP, "chunk_tokens", 7)
+    bands, chunks = [], []
+
+    def one_band(band: torch.Tensor) -> torch.Tensor:
+        bands.append(tuple(band.shape))
+        return MultiScaleBlock._forward(block, band)
+
+    def chunked(*args) -> torch.Tensor:
+        chunks.append(args)
+        return GeluMLP._forward_chunked(mlp, *args)
+
+    monkeypatch.setattr(block, "_forward", one_band)
+    monkeypatch.setattr(mlp, "_forward_chunked", chunked)
+    x = torch.randn(2, 40, 24, 16)
+    tokens, residual = torch.randn(3, 20, 32), torch.randn(3, 20, 32)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            block.fused = False
+            expected = block(x)
+            expected_mlp = mlp(tokens, residual=residual, fused=False)
+            block.fused = True
+            torch.set_num_threads(1)
+            banded = block(x)  # 2 * 40 * 24 tokens: 5 bands of one window row
+            assert bands[-5:] == [(2, 8, 24, 16)] * 5
+            chunks.clear()
+            chunked_mlp = mlp(tokens, residual=residual)
+            assert chunks
+            torch.set_num_threads(2)
+            bands.clear()
+            chunks.clear()
+            whole, whole_mlp = block(x), mlp(tokens, residual=residual)
+            assert bands == [(2, 40, 24, 16)] and not chunks
+    finally:
+        torch.set_num_threads(threads)
+    stride = 2 if q_stride else 1
+    assert banded.shape == expected.shape == (2, 40 // stride, 24 // stride, 32)
+    for result in (banded, whole):
+        assert (result - expected).abs().max().item() <= 1e-5
+    for result in (chunked_mlp, whole_mlp):
+        assert (result - expected_mlp).abs().max().item() <= 1e-5

@@ -12,14 +12,11 @@ hands back one feature map per stage.
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -56,14 +53,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
 
-def _onednn_linear_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
+def _epilogue_in_place(y: torch.Tensor) -> bool:
+    """True where the GELU or the residual sum may overwrite the product: nothing records it
+    for autograd, and no tracer (ONNX export) is watching."""
+    if torch.is_grad_enabled() and y.requires_grad:
         return False
+    return not torch.jit.is_tracing()
 
 
-_ONEDNN_LINEAR = _onednn_linear_available()
+def _run_in_pieces() -> bool:
+    """Cache-sized pieces (`GeluMLP` chunks, `MultiScaleBlock` bands) only with one thread.
+
+    With several threads every op is a parallel region that ends when its slowest thread does;
+    on a machine shared with other work a descheduled thread stretches each such wait to a
+    scheduler time slice, and pieces multiply the regions (hiera tiny at 2 threads with one of
+    2 cores busy elsewhere: 10.7 s in pieces, 6.3 s whole). One thread has no such waits, and
+    there the pieces save 15-20% of the stage-1 and stage-2 MLP time.
+    """
+    return torch.get_num_threads() == 1
 
 
 def linear(
@@ -72,9 +79,10 @@ def linear(
     gelu: bool = False,
     residual: torch.Tensor | None = None,
     fused: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """layer(x), optionally followed by GELU (exact, erf) or by `+ residual`."""
-    return linear_weights(x, layer.weight, layer.bias, gelu=gelu, residual=residual, fused=fused)
+    return linear_weights(x, layer.weight, layer.bias, gelu=gelu, residual=residual, fused=fused, out=out)
 
 
 def linear_weights(
@@ -84,42 +92,43 @@ def linear_weights(
     gelu: bool = False,
     residual: torch.Tensor | None = None,
     fused: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias), optionally followed by GELU (exact, erf) or by `+ residual`.
 
-    For CPU float32 inference this is one oneDNN call with the bias and the GELU or the
-    residual sum fused into the matrix product: the same arithmetic up to float rounding, one
-    pass over the output instead of three. Elsewhere (GPU, other dtypes, autograd, or
-    fused=False) it is the plain F.linear path.
+    With `fused` (inference), the GELU and the sum run in place on the product: the same
+    operations as the eager path, so the same bits, without allocating (and first touching)
+    a second output. `out`: a contiguous (M, N) buffer to write the product into (2-D x).
+    The product is always `F.linear` / `addmm` (MKL on CPU). The oneDNN kernels with the GELU
+    or the sum fused in, used here before, were slower than MKL plus a separate pass from 448
+    input features up on the 2-core AMD EPYC (AVX2) dev machine, the GELU one by up to 50%,
+    and running the small-width stages in cache-sized pieces (`GeluMLP`, `MultiScaleBlock`)
+    saves the memory traffic that fusing saved.
     """
-    global _ONEDNN_LINEAR
-    if (
-        fused
-        and _ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
-        try:
-            if residual is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-            if gelu:
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        except RuntimeError as error:  # a private op: never let it break inference
-            logger.warning("oneDNN fused linear failed (%s); using the plain path from now on", error)
-            _ONEDNN_LINEAR = False
-    y = F.linear(x, weight, bias)
+    if out is not None and bias is not None and x.dim() == 2:
+        y = torch.addmm(bias, x, weight.t(), out=out)  # what F.linear computes for 2-D inputs
+    else:
+        y = F.linear(x, weight, bias)
+        if out is not None:
+            y = out.copy_(y)
+    in_place = fused and _epilogue_in_place(y)
     if gelu:
-        y = F.gelu(y)
+        y = torch.ops.aten.gelu_(y) if in_place else F.gelu(y)
     if residual is not None:
-        y = residual + y
+        if in_place and residual.shape == y.shape and residual.dtype == y.dtype:
+            y = y.add_(residual)  # y + residual is residual + y, bit for bit
+        else:
+            y = residual + y
     return y
 
 
 class GeluMLP(nn.Module):
     """Linear -> GELU -> ... -> Linear (`layers.i` as in the SAM 2 checkpoints)."""
+
+    # With `fused` and one thread, grids of more than twice this many tokens run the MLP this many
+    # tokens at a time: the 4x-wide hidden activations of a chunk stay in cache between the two
+    # products instead of a round trip through memory (base+ stage 1: 117 MB).
+    chunk_tokens = 2048
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
@@ -130,10 +139,29 @@ class GeluMLP(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = True
     ) -> torch.Tensor:
-        """MLP(x), plus `residual` if given (summed inside the last product where possible)."""
+        """MLP(x), plus `residual` if given (summed in place where possible)."""
+        tokens = x.numel() // x.shape[-1]
+        large = tokens > 2 * self.chunk_tokens and x.is_contiguous()
+        if fused and large and _epilogue_in_place(x) and _run_in_pieces():
+            return self._forward_chunked(x, residual)
         for layer in self.layers[:-1]:
             x = linear(x, layer, gelu=True, fused=fused)
         return linear(x, self.layers[-1], residual=residual, fused=fused)
+
+    def _forward_chunked(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The same per-token arithmetic, `chunk_tokens` rows at a time, into one output."""
+        last = self.layers[-1]
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.empty(rows.shape[0], last.out_features, dtype=x.dtype, device=x.device)
+        if residual is not None:
+            residual = residual.expand(*x.shape[:-1], last.out_features).reshape(out.shape)
+        for start in range(0, rows.shape[0], self.chunk_tokens):
+            chunk = slice(start, start + self.chunk_tokens)
+            hidden = rows[chunk]
+            for layer in self.layers[:-1]:
+                hidden = linear(hidden, layer, gelu=True)
+            linear(hidden, last, residual=None if residual is None else residual[chunk], out=out[chunk])
+        return out.view(*x.shape[:-1], last.out_features)
 
 
 class MultiScaleAttention(nn.Module):
@@ -188,7 +216,8 @@ def merge_heads(out: torch.Tensor, window: int, padded_hw: tuple[int, int], hw: 
 class MultiScaleBlock(nn.Module):
     """Pre-norm transformer block; at a stage change it also pools (q_stride) and widens."""
 
-    fused = True  # oneDNN fused linears on CPU float32 inference; False: plain eager path
+    fused = True  # in-place epilogues and cache-sized MLP chunks at inference; False: plain eager path
+    band_tokens = 2048  # with fused and one thread: windowed blocks on larger grids run in bands of this many tokens
 
     def __init__(
         self,
@@ -212,6 +241,40 @@ class MultiScaleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, dim) -> (B, H', W', dim_out)."""
+        batch, height, width, _ = x.shape
+        window = self.window_size
+        if (
+            self.fused
+            and window > 0
+            and height % window == 0
+            and width % window == 0
+            and batch * height * width > 2 * self.band_tokens
+            and _epilogue_in_place(x)
+            and _run_in_pieces()
+        ):
+            return self._forward_in_bands(x)
+        return self._forward(x)
+
+    def _forward_in_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """A windowed block on a large grid, one band of window rows at a time.
+
+        Windowed attention, the norms, the MLP and the pooled shortcut all stay inside a row
+        of windows, so each band is a complete block on its own: the same arithmetic, with
+        every intermediate (qkv, attention output, MLP hidden) cache-sized.
+        """
+        batch, height, width, _ = x.shape
+        window = self.window_size
+        row_stride = self.q_stride[0] if self.q_stride is not None else 1
+        band_rows = max(1, self.band_tokens // (batch * width * window)) * window
+        out = None
+        for top in range(0, height, band_rows):
+            band = self._forward(x[:, top : top + band_rows])
+            if out is None:
+                out = band.new_empty(batch, height // row_stride, band.shape[2], band.shape[3])
+            out[:, top // row_stride : top // row_stride + band.shape[1]] = band
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused
         shortcut = x
         x = self.norm1(x)
@@ -301,8 +364,8 @@ class Hiera(nn.Module):
         self._pos_cache: tuple[tuple, torch.Tensor] | None = None
 
     def set_fused_kernels(self, enabled: bool) -> None:
-        """Use oneDNN fused linears on CPU float32 inference (default) or the plain eager path
-        (the parity reference). Same numbers up to float rounding either way."""
+        """Run inference with in-place epilogues and cache-sized MLP chunks (default) or the
+        plain eager path (the parity reference). Same numbers up to float rounding either way."""
         for block in self.blocks:
             block.fused = enabled
 

@@ -152,8 +152,8 @@ class Sam2(nn.Module):
     fused_kernels = True
 
     def set_fused_kernels(self, enabled: bool) -> None:
-        """Image encoding with oneDNN fused linears on CPU float32 inference (default), or the
-        plain eager path, the parity reference. Same numbers up to float rounding."""
+        """Image encoding with in-place epilogues and cache-sized pieces at inference (default),
+        or the plain eager path, the parity reference. Same numbers up to float rounding."""
         self.fused_kernels = enabled
         self.image_encoder.trunk.set_fused_kernels(enabled)
 
