@@ -244,3 +244,40 @@ def test_bad_inputs_get_clear_errors(ours, predictor, photo, checkpoints, tiny_s
     (tmp_path / "model.safetensors").write_bytes((checkpoints["transformers"] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="no config.json"):
         load_sam3(tmp_path)
+
+
+def test_pixel_decoder_split_matches_the_direct_order():
+    """conv(skip + up(x)) computed as a cached conv(skip) plus the upsampled conv at x's resolution
+    (heads.upsampled_conv) gives Meta's values; on a non-square map, with the bias and the norm."""
+    from sam.sam3.heads import PixelDecoder, upsampled_conv
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 5, 7, generator=generator)
+    weight = torch.randn(8, 16, 3, 3, generator=generator)
+    direct = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)
+    torch.testing.assert_close(upsampled_conv(x, weight), direct, atol=1e-5, rtol=1e-5)
+    decoder = PixelDecoder(16, 3).eval()
+    with torch.no_grad():
+        for conv in decoder.conv_layers:
+            conv.bias.normal_(generator=generator)
+        feats = [torch.randn(1, 16, 20, 28, generator=generator), torch.randn(1, 16, 10, 14, generator=generator), x[:1]]
+        expected = feats[-1]
+        for conv, norm, skip in zip(decoder.conv_layers, decoder.norms, reversed(feats[:-1])):
+            expected = F.relu(norm(conv(skip + F.interpolate(expected, size=skip.shape[-2:], mode="nearest"))))
+        torch.testing.assert_close(decoder(feats), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decoder(feats, decoder.skip_terms(feats)), expected, atol=1e-5, rtol=1e-5)
+    assert expected.std() > 0.1
+
+
+def test_cached_skip_terms_change_nothing(ours, predictor, pixels):
+    """Sam3Predictor reuses the image's pixel-decoder half across queries: decode with and without it agree."""
+    ids = tokenize(["a dog"])
+    with torch.no_grad():
+        image = ours.encode_image(pixels)
+        text, valid = ours.encode_text(ids)
+        plain = ours.decode(image, text, valid)
+        cached = ours.decode(image, text, valid, skip_terms=ours.pixel_skip_terms(image))
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], atol=1e-5, rtol=1e-5)
+    predictor.predict(text="a cat")
+    assert [t.shape[-2:] for t in predictor._skip_terms] == [f.shape[-2:] for f in image.feats[-2::-1]]
