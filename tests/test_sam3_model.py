@@ -281,3 +281,22 @@ def test_cached_skip_terms_change_nothing(ours, predictor, pixels):
         torch.testing.assert_close(cached[key], plain[key], atol=1e-5, rtol=1e-5)
     predictor.predict(text="a cat")
     assert [t.shape[-2:] for t in predictor._skip_terms] == [f.shape[-2:] for f in image.feats[-2::-1]]
+
+
+@pytest.mark.parametrize("grid", [6, 9, 12])
+def test_windowed_attention_matches_partitioned_map(grid):
+    """RopeAttention(x, window) cuts the windows out of qkv instead of partitioning the token map:
+    the same values as partition -> attention -> unpartition (Meta's order), with and without the
+    zero padding up to a multiple of the window (9 on windows of 6 pads to 12)."""
+    from sam.sam3.backbone import RopeAttention, window_partition, window_unpartition
+
+    torch.manual_seed(grid)
+    attention = RopeAttention(32, 2, 6, 1.0, 10000.0).eval()
+    with torch.no_grad():
+        attention.qkv.bias.normal_()  # padded tokens project to the bias: they must stay keys as in Meta's order
+        x = torch.randn(2, grid, grid, 32)
+        windows, padded = window_partition(x, 6)
+        expected = window_unpartition(attention(windows), 6, padded, (grid, grid))
+        out = attention(x, 6)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert expected.std() > 0.1
