@@ -10,7 +10,10 @@ Reports medians of:
 1. the whole call (image + text + heads), ours vs transformers (target <= 0.7x);
 2. through `Sam3Predictor` on a real photo: the first query (`set_image` + `predict`) and an extra,
    never-seen query on the cached image (its text encoder runs; target <= 5% of the first);
-3. with `--grounded`: our default grounded path (Grounding DINO swin-T + `sam2.1_hiera_small`, random
+3. with `--flops`: the FLOPs of the first query and of the extra one (torch's `FlopCounterMode`:
+   matmuls, convolutions, attention), so the extra query's share of the work is known apart from
+   how fast each kernel runs;
+4. with `--grounded`: our default grounded path (Grounding DINO swin-T + `sam2.1_hiera_small`, random
    weights at the released sizes, detector caches cleared) on the same photo and query, as the
    SAM 3 first query's ratio to it.
 """
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--grounded", action="store_true", help="also time the default grounded path")
+    parser.add_argument("--flops", action="store_true", help="also count the FLOPs of the first and an extra query")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,13 +114,24 @@ def main() -> None:
     print(f"[1] full call: ours {ours_t:.2f} s, transformers {ref_t:.2f} s, ratio {ours_t / ref_t:.2f}x (target <= 0.7x)")
     print(f"[2] Sam3Predictor: first query {first_t:.2f} s; extra new query on the cached image {extra_t:.3f} s "
           f"= {extra_t / first_t:.1%} of the first (target <= 5%)")
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.inference_mode():
+            with FlopCounterMode(display=False) as first_counter:
+                first_query()
+            with FlopCounterMode(display=False) as extra_counter:
+                predictor.predict(text="a bird on a wire")
+        first_f, extra_f = first_counter.get_total_flops(), extra_counter.get_total_flops()
+        print(f"[3] FLOPs: first query {first_f / 1e9:.0f} G, extra query {extra_f / 1e9:.0f} G "
+              f"= {extra_f / first_f:.1%} of the first")
     if args.grounded:
         pipe, detector = grounded_pipeline()
         with torch.inference_mode():
             pipe.segment(photo, "a dog")  # warm-up
             seconds = [timed(lambda: (detector.clear_cache(), pipe.segment(photo, "a dog"))) for _ in range(args.repeats)]
         grounded_t = statistics.median(seconds)
-        print(f"[3] grounded (Grounding DINO swin-T + sam2.1_hiera_small): {grounded_t:.2f} s; "
+        print(f"[4] grounded (Grounding DINO swin-T + sam2.1_hiera_small): {grounded_t:.2f} s; "
               f"SAM 3 first query / grounded = {first_t / grounded_t:.2f}x")
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import pickle
 import struct
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 
 class CheckpointError(ValueError):
@@ -92,3 +94,42 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); delete it and download again"
         ) from error
+
+
+@contextmanager
+def meta_parameters():
+    """Modules built inside get their parameters on the meta device: no memory and no random
+    initialisation, so loading a checkpoint does not hold a second, random copy of the model.
+    Buffers stay real (the RoPE tables that are computed, not loaded). Fill the model with
+    `assign_state_dict`."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state, strict=True, assign=True)`, emptying `state` as it goes: the
+    model's tensors become the checkpoint's instead of copies of them. Each tensor is first cast to
+    the dtype of the parameter or buffer it replaces (a float16 file gives a float32 model, as a
+    copying load does), and copied once if it is not contiguous or not 64-byte aligned (tensors
+    read from a safetensors file point into it at any offset; kernels round differently on
+    misaligned data, so outputs would depend on the file's layout)."""
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    ready = {}
+    for key in list(state):
+        value = state.pop(key)
+        if key in expected and value.dtype != expected[key].dtype:
+            value = value.to(expected[key].dtype)
+        if not value.is_contiguous() or value.data_ptr() % 64:
+            value = value.clone(memory_format=torch.contiguous_format)
+        ready[key] = value
+    model.load_state_dict(ready, strict=True, assign=True)

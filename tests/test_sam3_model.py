@@ -9,6 +9,7 @@ the logits, then cut at 0) on both sides.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -300,3 +301,27 @@ def test_windowed_attention_matches_partitioned_map(grid):
         out = attention(x, 6)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     assert expected.std() > 0.1
+
+
+def test_loading_assigns_the_checkpoint_without_a_random_copy(checkpoints, ours, tmp_path):
+    """load_sam3 builds the model with its parameters on the meta device and assigns the file's
+    tensors: a float16 file gives float32 parameters equal to its values, all real (none left on
+    meta, none randomly initialised) and 64-byte aligned; the computed RoPE buffers stay real."""
+    from sam.checkpoint import meta_parameters
+
+    with meta_parameters():
+        empty = Sam3Image(ours.config)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert all(b.device.type == "cpu" for b in empty.buffers())
+    state = torch.load(checkpoints["meta"], weights_only=True)
+    half = {"model": {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}}
+    torch.save(half, tmp_path / "sam3_half.pt")
+    shutil.copy(checkpoints["meta"].parent / "config.json", tmp_path / "config.json")  # the tiny sizes
+    loaded = load_sam3(tmp_path / "sam3_half.pt")
+    for key, value in loaded.state_dict().items():
+        assert value.device.type == "cpu" and value.data_ptr() % 64 == 0, key
+        if value.is_floating_point():
+            assert value.dtype == torch.float32, key
+            torch.testing.assert_close(value, half["model"]["detector." + key].float(), atol=0, rtol=0)
+    for (name, buffer), (_, expected) in zip(loaded.named_buffers(), ours.named_buffers()):
+        assert torch.equal(buffer, expected), name
