@@ -24,27 +24,33 @@ IMAGE_SIZE = TINY_CONFIG["vision_config"]["backbone_config"]["image_size"]  # 16
 PATCH = TINY_CONFIG["vision_config"]["backbone_config"]["patch_size"]  # 14
 
 
-def tiny_tracker_config():
+def tiny_tracker_config(image_size: int = IMAGE_SIZE):
+    """The tiny tracker's transformers config, at another input size when asked (a multiple of the
+    14-px patch, e.g. 84: a 6x6 grid)."""
     from transformers import Sam3TrackerVideoConfig
 
-    vision = dict(TINY_CONFIG["vision_config"], fpn_hidden_size=D_MODEL)
+    grid = image_size // PATCH
+    backbone = dict(TINY_CONFIG["vision_config"]["backbone_config"], image_size=image_size)
+    vision = dict(TINY_CONFIG["vision_config"], backbone_config=backbone, fpn_hidden_size=D_MODEL,
+                  backbone_feature_sizes=[[4 * grid] * 2, [2 * grid] * 2, [grid] * 2])
     return Sam3TrackerVideoConfig(
         vision_config=dict(model_type="sam3_vision_model", **vision),
-        prompt_encoder_config=dict(hidden_size=D_MODEL, image_size=IMAGE_SIZE, patch_size=PATCH),
+        prompt_encoder_config=dict(hidden_size=D_MODEL, image_size=image_size, patch_size=PATCH),
         mask_decoder_config=dict(hidden_size=D_MODEL, mlp_dim=64, num_attention_heads=8, iou_head_hidden_dim=32),
         memory_attention_hidden_size=D_MODEL, memory_attention_feed_forward_hidden_size=64, memory_attention_num_layers=2,
         memory_encoder_hidden_size=D_MODEL, memory_encoder_output_channels=64, mask_downsampler_embed_dim=D_MODEL,
-        memory_fuser_embed_dim=D_MODEL, memory_fuser_intermediate_dim=4 * D_MODEL, image_size=IMAGE_SIZE,
+        memory_fuser_embed_dim=D_MODEL, memory_fuser_intermediate_dim=4 * D_MODEL, image_size=image_size,
     )
 
 
-def tiny_transformers_tracker_video(seed: int = 3, detector=None):
-    """A transformers `Sam3TrackerVideoModel` at the tiny sizes, every parameter randomised (eval mode);
-    on `detector`'s ViT (a tiny transformers `Sam3Model`) when given."""
+def tiny_transformers_tracker_video(seed: int = 3, detector=None, image_size: int = IMAGE_SIZE):
+    """A transformers `Sam3TrackerVideoModel` at the tiny sizes (or another input size:
+    tiny_tracker_config), every parameter randomised (eval mode); on `detector`'s ViT (a tiny
+    transformers `Sam3Model`) when given."""
     from transformers import Sam3TrackerVideoModel
 
     torch.manual_seed(seed)
-    model = Sam3TrackerVideoModel(tiny_tracker_config()).eval()
+    model = Sam3TrackerVideoModel(tiny_tracker_config(image_size)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
