@@ -569,18 +569,31 @@ class LangSAM:
         of per-frame masks with stable ids (see :func:`langsam.video.track_video`). Grounding DINO
         finds the objects and SAM 2 / 2.1 (``sam_type``) tracks them; with ``model="sam3"`` SAM 3
         finds them (``box_threshold``: its score threshold, default 0.5) and SAM 3's video tracker,
-        from ``sam3_checkpoint``, tracks them (:mod:`langsam.video.sam3`). ``model``: this call's
-        concept model (default: the pipeline's)."""
+        from ``sam3_checkpoint``, tracks them (:mod:`langsam.video.sam3`); adding
+        ``association="sam3"`` runs SAM 3's own video inference instead of langsam's association
+        (:mod:`sam.video.concept`; ``sam3_settings``: its thresholds by ``ConceptTrackingConfig``
+        name). ``model``: this call's concept model (default: the pipeline's)."""
         from langsam.video import track_video
 
         model = self.model if model is None else self._check_model(model)
+        association = kwargs.get("association", "langsam")
+        if association == "sam3" and model != "sam3":
+            raise ValueError("association='sam3' is SAM 3's own video inference: it needs model='sam3'")
         if model == "sam3":
-            from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector
+            from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector, sam3_concept_predictor
 
             kwargs.setdefault("box_threshold", DEFAULT_SAM3_THRESHOLD)
-            if kwargs.get("video_predictor") is None:
-                kwargs["video_predictor"] = self.sam3_video_predictor()
-            kwargs.setdefault("detector", Sam3FrameDetector(self.sam3_predictor))
+            if association == "sam3":
+                settings = kwargs.pop("sam3_settings", None) or {}
+                if kwargs.get("concept_predictor") is None:
+                    kwargs["concept_predictor"] = sam3_concept_predictor(
+                        self.sam3_predictor, self.sam3_video_predictor(), kwargs["box_threshold"], **settings)
+            else:
+                if kwargs.get("video_predictor") is None:
+                    kwargs["video_predictor"] = self.sam3_video_predictor()
+                kwargs.setdefault("detector", Sam3FrameDetector(self.sam3_predictor))
+        if "sam3_settings" in kwargs:
+            raise ValueError("sam3_settings (SAM 3's association thresholds) need model='sam3', association='sam3'")
         return track_video(self, video, text, detect_every, **kwargs)
 
     def sam3_video_predictor(self) -> Any:

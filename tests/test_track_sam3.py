@@ -145,3 +145,41 @@ def test_demo_video_tab_tracks_with_sam3(checkpoint, frames, detections, tmp_pat
     assert written["annotations"] == json.loads((tmp_path / "direct" / "tracks.json").read_text())["annotations"]
     assert [row[0] for row in track_rows(video)] == sorted(video.tracks) and video.tracks
     assert paths["overlay"].stat().st_size > 0
+
+
+def test_track_with_sam3_association_is_sam3_video_inference(checkpoint, frames, detections, tmp_path):
+    """association="sam3" (CLI --sam3-association): SAM 3's own video inference, the same frames,
+    ids (+1: 0 is the id maps' background), masks and labels as Sam3ConceptVideoPredictor run by hand
+    on the same file; written in the usual layout."""
+    from sam.video.concept import Sam3ConceptVideoPredictor
+    from video_support import write_frame_folder
+
+    from langsam import cli
+
+    threshold = float(f"{detections['threshold']:.6f}")
+    pipeline = LangSAM(model="sam3", sam3_checkpoint=checkpoint, device="cpu")
+    result = pipeline.track(frames, QUERIES, association="sam3", box_threshold=threshold)
+    tracked = list(result)
+    by_hand = Sam3ConceptVideoPredictor.from_checkpoint(checkpoint, score_threshold_detection=threshold)
+    state = by_hand.init_state(frames)
+    for query in QUERIES:
+        by_hand.add_text_prompt(state, query)
+    expected = list(by_hand.propagate_in_video(state))
+    assert [frame.frame_index for frame in tracked] == list(range(NUM_FRAMES)) == result.detection_frames
+    assert any(len(frame) for frame in tracked)
+    for ours, theirs in zip(tracked, expected):
+        assert list(ours.obj_ids) == [obj_id + 1 for obj_id in theirs.obj_ids]
+        np.testing.assert_array_equal(ours.masks, theirs.masks.numpy())
+        assert ours.labels == theirs.labels and set(ours.labels) <= set(QUERIES)
+    assert result.settings["association"] == "sam3" and result.settings["score_threshold_detection"] == threshold
+    with pytest.raises(ValueError, match="needs model='sam3'"):
+        LangSAM(sam3_checkpoint=checkpoint, device="cpu").track(frames, QUERIES, association="sam3")
+
+    folder = write_frame_folder(frames, tmp_path / "clip", ext="png")
+    argv = ["track", str(folder), "--text", QUERIES[0], "--text", QUERIES[1], "--model", "sam3", "--sam3-association",
+            "--sam3-checkpoint", str(checkpoint), "--box-threshold", str(threshold), "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    written = json.loads((tmp_path / "out" / "clip" / "tracks.json").read_text())
+    assert sorted(a["id"] for a in written["annotations"]) == sorted(result.tracks)
+    assert written["info"]["run"]["association"] == "sam3"

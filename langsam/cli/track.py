@@ -131,6 +131,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tracking.add_argument("--max-lost-frames", type=number(int, 0), default=DEFAULT_MAX_LOST_FRAMES, metavar="N",
                           help=f"an object absent on more than N consecutive frames ends (default "
                                f"{DEFAULT_MAX_LOST_FRAMES})")
+    tracking.add_argument("--sam3-association", action="store_true",
+                          help="with --model sam3: SAM 3's own video inference (detection on every frame, its "
+                               "hot-start and keep-alive rules) instead of the rules above; --detect-every, "
+                               "--text-threshold, --new-object-iou and --max-lost-frames then do not apply")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-frames", type=number(int, 0), default=0, metavar="N",
                         help="refuse videos with more than N frames (default 0 = no limit; memory does not grow "
@@ -219,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
     queries = parse_queries(args.text)
     validate_model_arguments(parser, args)
     sam3 = getattr(args, "model", None) == "sam3"
+    if args.sam3_association and not sam3:
+        raise UsageError("--sam3-association is SAM 3's own video inference: add --model sam3")
     if args.box_threshold is None:
         from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD
 
@@ -273,6 +279,7 @@ def _settings(args: argparse.Namespace, queries: list[str]) -> dict[str, Any]:
         "text_threshold": args.text_threshold,
         "new_object_iou": args.new_object_iou,
         "max_lost_frames": args.max_lost_frames,
+        **({"association": "sam3"} if args.sam3_association else {}),
         "models": {key: value for key, value in model_kwargs_from_args(args).items() if key != "device"},
         "outputs": sorted(args.save | {"json"}),
     }
@@ -315,6 +322,8 @@ def _track_one(args, item: VideoItem, queries, settings, out_dir: Path, models: 
         options = dict(detect_every=args.detect_every, box_threshold=args.box_threshold,
                        text_threshold=args.text_threshold, new_object_iou=args.new_object_iou,
                        max_lost_frames=args.max_lost_frames, name=name)
+        if args.sam3_association:
+            options["association"] = "sam3"
         result = pipeline.track(frames, queries, **options) if sam3 else track_video(pipeline, frames, queries, **options)
         folder = safe_join(out_dir, item.key)
         json_path = safe_join(folder, JSON_NAME)

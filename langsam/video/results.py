@@ -84,3 +84,13 @@ class TrackInfo:
     last_frame: int | None = None
     ended_at: int | None = None
     detections: int = 1
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight xyxy box of a bool mask, in pixel-edge coordinates (a 1-pixel mask at (x, y) is
+    ``[x, y, x + 1, y + 1]``); zeros for an empty mask. Every tracker's boxes come from this."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if len(rows) == 0:
+        return np.zeros(4, dtype=np.float32)
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)

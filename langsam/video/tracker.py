@@ -40,6 +40,7 @@ import numpy as np
 from langsam.detector import parse_queries
 from langsam.result import Segmentation, clip_boxes
 from langsam.video.results import TrackedFrame, TrackInfo
+from langsam.video.results import mask_box as _mask_box
 from langsam.video.sources import check_frame, frame_rate, open_video
 from langsam.video.writers import OUTPUTS, write_outputs
 
@@ -75,6 +76,8 @@ def track_video(
     video_predictor: Any = None,
     detector: Any = None,
     name: str | None = None,
+    association: str = "langsam",
+    concept_predictor: Any = None,
 ) -> "TrackedVideo":
     """Track every object the text names through ``video``.
 
@@ -104,6 +107,11 @@ def track_video(
         detector: an object with ``detect(image, queries, box_threshold, text_threshold)`` to use
             instead of ``langsam.detector`` (SAM 3: :class:`langsam.video.sam3.Sam3FrameDetector`).
         name: how errors name the video (default: the path, or "video").
+        association: "langsam" (the rules above) or "sam3": SAM 3's own video inference
+            (:mod:`sam.video.concept`) by ``concept_predictor`` (a ``Sam3ConceptVideoPredictor``;
+            ``LangSAM.track(..., model="sam3", association="sam3")`` builds it): the detector runs on
+            every frame, and ``detect_every``, ``text_threshold``, ``new_object_iou`` and
+            ``max_lost_frames`` do not apply.
 
     Returns:
         A :class:`TrackedVideo`: iterate it for one :class:`TrackedFrame` per frame, in order.
@@ -114,6 +122,13 @@ def track_video(
             (``sam.video.VideoLoadError`` is a ValueError).
     """
     queries = parse_queries(text)
+    from langsam.video.sam3 import ASSOCIATIONS
+
+    if association not in ASSOCIATIONS:
+        raise ValueError(f"association must be one of {', '.join(ASSOCIATIONS)}, got {association!r}")
+    if association == "sam3" and concept_predictor is None:
+        raise ValueError("association='sam3' needs SAM 3's video inference: use LangSAM(model='sam3', "
+                         "sam3_checkpoint=...).track(..., association='sam3') or pass concept_predictor")
     _check_int("detect_every", detect_every, 1)
     _check_int("max_lost_frames", max_lost_frames, 0)
     for option, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold),
@@ -129,9 +144,9 @@ def track_video(
     frames = open_video(video, max_frames=max_frames, max_side=max_side, name=name)
     owns_frames = frames is not video
     try:
-        if video_predictor is None:
+        if video_predictor is None and association == "langsam":
             video_predictor = _build_video_predictor(langsam)
-        if detector is None:
+        if detector is None and association == "langsam":
             detector = langsam.detector
     except BaseException:
         if owns_frames and hasattr(frames, "close"):
@@ -152,6 +167,8 @@ def track_video(
         name=name,
         fps=frame_rate(video, frames),
         owns_frames=owns_frames,
+        association=association,
+        concept_predictor=concept_predictor,
     )
 
 
@@ -192,12 +209,15 @@ class TrackedVideo:
 
     def __init__(self, *, frames: Any, queries: list[str], detector: Any, predictor: Any, detect_every: int,
                  box_threshold: float, text_threshold: float, new_object_iou: float, max_lost_frames: int,
-                 offload_state_to_cpu: bool, lock: Any, name: str, fps: float, owns_frames: bool = False) -> None:
+                 offload_state_to_cpu: bool, lock: Any, name: str, fps: float, owns_frames: bool = False,
+                 association: str = "langsam", concept_predictor: Any = None) -> None:
         self.frames = frames
         self.queries = queries
         self.detector = detector
         self.predictor = predictor
         self.detect_every = detect_every
+        self.association = association
+        self.concept_predictor = concept_predictor
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
         self.new_object_iou = new_object_iou
@@ -229,6 +249,11 @@ class TrackedVideo:
     @property
     def settings(self) -> dict[str, Any]:
         """What decides the result (recorded in the JSON)."""
+        if self.association == "sam3":
+            from dataclasses import asdict
+
+            return {"queries": list(self.queries), "association": "sam3",
+                    **asdict(self.concept_predictor.config)}
         return {"queries": list(self.queries), "detect_every": self.detect_every,
                 "box_threshold": self.box_threshold, "text_threshold": self.text_threshold,
                 "new_object_iou": self.new_object_iou, "max_lost_frames": self.max_lost_frames}
@@ -239,7 +264,12 @@ class TrackedVideo:
         self.detection_frames = []
         run = None
         try:
-            run = _TrackerRun(self)
+            if self.association == "sam3":
+                from langsam.video.sam3 import Sam3ConceptRun
+
+                run = Sam3ConceptRun(self)
+            else:
+                run = _TrackerRun(self)
             for index in range(self.num_frames):
                 yield run.step(index)
         finally:
@@ -472,16 +502,6 @@ def _masks_from_logits(logits: Any, image_size: tuple[int, int]) -> np.ndarray:
         raise RuntimeError(f"the video predictor returned masks of shape {array.shape}, expected (O, 1, {height}, "
                            f"{width})")
     return array > 0
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    """Tight xyxy box of a bool mask, in pixel-edge coordinates (a 1-pixel mask at (x, y) is
-    ``[x, y, x + 1, y + 1]``); zeros for an empty mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if len(rows) == 0:
-        return np.zeros(4, dtype=np.float32)
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
 def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:

@@ -217,7 +217,11 @@ class VisionBackbone(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """pixels (B, 3, S, S) normalised to [-1, 1] -> (features, positions), each a list of
         (B, d_model, h, w) maps from the finest level to the coarsest used one."""
-        x = self.trunk(pixels)
+        return self.neck(self.trunk(pixels))
+
+    def neck(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The conv branches on a trunk output x (B, vit_dim, g, g): what `forward` returns (the video
+        concept predictor runs the trunk once for this neck and the tracker's)."""
         feats, pos = [], []
         for conv in self.convs[: self.used_levels]:
             feat = conv(x)

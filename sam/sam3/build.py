@@ -446,7 +446,8 @@ def _tracker_state_from_hub(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     and `Sam3TrackerModel.save_pretrained` both write these); the detector's other keys are left out."""
     out = {}
     for key, value in state.items():
-        key = key.removeprefix("tracker_model.")
+        # transformers' Sam3VideoModel.save_pretrained writes `tracker_model.` twice (the hub file once).
+        key = key.removeprefix("tracker_model.").removeprefix("tracker_model.")
         if key.startswith("tracker_neck."):
             out["vision_encoder.neck." + key[len("tracker_neck."):]] = value
         elif key.startswith("detector_model.vision_encoder.backbone."):

@@ -114,13 +114,16 @@ class Sam3Image(nn.Module):
         box_labels: torch.Tensor | None = None,
         box_valid: torch.Tensor | None = None,
         skip_terms: list[torch.Tensor] | None = None,
+        exemplar_token: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One prompt per batch row: text (B, L, d) with text_valid (B, L), optional exemplar boxes
         (B, N, 4) cxcywh in [0, 1] with labels (B, N) (1 positive, 0 negative) and box_valid (B, N).
         `skip_terms`: the image's `pixel_skip_terms(image)`, to reuse across prompts.
 
         Returns `logits` (B, Q), `presence` (B,) logits, `boxes` (B, Q, 4) cxcywh in [0, 1] and
-        `masks` (B, Q, h, w) logits at the finest backbone level."""
+        `masks` (B, Q, h, w) logits at the finest backbone level. exemplar_token=False: a prompt without
+        boxes is the text alone (transformers' `Sam3Model`); by default the exemplar encoder still runs
+        and its cls token joins the prompt, as in Meta's model."""
         feats, pos = image
         batch = text.shape[0]
         if feats[0].shape[0] != batch:
@@ -131,9 +134,12 @@ class Sam3Image(nn.Module):
             box_labels = torch.zeros(batch, 0, dtype=torch.long, device=text.device)
         if box_valid is None:
             box_valid = torch.ones(boxes.shape[:2], dtype=torch.bool, device=text.device)
-        geo, geo_valid = self.geometry_encoder(boxes, box_labels, box_valid, feats[-1], pos[-1])
-        prompt = torch.cat((text, geo), dim=1)
-        prompt_valid = torch.cat((text_valid, geo_valid), dim=1)
+        if boxes.shape[1] == 0 and not exemplar_token:
+            prompt, prompt_valid = text, text_valid
+        else:
+            geo, geo_valid = self.geometry_encoder(boxes, box_labels, box_valid, feats[-1], pos[-1])
+            prompt = torch.cat((text, geo), dim=1)
+            prompt_valid = torch.cat((text_valid, geo_valid), dim=1)
         size = feats[-1].shape[-2:]
         memory = feats[-1].flatten(2).transpose(1, 2)
         memory_pos = pos[-1].flatten(2).transpose(1, 2)

@@ -1,0 +1,166 @@
+"""A tiny random SAM 3 video concept model (transformers' `Sam3VideoModel`: detector, tracker and
+the tracker's neck on one ViT), saved with `save_pretrained`, and the reference driven the way its
+docs drive it (an inference session, a text prompt, `propagate_in_video_iterator`, the processor's
+`postprocess_outputs`).
+
+Sizes: sam3_factory's tiny ViT (168 px, a 12x12 grid) under 64-wide heads everywhere: the tracker's
+neck is built from the detector's vision config, so the tracker is as wide as the detector, and
+transformers fixes the memory width at 64 (a pointer narrower than that cannot be split into memory
+tokens). Every parameter is redrawn (sam3_factory's recipe) and the same output layers rescaled, so
+detection scores spread across the 0.5 / 0.7 / 0.8 thresholds and masks are textured; the tracker's
+object-score head is biased so tracked objects stay present.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from sam3_factory import TINY_CONFIG
+
+WIDTH = 128
+IMAGE_SIZE = TINY_CONFIG["vision_config"]["backbone_config"]["image_size"]  # 168
+PATCH = TINY_CONFIG["vision_config"]["backbone_config"]["patch_size"]  # 14
+LOW_RES = 4 * IMAGE_SIZE // PATCH  # 48: the detector's and the tracker's mask size
+
+
+def tiny_video_config(**options):
+    """A `Sam3VideoConfig` at the tiny sizes; `options` override its association settings."""
+    from transformers import Sam3Config, Sam3TrackerVideoConfig, Sam3VideoConfig
+
+    detector = copy.deepcopy(TINY_CONFIG)
+    detector["vision_config"]["fpn_hidden_size"] = WIDTH
+    for part in ("geometry_encoder_config", "detr_encoder_config", "detr_decoder_config", "mask_decoder_config"):
+        detector[part]["hidden_size"] = WIDTH
+    tracker = Sam3TrackerVideoConfig(
+        vision_config=dict(model_type="sam3_vision_model", **detector["vision_config"]),
+        prompt_encoder_config=dict(hidden_size=WIDTH, image_size=IMAGE_SIZE, patch_size=PATCH),
+        mask_decoder_config=dict(hidden_size=WIDTH, mlp_dim=64, num_attention_heads=8, iou_head_hidden_dim=32),
+        memory_attention_hidden_size=WIDTH, memory_attention_feed_forward_hidden_size=64, memory_attention_num_layers=2,
+        memory_encoder_hidden_size=WIDTH, memory_encoder_output_channels=64, mask_downsampler_embed_dim=WIDTH,
+        memory_fuser_embed_dim=WIDTH, memory_fuser_intermediate_dim=4 * WIDTH, image_size=IMAGE_SIZE,
+    )
+    settings = dict(low_res_mask_size=LOW_RES)
+    settings.update(options)
+    return Sam3VideoConfig(detector_config=Sam3Config(**detector), tracker_config=tracker, **settings)
+
+
+def tiny_video_model(seed: int = 0, calibration=None, **options):
+    """A transformers `Sam3VideoModel` at the tiny sizes, every parameter randomised (eval mode).
+    calibration: (pixels (T, 3, S, S), token ids (1, L)) to spread the detector's queries on (see
+    `spread_queries`)."""
+    from transformers import Sam3VideoModel
+
+    torch.manual_seed(seed)
+    model = Sam3VideoModel(tiny_video_config(**options)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif param.ndim == 1 or name.endswith("scale"):
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+            else:
+                fan_in = param[0].numel() if param.ndim > 1 else 1
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+        detector, tracker = model.detector_model, model.tracker_model
+        detector.detr_decoder.presence_head.layer3.weight.mul_(0.25)
+        detector.detr_decoder.presence_head.layer3.bias.fill_(2.5)
+        detector.dot_product_scoring.query_proj.weight.mul_(4)
+        detector.dot_product_scoring.query_proj.bias.zero_()
+        weight = detector.mask_decoder.instance_projection.weight
+        weight.sub_(weight.mean(dim=1, keepdim=True))
+        detector.mask_decoder.instance_projection.bias.zero_()
+        tracker.prompt_encoder.shared_embedding.positional_embedding.copy_(tracker.shared_image_embedding.positional_embedding)
+        tracker.mask_decoder.pred_obj_score_head.proj_out.weight.mul_(0.6)
+        tracker.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(3.0)
+        for mlp in tracker.mask_decoder.output_hypernetworks_mlps:
+            mlp.proj_out.weight.mul_(1.5)
+    if calibration is not None:
+        spread_queries(detector, *calibration)
+    return model
+
+
+def spread_queries(detector, pixels: torch.Tensor, token_ids: torch.Tensor) -> None:
+    """Random DETR queries come out nearly equal (3% apart), so every detection has the same mask and
+    score and no association rule could tell them apart. Project the queries' mean (over these
+    frames) out of the mask embedder's input and the score projection, and scale both up: masks of
+    different queries then overlap at IoU 0.4-0.9 and scores spread over 0.05-0.95."""
+    captured = []
+    hook = detector.mask_decoder.mask_embedder.register_forward_pre_hook(lambda module, args: captured.append(args[0][0]))
+    with torch.no_grad():
+        for frame in pixels:
+            vision = detector.get_vision_features(pixel_values=frame[None])
+            detector(vision_embeds=vision, input_ids=token_ids, attention_mask=(token_ids != 0).long())
+    hook.remove()
+    mean = torch.cat(captured).mean(dim=0)
+    direction = mean / mean.norm()
+    projection = torch.eye(len(mean)) - torch.outer(direction, direction)
+    with torch.no_grad():
+        embedder = detector.mask_decoder.mask_embedder.layers
+        for layer in embedder:
+            layer.bias.zero_()
+        embedder[0].weight.copy_(embedder[0].weight @ projection * 30.0)
+        scoring = detector.dot_product_scoring.query_proj
+        scoring.bias.sub_(scoring.weight @ mean)
+        scoring.weight.mul_(8.0)
+        scoring.bias.mul_(8.0)
+
+
+def save_tiny_video_model(root: Path, seed: int = 0, calibration=None, **options) -> dict:
+    """Save one tiny model with `save_pretrained`; returns {"transformers": directory, "model": model}."""
+    model = tiny_video_model(seed, calibration, **options)
+    directory = Path(root) / "sam3_video"
+    model.save_pretrained(directory)
+    return {"transformers": directory, "model": model}
+
+
+def reference_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(T, 3, S, S) in [-1, 1]: each frame stretched to S x S with PIL bicubic (what our predictor
+    does), then normalised with mean = std = 0.5."""
+    from PIL import Image
+
+    resized = [np.asarray(Image.fromarray(frame).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) for frame in frames]
+    pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
+    return (pixels - 0.5) / 0.5
+
+
+class Reference:
+    """transformers' concept video inference on the same pixels our predictor makes: a session over
+    the whole clip, text prompts tokenised as ours are, `propagate_in_video_iterator`, then
+    `Sam3VideoProcessor.postprocess_outputs` on each yielded frame (masks at the video size)."""
+
+    def __init__(self, model, frames: np.ndarray):
+        from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
+
+        self.model = model
+        height, width = frames.shape[1:3]
+        self.session = Sam3VideoInferenceSession(video=reference_pixels(frames), video_height=height, video_width=width,
+                                                 dtype=torch.float32)
+
+    def add_text(self, text: str) -> int:
+        from sam.sam3.text import tokenize
+
+        prompt_id = self.session.add_prompt(text)
+        ids = tokenize([text])
+        self.session.prompt_input_ids[prompt_id] = ids
+        self.session.prompt_attention_masks[prompt_id] = (ids != 0).long()
+        return prompt_id
+
+    def propagate(self, non_overlap: bool = True, **kwargs) -> list[dict]:
+        """Every yielded frame post-processed; non_overlap=False leaves out the processor's last step
+        (each pixel to the object of highest tracker score)."""
+        from transformers import Sam3VideoProcessor
+
+        processor = object.__new__(Sam3VideoProcessor)  # postprocess_outputs needs none of its parts
+        if not non_overlap:
+            processor._apply_object_wise_non_overlapping_constraints = lambda masks, *args, **kwargs: masks
+        frames = []
+        with torch.no_grad():
+            for output in self.model.propagate_in_video_iterator(self.session, **kwargs):
+                post = processor.postprocess_outputs(self.session, output)
+                frames.append(dict(frame_idx=output.frame_idx, obj_ids=post["object_ids"].tolist(),
+                                   masks=post["masks"], scores=post["scores"], boxes=post["boxes"]))
+        return frames
