@@ -50,10 +50,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); delete it and download again")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path), device="cpu")
+            state = _read_safetensors(path)
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}") from error
     else:
@@ -94,6 +93,30 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}); delete it and download again"
         ) from error
+
+
+def _read_safetensors(path: Path, chunk_bytes: int = 256 << 20) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors in memory of their own (64-byte aligned, as torch allocates).
+    safetensors hands out tensors that point into its memory map of the file, whose pages stay in
+    this process's RSS until the file is closed: copying everything through one open file would
+    peak at twice the weights. The file is reopened every `chunk_bytes`, so the peak is the
+    weights plus one chunk."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        keys = list(handle.keys())
+    state: dict[str, torch.Tensor] = {}
+    position = 0
+    while position < len(keys):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            copied = 0
+            while position < len(keys) and copied < chunk_bytes:
+                mapped = handle.get_tensor(keys[position])
+                state[keys[position]] = mapped.clone()
+                copied += mapped.nbytes
+                position += 1
+                del mapped
+    return state
 
 
 @contextmanager
