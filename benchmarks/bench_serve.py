@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py [--workload predict|segment] [--requests 96] [--rounds 3]
                                      [--clients 8] [--threads N] [--sam-type tiny|vit_b]
+                                     [--fusion on|off|both]
 
 Starts a real server on 127.0.0.1 (a subprocess; random weights in the real checkpoint formats:
 the tiny test SAM, whose decoder is full size, or a full-size vit_b, and the tiny Grounding
@@ -15,6 +16,12 @@ sends the same requests:
 
 Prints requests per second, p50 / p99 latency of each mode and the median ratio of concurrent to
 sequential throughput (target >= 1.3x on CPU).
+
+--fusion: the server's `fuse_decoder` (the /v1/predict jobs of a batch share decoder calls).
+`both` starts two servers, fused and unfused, and alternates their rounds (sequential and
+concurrent of one, then of the other), so that both see the same machine load; it also prints
+the fused / unfused ratio of concurrent throughput. /v1/segment is not fused (the setting does
+nothing there).
 
     python benchmarks/bench_serve.py --soak [--requests 2000] [--clients 16] [--rounds 5]
 
@@ -162,6 +169,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server workers for /v1/segment")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.01)
+    parser.add_argument("--fusion", choices=["on", "off", "both"], default="both",
+                        help="fused /v1/predict decoder calls (ServeConfig.fuse_decoder); both: two servers, "
+                             "rounds alternated (default)")
     parser.add_argument("--soak", action="store_true", help="the soak instead (2,000 mixed requests by default)")
     args = parser.parse_args()
     if args.soak:
@@ -203,14 +213,18 @@ def main() -> None:
     height, width = photo.shape[:2]
     rng = np.random.default_rng(0)
     clicks = [[float(rng.uniform(0, width)), float(rng.uniform(0, height))] for _ in range(args.requests)]
+    body = {"image": base64.b64encode(png).decode(), "text": ["a cat", "a remote control"], "box_threshold": 0.6}
 
-    process, url = start_server(config, workdir / "server.log")
+    fusions = ["on", "off"] if args.fusion == "both" else [args.fusion]
+    servers: dict[str, tuple] = {}  # fusion -> (process, url, image_id)
     try:
-        with httpx.Client(base_url=url, timeout=600) as client:
-            image_id = client.post("/v1/images", files={"image": ("c.png", png, "image/png")}).json()["image_id"]
-        body = {"image": base64.b64encode(png).decode(), "text": ["a cat", "a remote control"], "box_threshold": 0.6}
+        for fusion in fusions:
+            process, url = start_server({**config, "fuse_decoder": fusion == "on"}, workdir / f"server-{fusion}.log")
+            with httpx.Client(base_url=url, timeout=600) as client:
+                image_id = client.post("/v1/images", files={"image": ("c.png", png, "image/png")}).json()["image_id"]
+            servers[fusion] = (process, url, image_id)
 
-        def one_request(client, index: int) -> float:
+        def one_request(client, image_id: str, index: int) -> float:
             start = time.perf_counter()
             if args.workload == "predict":
                 response = client.post("/v1/predict", json={"image_id": image_id, "points": [clicks[index]],
@@ -221,45 +235,60 @@ def main() -> None:
                 raise RuntimeError(f"request failed: {response.status_code} {response.text[:200]}")
             return time.perf_counter() - start
 
-        def run_round(clients: int) -> tuple[float, list[float]]:
+        def run_round(fusion: str, clients: int) -> tuple[float, list[float]]:
+            _, url, image_id = servers[fusion]
             indices = list(range(args.requests))
             shares = [indices[offset::clients] for offset in range(clients)]
 
             def client_loop(share: list[int]) -> list[float]:
                 with httpx.Client(base_url=url, timeout=600) as client:
-                    return [one_request(client, index) for index in share]
+                    return [one_request(client, image_id, index) for index in share]
 
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
                 latencies = [latency for part in pool.map(client_loop, shares) for latency in part]
             return args.requests / (time.perf_counter() - start), latencies
 
-        run_round(args.clients)  # warm-up
-        results = {"sequential": [], "concurrent": []}
-        ratios = []
+        for fusion in fusions:
+            run_round(fusion, args.clients)  # warm-up
+        results = {fusion: {"sequential": [], "concurrent": []} for fusion in fusions}
+        ratios: dict[str, list[float]] = {fusion: [] for fusion in fusions}
         for _ in range(args.rounds):
-            sequential = run_round(1)
-            concurrent = run_round(args.clients)
-            results["sequential"].append(sequential)
-            results["concurrent"].append(concurrent)
-            ratios.append(concurrent[0] / sequential[0])
-        with httpx.Client(base_url=url, timeout=60) as client:
-            stats = client.get("/v1/stats").json()
+            for fusion in fusions:
+                sequential = run_round(fusion, 1)
+                concurrent = run_round(fusion, args.clients)
+                results[fusion]["sequential"].append(sequential)
+                results[fusion]["concurrent"].append(concurrent)
+                ratios[fusion].append(concurrent[0] / sequential[0])
+        stats = {}
+        for fusion, (_, url, _) in servers.items():
+            with httpx.Client(base_url=url, timeout=60) as client:
+                stats[fusion] = client.get("/v1/stats").json()
     finally:
-        stop_server(process)
+        for process, _, _ in servers.values():
+            stop_server(process)
 
     print(f"workload {args.workload}, SAM {args.sam_type} (random weights), {args.requests} requests per round, "
           f"{args.rounds} rounds, {args.workers} worker(s), worker threads {args.threads or 'default'}, "
-          f"batch <= {args.max_batch_size}")
-    for mode, rounds in results.items():
-        throughputs = [throughput for throughput, _ in rounds]
-        latencies = [latency for _, part in rounds for latency in part]
-        print(f"{mode:>10} ({1 if mode == 'sequential' else args.clients} clients): "
-              f"{statistics.median(throughputs):6.2f} req/s (rounds: {', '.join(f'{t:.2f}' for t in throughputs)}), "
-              f"latency p50 {percentile(latencies, 0.5) * 1000:7.1f} ms, p99 {percentile(latencies, 0.99) * 1000:7.1f} ms")
-    print(f"worker batches: {stats['batches']} for {stats['requests']} requests, largest {stats['largest_batch']}")
-    print(f"throughput ratio concurrent/sequential: median {statistics.median(ratios):.2f}x "
-          f"({', '.join(f'{r:.2f}' for r in ratios)}); target >= 1.3x")
+          f"batch <= {args.max_batch_size}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    for fusion in fusions:
+        print(f"fusion {fusion}:")
+        for mode, rounds in results[fusion].items():
+            throughputs = [throughput for throughput, _ in rounds]
+            latencies = [latency for _, part in rounds for latency in part]
+            print(f"  {mode:>10} ({1 if mode == 'sequential' else args.clients} clients): "
+                  f"{statistics.median(throughputs):6.2f} req/s (rounds: {', '.join(f'{t:.2f}' for t in throughputs)}), "
+                  f"latency p50 {percentile(latencies, 0.5) * 1000:7.1f} ms, "
+                  f"p99 {percentile(latencies, 0.99) * 1000:7.1f} ms")
+        print(f"  worker batches: {stats[fusion]['batches']} for {stats[fusion]['requests']} requests, "
+              f"largest {stats[fusion]['largest_batch']}")
+        print(f"  throughput ratio concurrent/sequential: median {statistics.median(ratios[fusion]):.2f}x "
+              f"({', '.join(f'{r:.2f}' for r in ratios[fusion])}); target >= 1.3x")
+    if len(fusions) == 2:
+        fused = [throughput for throughput, _ in results["on"]["concurrent"]]
+        unfused = [throughput for throughput, _ in results["off"]["concurrent"]]
+        print(f"concurrent throughput fused/unfused: median {statistics.median(f / u for f, u in zip(fused, unfused)):.2f}x "
+              f"({', '.join(f'{f / u:.2f}' for f, u in zip(fused, unfused))})")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,27 @@ logger = logging.getLogger(__name__)
 
 class ImageNotSetError(RuntimeError, ValueError):
     """`predict` was called before `set_image`."""
+
+
+@dataclass
+class PromptSet:
+    """One prompt set on its own image, checked and in the model-input frame: what
+    `SamPredictor.predict_fused` decodes. Make it with `SamPredictor.prompt_set`.
+
+    features: the image's features as `predictor.features` holds them after `set_image`
+    (SAM 1: (1, 256, 64, 64); SAM 2: the dict of levels); original_size: (H, W);
+    input_size: (h, w) in the model-input frame; point_coords (1, N, 2) xy and point_labels
+    (1, N), box (1, 4) xyxy, all in the model-input frame; mask_input (1, 1, 256, 256) logits.
+    """
+
+    features: Any
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    point_coords: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    box: torch.Tensor | None = None
+    mask_input: torch.Tensor | None = None
+    multimask_output: bool = True
 
 
 class SamPredictor:
@@ -176,27 +198,114 @@ class SamPredictor:
         and low_res_logits (C, 256, 256), where C = 3 if multimask_output else 1.
         """
         self._require_image()
-        coords, labels = self._check_points(point_coords, point_labels)
+        prompts = self._prompt_tensors(point_coords, point_labels, box, mask_input, self.original_size)
+        masks, iou_predictions, low_res = self.predict_torch(*prompts, multimask_output, return_logits)
+        return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def _prompt_tensors(self, point_coords, point_labels, box, mask_input, original_size):
+        """`predict`'s prompts, checked, -> tensors in the model-input frame: coords (1, N, 2),
+        labels (1, N), box (1, 4), mask_input (1, 1, 256, 256), each None when not given."""
+        coords, labels = self._check_points(point_coords, point_labels, original_size)
         box_array = self._check_box(box)
         mask_array = self._check_mask_input(mask_input)
 
         coords_torch = labels_torch = box_torch = mask_torch = None
         if coords is not None:
             coords_torch = torch.as_tensor(
-                self.transform.apply_coords(coords, self.original_size), dtype=torch.float, device=self.device
+                self.transform.apply_coords(coords, original_size), dtype=torch.float, device=self.device
             )[None]
             labels_torch = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
         if box_array is not None:
             box_torch = torch.as_tensor(
-                self.transform.apply_boxes(box_array, self.original_size), dtype=torch.float, device=self.device
+                self.transform.apply_boxes(box_array, original_size), dtype=torch.float, device=self.device
             )
         if mask_array is not None:
             mask_torch = torch.as_tensor(mask_array, dtype=torch.float, device=self.device)[None]
+        return coords_torch, labels_torch, box_torch, mask_torch
 
-        masks, iou_predictions, low_res = self.predict_torch(
-            coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits
-        )
-        return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy(), low_res[0].cpu().numpy()
+    # ----------------------------------------------------------------------- fused prompts
+    def prompt_set(
+        self,
+        features: Any,
+        original_size: tuple[int, int],
+        input_size: tuple[int, int],
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+    ) -> PromptSet:
+        """One prompt set on an image given by its cached features (`predictor.features`,
+        `original_size` and `input_size` after `set_image`), checked as `predict` checks it and
+        moved to the model-input frame, for `predict_fused`. Prompts as `predict` takes them,
+        in original-image pixels. Raises ValueError for bad prompts or features; the image
+        set on the predictor, if any, is untouched."""
+        _check_features(self.family, features, self.prompt_encoder)
+        original_size = (int(original_size[0]), int(original_size[1]))
+        prompts = self._prompt_tensors(point_coords, point_labels, box, mask_input, original_size)
+        return PromptSet(_to(features, self.device, self.dtype), original_size,
+                         (int(input_size[0]), int(input_size[1])), *prompts, bool(multimask_output))
+
+    @torch.no_grad()
+    def predict_fused(
+        self, prompt_sets: Sequence[PromptSet], return_logits: bool = False, max_batch: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Prompt sets on different images (as concurrent requests send them) in as few
+        decoder calls as possible: each set keeps its own image embedding, and the sets whose
+        prompts make the same number of tokens (clicks, box corners and SAM's padding point)
+        share one call, at most `max_batch` sets each (None: no limit). Sets with different
+        token counts are never padded to one length: a padding token changes the masks.
+
+        Returns, per set and in order, (masks (C, H, W), iou_predictions (C,),
+        low_res_logits (C, 256, 256)): what `set_embedding` then `predict` give for that set
+        alone, bit for bit on CPU (each set's numbers do not depend on the others).
+        """
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        embedded = [self._embed_prompts(prompt_set) for prompt_set in prompt_sets]
+        groups: dict[int, list[int]] = {}
+        for index, (sparse, _) in enumerate(embedded):
+            groups.setdefault(sparse.shape[1], []).append(index)
+        results: list[Any] = [None] * len(prompt_sets)
+        for indices in groups.values():
+            step = max_batch or len(indices)
+            for start in range(0, len(indices), step):
+                part = indices[start : start + step]
+                features = _cat_features([prompt_sets[index].features for index in part])
+                sparse = torch.cat([embedded[index][0] for index in part])
+                if any(prompt_sets[index].mask_input is not None for index in part):
+                    dense = torch.cat([embedded[index][1] for index in part])
+                else:  # every set's dense embedding is no_mask_embed: broadcast it, not copy it
+                    dense = embedded[part[0]][1].expand(len(part), -1, -1, -1)
+                decoded = self.model.decode_each(
+                    features, sparse, dense, [prompt_sets[index].multimask_output for index in part]
+                )
+                for index, (low_res_logits, iou_predictions, _) in zip(part, decoded):
+                    results[index] = self._finish_one(
+                        prompt_sets[index], low_res_logits.float(), iou_predictions.float(), return_logits
+                    )
+        return results
+
+    def _embed_prompts(self, prompt_set: PromptSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt set's sparse and dense embeddings, with the conversions of `decode`."""
+        points = None
+        if prompt_set.point_coords is not None:
+            points = (prompt_set.point_coords.to(self.device), prompt_set.point_labels.to(self.device))
+        box = None if prompt_set.box is None else prompt_set.box.to(self.device)
+        mask_input = None
+        if prompt_set.mask_input is not None:
+            mask_input = prompt_set.mask_input.to(device=self.device, dtype=self.dtype)
+        return self.model.embed_prompts(points, box, mask_input)
+
+    def _finish_one(self, prompt_set: PromptSet, low_res_logits, iou_predictions, return_logits: bool):
+        """One set's (1, C, 256, 256) logits and (1, C) IoU -> `predict`'s numpy outputs."""
+        masks = self.model.postprocess_masks(low_res_logits, prompt_set.input_size, prompt_set.original_size)
+        if not return_logits:
+            masks = masks > self.mask_threshold
+        if self.family == "sam2":
+            low_res_logits = low_res_logits.clamp(-32.0, 32.0)
+        # Copies: views would keep the whole call's (B, 4, 256, 256) logits alive with each answer.
+        return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy().copy(), low_res_logits[0].cpu().numpy().copy()
 
     def predict_batch(
         self,
@@ -361,7 +470,7 @@ class SamPredictor:
         if len(set(batch_sizes.values())) > 1:
             raise ValueError(f"prompt batch sizes disagree: {batch_sizes}")
 
-    def _check_points(self, point_coords, point_labels):
+    def _check_points(self, point_coords, point_labels, original_size=None):
         if point_coords is None and point_labels is None:
             return None, None
         if point_coords is None or point_labels is None:
@@ -387,7 +496,7 @@ class SamPredictor:
             raise ValueError(
                 f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {np.unique(labels)}"
             )
-        height, width = self.original_size
+        height, width = original_size or self.original_size
         outside = (coords[:, 0] < 0) | (coords[:, 0] > width) | (coords[:, 1] < 0) | (coords[:, 1] > height)
         if outside.any():
             first = coords[np.argmax(outside)]
@@ -435,6 +544,16 @@ def _select(features: Any, index: int) -> Any:
     if isinstance(features, (list, tuple)):
         return type(features)(_select(value, index) for value in features)
     return features[index : index + 1]
+
+
+def _cat_features(features: list[Any]) -> Any:
+    """Several images' features (each with batch 1) -> one batch, in order."""
+    first = features[0]
+    if isinstance(first, dict):
+        return {name: _cat_features([item[name] for item in features]) for name in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat_features([item[level] for item in features]) for level in range(len(first)))
+    return torch.cat(features) if len(features) > 1 else first
 
 
 def _to(features: Any, device: torch.device, dtype: torch.dtype) -> Any:

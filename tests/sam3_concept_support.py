@@ -47,14 +47,14 @@ def tiny_video_config(**options):
     return Sam3VideoConfig(detector_config=Sam3Config(**detector), tracker_config=tracker, **settings)
 
 
-def tiny_video_model(seed: int = 0, calibration=None, **options):
-    """A transformers `Sam3VideoModel` at the tiny sizes, every parameter randomised (eval mode).
-    calibration: (pixels (T, 3, S, S), token ids (1, L)) to spread the detector's queries on (see
-    `spread_queries`)."""
+def tiny_video_model(seed: int = 0, calibration=None, config=None, **options):
+    """A transformers `Sam3VideoModel` at the tiny sizes (or at `config`, a `Sam3VideoConfig`), every
+    parameter randomised (eval mode). calibration: (pixels (T, 3, S, S), token ids (1, L)) to spread
+    the detector's queries on (see `spread_queries`)."""
     from transformers import Sam3VideoModel
 
     torch.manual_seed(seed)
-    model = Sam3VideoModel(tiny_video_config(**options)).eval()
+    model = Sam3VideoModel(config if config is not None else tiny_video_config(**options)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -117,12 +117,12 @@ def save_tiny_video_model(root: Path, seed: int = 0, calibration=None, **options
     return {"transformers": directory, "model": model}
 
 
-def reference_pixels(frames: np.ndarray) -> torch.Tensor:
+def reference_pixels(frames: np.ndarray, image_size: int = IMAGE_SIZE) -> torch.Tensor:
     """(T, 3, S, S) in [-1, 1]: each frame stretched to S x S with PIL bicubic (what our predictor
     does), then normalised with mean = std = 0.5."""
     from PIL import Image
 
-    resized = [np.asarray(Image.fromarray(frame).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) for frame in frames]
+    resized = [np.asarray(Image.fromarray(frame).resize((image_size, image_size), Image.BICUBIC)) for frame in frames]
     pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
     return (pixels - 0.5) / 0.5
 
@@ -132,12 +132,12 @@ class Reference:
     the whole clip, text prompts tokenised as ours are, `propagate_in_video_iterator`, then
     `Sam3VideoProcessor.postprocess_outputs` on each yielded frame (masks at the video size)."""
 
-    def __init__(self, model, frames: np.ndarray):
+    def __init__(self, model, frames: np.ndarray, image_size: int = IMAGE_SIZE):
         from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
         self.model = model
         height, width = frames.shape[1:3]
-        self.session = Sam3VideoInferenceSession(video=reference_pixels(frames), video_height=height, video_width=width,
+        self.session = Sam3VideoInferenceSession(video=reference_pixels(frames, image_size), video_height=height, video_width=width,
                                                  dtype=torch.float32)
 
     def add_text(self, text: str) -> int:

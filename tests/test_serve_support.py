@@ -106,6 +106,15 @@ def make_empty_candidate_pipeline(**settings):
                    device=settings.get("device", "cpu"))
 
 
+def make_tiny_sam_pipeline(**settings):
+    """The tiny test SAM 1 (`sam_factory.make_tiny_sam`: full-size decoder) + fixed boxes."""
+    from sam_factory import make_tiny_sam
+
+    from langsam.pipeline import LangSAM
+
+    return LangSAM(sam_model=make_tiny_sam(), detector_model=FixedBoxes(), device=settings.get("device", "cpu"))
+
+
 def make_sam2_pipeline(**settings):
     """A tiny SAM 2.1 + fixed boxes (the worker-level SAM 2 test)."""
     from sam2_factory import make_tiny_sam2

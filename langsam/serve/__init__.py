@@ -7,8 +7,10 @@ inference worker process; its four verbs are LitServe's:
   `Failure` (a 4xx for that request alone: LitServe fails a whole batch when a hook raises);
 - `predict`: a batch of jobs (LitServe's `max_batch_size` / `batch_timeout`) -> one result each.
   `/v1/segment` jobs with the same settings go to `LangSAM.segment_batch` together; new images
-  for `/v1/images` go through the SAM encoder together on a GPU (`encoder_batch_size`); every
-  `/v1/predict` job is one decoder call on a stored embedding;
+  for `/v1/images` go through the SAM encoder together on a GPU (`encoder_batch_size`); the
+  `/v1/predict` jobs share mask decoder calls, each on its own stored embedding
+  (`SamPredictor.predict_fused`, one call per prompt-token count; `fuse_decoder`, off with
+  ``LANGSAM_SERVE_FUSE=0``), with the answers of one call per job;
 - `encode_response`: a result -> `(status, JSON body)`, masks as COCO RLE.
 
 By default one worker serves everything. With `workers=N`, `/v1/segment` and `/v1/auto-masks`

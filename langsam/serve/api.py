@@ -152,8 +152,7 @@ class LangSAMAPI(ls.LitAPI):
         self._segment(jobs, by_op.get("segment", []), results)
         for index in by_op.get("auto_masks", []):
             self._guarded(self._auto_masks, jobs, [index], results)
-        for index in by_op.get("predict", []):
-            self._guarded(self._predict_prompts, jobs, [index], results)
+        self._predict(jobs, by_op.get("predict", []), results)
         for index in by_op.get("stats", []):
             results[index] = ("stats", {**self.stats, "images_stored": len(self.images)})
         return results
@@ -240,35 +239,114 @@ class LangSAMAPI(ls.LitAPI):
         height, width = job.pixels.shape[:2]
         return [("auto_masks", {"width": width, "height": height, "records": records})]
 
-    def _predict_prompts(self, jobs: list[Job]) -> list:
-        params = jobs[0].params
+    def _predict(self, jobs: list, indices: list[int], results: list) -> None:
+        """/v1/predict jobs: with `fuse_decoder`, those of one wave share decoder calls
+        (`SamPredictor.predict_fused`); otherwise, or for a predictor without it (an injected
+        ONNX one), one decoder call each. The answers are the same either way."""
+        predictor = self.pipeline.predictor
+        if not self.config.fuse_decoder or len(indices) <= 1 or not hasattr(predictor, "predict_fused"):
+            for index in indices:
+                self._guarded(self._predict_prompts, jobs, [index], results)
+            return
+        for wave in _predict_waves(jobs, indices):
+            self._predict_fused(jobs, wave, results)
+
+    def _predict_fused(self, jobs: list, indices: list[int], results: list) -> None:
+        """One wave of /v1/predict jobs through `predict_fused`. A job's own bad input (an
+        unknown image, bad prompts) fails that job alone, before any decoding; if the fused
+        call itself fails, each job runs alone, so that only a faulty one fails."""
+        predictor = self.pipeline.predictor
+        ready = []
+        for index in indices:
+            try:
+                prepared = self._predict_inputs(jobs[index])
+                if isinstance(prepared, Failure):
+                    results[index] = prepared
+                    continue
+                entry, prompts = prepared
+                prompt_set = predictor.prompt_set(entry.features, entry.original_size, entry.input_size, **prompts)
+            except ValueError as error:
+                results[index] = Failure(400, str(error))
+                continue
+            except Exception as error:  # noqa: BLE001 - one request's crash must not take down the others
+                logger.exception("request failed in _predict_fused")
+                results[index] = Failure(500, f"internal error ({type(error).__name__}); see the server log")
+                continue
+            ready.append((index, entry, prompt_set))
+        if not ready:
+            return
+        try:
+            outputs = predictor.predict_fused([prompt_set for _, _, prompt_set in ready])
+        except Exception:  # noqa: BLE001 - find the request at fault
+            logger.warning("a fused decoder call failed; decoding its %d jobs one by one", len(ready), exc_info=True)
+            for index, _, _ in ready:
+                self._guarded(self._predict_prompts, jobs, [index], results)
+            return
+        for (index, entry, _), output in zip(ready, outputs):
+            results[index] = _predict_answer(jobs[index].params, entry, output)
+
+    def _predict_inputs(self, job: Job) -> tuple[Any, dict[str, Any]] | Failure:
+        """A /v1/predict job -> (its stored image, `SamPredictor.predict` prompts), or a Failure."""
+        params = job.params
         entry = self.images.get(params["image_id"])
         if entry is None:
-            return [Failure(404, f"unknown image_id {params['image_id']!r}: it was never issued, or it was dropped "
-                                 f"(the server keeps the {self.images.capacity} most recently used images); "
-                                 "POST the image to /v1/images again")]
+            return Failure(404, f"unknown image_id {params['image_id']!r}: it was never issued, or it was dropped "
+                                f"(the server keeps the {self.images.capacity} most recently used images); "
+                                "POST the image to /v1/images again")
         mask_input = params.get("mask_input")
         if params.get("previous_mask") is not None:
             if entry.low_res is None or params["previous_mask"] >= len(entry.low_res):
-                return [Failure(400, "previous_mask refers to a candidate of an earlier /v1/predict answer on this "
-                                     "image, and there is none with that index")]
+                return Failure(400, "previous_mask refers to a candidate of an earlier /v1/predict answer on this "
+                                    "image, and there is none with that index")
             mask_input = entry.low_res[params["previous_mask"]][None]
-        predictor = self.pipeline.predictor
-        predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
         points = params.get("points")
         labels = params.get("labels")
-        masks, scores, low_res = predictor.predict(
-            point_coords=None if points is None else np.asarray(points, dtype=np.float64),
-            point_labels=None if labels is None else np.asarray(labels),
-            box=None if params.get("box") is None else np.asarray(params["box"], dtype=np.float64),
-            mask_input=mask_input,
-            multimask_output=params["multimask"],
-        )
-        entry.low_res = low_res
-        height, width = entry.original_size
-        return [("predict", {"image_id": params["image_id"], "width": int(width), "height": int(height),
-                             "masks": masks, "scores": scores,
-                             "low_res": low_res if params["return_low_res"] else None})]
+        return entry, {
+            "point_coords": None if points is None else np.asarray(points, dtype=np.float64),
+            "point_labels": None if labels is None else np.asarray(labels),
+            "box": None if params.get("box") is None else np.asarray(params["box"], dtype=np.float64),
+            "mask_input": mask_input,
+            "multimask_output": params["multimask"],
+        }
+
+    def _predict_prompts(self, jobs: list[Job]) -> list:
+        prepared = self._predict_inputs(jobs[0])
+        if isinstance(prepared, Failure):
+            return [prepared]
+        entry, prompts = prepared
+        predictor = self.pipeline.predictor
+        predictor.set_embedding(entry.features, entry.original_size, entry.input_size)
+        return [_predict_answer(jobs[0].params, entry, predictor.predict(**prompts))]
+
+
+def _predict_answer(params: dict[str, Any], entry: _StoredImage, output: tuple) -> tuple[str, dict[str, Any]]:
+    """A /v1/predict job's (masks, scores, low_res) -> its result; the image keeps the low-res
+    logits for a later previous_mask."""
+    masks, scores, low_res = output
+    entry.low_res = low_res
+    height, width = entry.original_size
+    return ("predict", {"image_id": params["image_id"], "width": int(width), "height": int(height),
+                        "masks": masks, "scores": scores, "low_res": low_res if params["return_low_res"] else None})
+
+
+def _predict_waves(jobs: list, indices: list[int]) -> list[list[int]]:
+    """/v1/predict jobs in the order they run together. A job with previous_mask reuses the
+    answer of the job before it on the same image, as one at a time would: so it, and every
+    later job on that image, wait for the next wave."""
+    waves, remaining = [], list(indices)
+    while remaining:
+        wave, later, seen, blocked = [], [], set(), set()
+        for index in remaining:
+            image_id = jobs[index].params["image_id"]
+            if image_id in blocked or (jobs[index].params.get("previous_mask") is not None and image_id in seen):
+                later.append(index)
+                blocked.add(image_id)
+            else:
+                wave.append(index)
+                seen.add(image_id)
+        waves.append(wave)
+        remaining = later
+    return waves
 
 
 def _encode_batch(predictor: Any, images: list[np.ndarray], torch: Any) -> list[tuple]:

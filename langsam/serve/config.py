@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 API_KEY_ENV = "LANGSAM_API_KEY"
+#: ``LANGSAM_SERVE_FUSE=0`` turns off fused decoder calls for /v1/predict (ServeConfig.fuse_decoder).
+FUSE_ENV = "LANGSAM_SERVE_FUSE"
+_FLAG_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 MIN_API_KEY_LENGTH = 16
 #: Paths answered without the API key: the health check (for load balancers) and the docs.
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
@@ -55,6 +58,10 @@ class ServeConfig:
     torch_threads: CPU threads of the worker's PyTorch (None: PyTorch's default, one per core).
         On a machine shared with other busy processes, fewer threads than cores avoid threads
         waiting on each other (measured: 20x slower decoder calls with 2 threads on 2 loaded cores).
+    fuse_decoder: the `/v1/predict` jobs of one batch share mask decoder calls
+        (`SamPredictor.predict_fused`: each keeps its own image embedding; jobs whose prompts
+        make the same number of tokens go together), with the same answers as one call each.
+        None (the default): on, unless the environment has ``LANGSAM_SERVE_FUSE=0``.
     pipeline_factory: "module:function" called in the worker with `models` as keyword
         arguments instead of `LangSAM(**models)`, for pipelines built in code (injected
         detectors, an `OnnxSamPredictor`, ...). It must return a `LangSAM`.
@@ -76,6 +83,7 @@ class ServeConfig:
     torch_threads: int | None = None
     workers: int = 1
     encoder_batch_size: int | None = None
+    fuse_decoder: bool | None = None
     pipeline_factory: str | None = None
 
     def __post_init__(self) -> None:
@@ -117,6 +125,13 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.fuse_decoder is None:
+            text = os.environ.get(FUSE_ENV, "1").strip().lower() or "1"
+            if text not in _FLAG_VALUES:
+                raise ValueError(f"{FUSE_ENV} must be 1 or 0 (fused decoder calls on or off), got {text!r}")
+            self.fuse_decoder = _FLAG_VALUES[text]
+        elif not isinstance(self.fuse_decoder, bool):
+            raise ValueError(f"fuse_decoder must be True, False or None, got {self.fuse_decoder!r}")
         if self.workers > 1 and self.torch_threads is None:
             # Workers share the cores; each using all of them would make them wait on each other.
             self.torch_threads = max(1, (os.cpu_count() or 1) // self.workers)

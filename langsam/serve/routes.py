@@ -353,7 +353,8 @@ def _models_info(config: ServeConfig) -> dict[str, Any]:
         "limits": {"max_body_bytes": config.max_body_bytes, "max_pixels": config.max_pixels,
                    "max_queue": config.max_queue, "timeout_s": config.timeout, "max_images": config.max_images},
         "batching": {"max_batch_size": config.max_batch_size, "batch_timeout_s": config.batch_timeout,
-                     "workers": config.workers, "torch_threads": config.torch_threads},
+                     "workers": config.workers, "torch_threads": config.torch_threads,
+                     "fuse_decoder": config.fuse_decoder},
     }
 
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:

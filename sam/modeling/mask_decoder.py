@@ -126,9 +126,17 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         high_res_features: list[torch.Tensor] | None = None,
+        batch_invariant: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """All four masks (B, 4, 256, 256), their IoU predictions (B, 4), the mask tokens out of
-        the transformer (B, 4, C) and the object-score logits (B, 1)."""
+        the transformer (B, 4, C) and the object-score logits (B, 1).
+
+        batch_invariant: compute each prompt set's numbers exactly (bit for bit, on CPU) as a
+        batch of that one set would, so that prompt sets of different requests, each with its
+        own image (image_embeddings and high_res_features of batch B), can share one call. Two
+        things would round differently in a batch: the transformer's folded projections
+        (never used for a batch of 1) and the small heads, where one set's (1, C) token is a
+        matrix-vector product but several sets' (B, C) tokens a matrix product."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = self.output_tokens()
         first = output_tokens.shape[0] - 1 - self.num_mask_tokens  # index of the IoU token
@@ -144,7 +152,7 @@ class MaskDecoder(nn.Module):
             src = image_embeddings.expand(batch, -1, -1, -1) + dense_prompt_embeddings
         _, channels, height, width = src.shape
 
-        hs, src = self.transformer(src, image_pe[:1], tokens)
+        hs, src = self.transformer(src, image_pe[:1], tokens, fold_projections=not batch_invariant)
         if src.shape[0] != batch:  # only with a transformer of depth 0
             src = src.expand(batch, -1, -1)
         iou_token_out = hs[:, first, :]
@@ -152,15 +160,20 @@ class MaskDecoder(nn.Module):
 
         src = src.transpose(1, 2).reshape(batch, channels, height, width)
         upscaled = self.upscale(src, high_res_features)
+        rows = [slice(row, row + 1) for row in range(batch)] if batch_invariant else [slice(None)]
+
+        def head(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+            return torch.cat([module(tokens[row]) for row in rows]) if len(rows) > 1 else module(tokens)
+
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, index, :]) for index, mlp in enumerate(self.output_hypernetworks_mlps)],
+            [head(mlp, mask_tokens_out[:, index, :]) for index, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
         _, up_channels, up_h, up_w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(batch, up_channels, up_h * up_w)).reshape(batch, -1, up_h, up_w)
-        iou_pred = self.iou_prediction_head(iou_token_out)
+        iou_pred = head(self.iou_prediction_head, iou_token_out)
         if self.pred_obj_scores:
-            object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
+            object_score_logits = head(self.pred_obj_score_head, hs[:, 0, :])
         else:
             # A confident "object present" when the model has no object-score head.
             object_score_logits = 10.0 * iou_pred.new_ones(iou_pred.shape[0], 1)

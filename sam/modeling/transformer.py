@@ -28,17 +28,19 @@ class Attention(nn.Module):
         batch, tokens, width = x.shape
         return x.reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fold: bool = True) -> torch.Tensor:
         """q: (Bq, Nq, C), k and v: (Bk, Nk, C) -> (B, Nq, C), where a batch of 1 broadcasts.
 
         Inputs shared by every prompt (the image tokens of the first layer) arrive with batch 1
         and are projected once, not once per prompt. When a handful of prompt tokens attend to
         thousands of per-prompt image tokens, the key and value projections are folded into the
         few queries instead (`_few_queries`): the same sums in another order, about half the work.
-        `fold_projections = False` keeps the plain path, the parity reference.
+        `fold_projections = False` keeps the plain path, the parity reference; `fold=False` does
+        so for one call (a batch of prompt sets each on its own image then computes every set
+        exactly as it is computed alone, where a batch of 1 never folds).
         """
         head_dim = self.internal_dim // self.num_heads
-        if self.fold_projections and q.shape[0] == k.shape[0] > 1 and q.shape[1] < head_dim <= k.shape[1]:
+        if fold and self.fold_projections and q.shape[0] == k.shape[0] > 1 and q.shape[1] < head_dim <= k.shape[1]:
             return self._few_queries(q, k, v)
         return self._standard(q, k, v)
 
@@ -114,7 +116,8 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
+        fold: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.skip_first_layer_pe:
             # The first layer replaces the tokens outright: they are still the raw prompt embeddings.
@@ -128,11 +131,11 @@ class TwoWayAttentionBlock(nn.Module):
         # serves both cross-attentions.
         keys_with_pe = keys + key_pe
         q = queries + query_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, keys_with_pe, keys))
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q, keys_with_pe, keys, fold))
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(keys_with_pe, q, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(keys_with_pe, q, queries, fold))
         return queries, keys
 
 
@@ -168,18 +171,20 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor,
+        fold_projections: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe: (B, C, h, w); point_embedding: (B, N, C).
-        Returns the processed tokens (B, N, C) and image tokens (B, h*w, C)."""
+        Returns the processed tokens (B, N, C) and image tokens (B, h*w, C).
+        fold_projections=False: never fold key/value projections (see `Attention.forward`)."""
         # Tokens-last and contiguous once here, so no projection below copies them again.
         # image_embedding may have batch 1 (shared by all prompts) and image_pe always does.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, fold_projections)
         q = queries + point_embedding
         k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys, fold_projections))
         return queries, keys

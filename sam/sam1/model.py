@@ -69,7 +69,7 @@ class Sam(nn.Module):
         Returns low-res logits (B, C, 256, 256), IoU predictions (B, C) and None (SAM 1 has no
         object score), C = 3 if multimask_output else 1.
         """
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        sparse, dense = self.embed_prompts(points, boxes, mask_input)
         low_res_logits, iou_predictions = self.mask_decoder(
             image_embeddings=features,
             image_pe=self.prompt_encoder.get_dense_pe(),
@@ -78,6 +78,42 @@ class Sam(nn.Module):
             multimask_output=multimask_output,
         )
         return low_res_logits, iou_predictions, None
+
+    def embed_prompts(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B prompt sets as `decode` takes them -> sparse (B, N, 256) and dense (B, 256, 64, 64)
+        prompt embeddings."""
+        return self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+
+    def decode_each(
+        self,
+        features: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_outputs: Sequence[bool],
+    ) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
+        """B prompt sets, each on its own image, in one decoder call: features (B, 256, 64, 64),
+        one embedding per set; sparse (B, N, 256) and dense (B, 256, 64, 64) from
+        `embed_prompts` (the same N for all: a padding token would change the masks);
+        multimask_outputs: one flag per set.
+
+        Returns, per set, what `decode` returns for it alone, bit for bit on CPU: low-res
+        logits (1, C, 256, 256), IoU predictions (1, C) and None.
+        """
+        outputs = self.mask_decoder.predict_masks(
+            features, self.prompt_encoder.get_dense_pe(), sparse, dense, batch_invariant=True
+        )
+        results = []
+        for row, multimask_output in enumerate(multimask_outputs):
+            low_res_logits, iou_predictions = self.mask_decoder.select_outputs(
+                tuple(output[row : row + 1] for output in outputs), multimask_output
+            )
+            results.append((low_res_logits, iou_predictions, None))
+        return results
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) float RGB in [0, 255], longest side 1024 -> normalised and zero-padded to 1024x1024."""

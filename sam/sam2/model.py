@@ -10,6 +10,7 @@ features as the reference image predictor does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -262,9 +263,27 @@ class Sam2(nn.Module):
         mask is unstable, the best of the three).
         """
         image_embed = features["image_embed"]
-        high_res = features["high_res_feats"]
         if image_embed.shape[0] != 1:
             raise ValueError(f"decode takes one image's features (batch 1), got batch {image_embed.shape[0]}")
+        sparse, dense = self.embed_prompts(points, boxes, mask_input)
+        low_res_logits, iou_predictions, _, object_score_logits = self.sam_mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=self.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            high_res_features=features["high_res_feats"],
+        )
+        return low_res_logits, iou_predictions, object_score_logits
+
+    def embed_prompts(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """B prompt sets as `decode` takes them -> sparse (B, N, 256) and dense (B, 256, 64, 64)
+        prompt embeddings."""
         if boxes is not None:
             # SAM 2 takes a box as its two corners, labelled 2 and 3, placed before any clicks.
             corners = boxes.reshape(-1, 2, 2)
@@ -275,16 +294,35 @@ class Sam2(nn.Module):
                 points = (torch.cat([corners, points[0]], dim=1), torch.cat([corner_labels, points[1]], dim=1))
             else:
                 points = (corners, corner_labels)
-        sparse, dense = self.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
-        low_res_logits, iou_predictions, _, object_score_logits = self.sam_mask_decoder(
-            image_embeddings=image_embed,
-            image_pe=self.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            high_res_features=high_res,
+        return self.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
+
+    def decode_each(
+        self,
+        features: dict,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_outputs: Sequence[bool],
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """B prompt sets, each on its own image, in one decoder call: features as `encode_image`
+        gives them for B images (image_embed (B, 256, 64, 64), high_res_feats
+        [(B, 32, 256, 256), (B, 64, 128, 128)]), one image per set; sparse (B, N, 256) and
+        dense (B, 256, 64, 64) from `embed_prompts` (the same N for all: a padding token
+        would change the masks); multimask_outputs: one flag per set.
+
+        Returns, per set, what `decode` returns for it alone, bit for bit on CPU: low-res
+        logits (1, C, 256, 256), IoU predictions (1, C) and object-score logits (1, 1).
+        """
+        outputs = self.sam_mask_decoder.predict_masks(
+            features["image_embed"], self.sam_prompt_encoder.get_dense_pe(), sparse, dense,
+            high_res_features=features["high_res_feats"], batch_invariant=True,
         )
-        return low_res_logits, iou_predictions, object_score_logits
+        results = []
+        for row, multimask_output in enumerate(multimask_outputs):
+            low_res_logits, iou_predictions, _, object_score_logits = self.sam_mask_decoder.select_outputs(
+                tuple(output[row : row + 1] for output in outputs), multimask_output
+            )
+            results.append((low_res_logits, iou_predictions, object_score_logits))
+        return results
 
     def postprocess_masks(
         self, low_res_logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
