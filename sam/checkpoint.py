@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import pickle
 import struct
 import zipfile
@@ -156,3 +157,13 @@ def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             value = value.clone(memory_format=torch.contiguous_format)
         ready[key] = value
     model.load_state_dict(ready, strict=True, assign=True)
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed while loading back to the operating system. glibc keeps freed heap
+    pages for reuse, so the temporaries of a load (file chunks, fused copies) would otherwise stay
+    in the process's RSS for its lifetime. A no-op where the C library has no `malloc_trim`."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

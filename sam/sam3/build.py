@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, assign_state_dict, load_state_dict_file, meta_parameters
+from ..checkpoint import CheckpointError, assign_state_dict, load_state_dict_file, meta_parameters, release_freed_memory
 from .backbone import ViT, axial_rope
 from .interactive import Sam3Interactive, Sam3InteractivePredictor
 from .lite_text import LiteTextEncoder, lite_text_options
@@ -376,6 +376,7 @@ def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3I
         assign_state_dict(model, native)
     except RuntimeError as error:
         raise CheckpointError(f"{file} does not fit a SAM 3 image model of these sizes: {str(error).splitlines()[0]} ...") from error
+    release_freed_memory()
     logger.info("loaded SAM 3 image model from %s", file)
     return model.eval()
 
