@@ -9,6 +9,7 @@ the logits, then cut at 0) on both sides.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -244,3 +245,83 @@ def test_bad_inputs_get_clear_errors(ours, predictor, photo, checkpoints, tiny_s
     (tmp_path / "model.safetensors").write_bytes((checkpoints["transformers"] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="no config.json"):
         load_sam3(tmp_path)
+
+
+def test_pixel_decoder_split_matches_the_direct_order():
+    """conv(skip + up(x)) computed as a cached conv(skip) plus the upsampled conv at x's resolution
+    (heads.upsampled_conv) gives Meta's values; on a non-square map, with the bias and the norm."""
+    from sam.sam3.heads import PixelDecoder, upsampled_conv
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 5, 7, generator=generator)
+    weight = torch.randn(8, 16, 3, 3, generator=generator)
+    direct = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)
+    torch.testing.assert_close(upsampled_conv(x, weight), direct, atol=1e-5, rtol=1e-5)
+    decoder = PixelDecoder(16, 3).eval()
+    with torch.no_grad():
+        for conv in decoder.conv_layers:
+            conv.bias.normal_(generator=generator)
+        feats = [torch.randn(1, 16, 20, 28, generator=generator), torch.randn(1, 16, 10, 14, generator=generator), x[:1]]
+        expected = feats[-1]
+        for conv, norm, skip in zip(decoder.conv_layers, decoder.norms, reversed(feats[:-1])):
+            expected = F.relu(norm(conv(skip + F.interpolate(expected, size=skip.shape[-2:], mode="nearest"))))
+        torch.testing.assert_close(decoder(feats), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decoder(feats, decoder.skip_terms(feats)), expected, atol=1e-5, rtol=1e-5)
+    assert expected.std() > 0.1
+
+
+def test_cached_skip_terms_change_nothing(ours, predictor, pixels):
+    """Sam3Predictor reuses the image's pixel-decoder half across queries: decode with and without it agree."""
+    ids = tokenize(["a dog"])
+    with torch.no_grad():
+        image = ours.encode_image(pixels)
+        text, valid = ours.encode_text(ids)
+        plain = ours.decode(image, text, valid)
+        cached = ours.decode(image, text, valid, skip_terms=ours.pixel_skip_terms(image))
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], atol=1e-5, rtol=1e-5)
+    predictor.predict(text="a cat")
+    assert [t.shape[-2:] for t in predictor._skip_terms] == [f.shape[-2:] for f in image.feats[-2::-1]]
+
+
+@pytest.mark.parametrize("grid", [6, 9, 12])
+def test_windowed_attention_matches_partitioned_map(grid):
+    """RopeAttention(x, window) cuts the windows out of qkv instead of partitioning the token map:
+    the same values as partition -> attention -> unpartition (Meta's order), with and without the
+    zero padding up to a multiple of the window (9 on windows of 6 pads to 12)."""
+    from sam.sam3.backbone import RopeAttention, window_partition, window_unpartition
+
+    torch.manual_seed(grid)
+    attention = RopeAttention(32, 2, 6, 1.0, 10000.0).eval()
+    with torch.no_grad():
+        attention.qkv.bias.normal_()  # padded tokens project to the bias: they must stay keys as in Meta's order
+        x = torch.randn(2, grid, grid, 32)
+        windows, padded = window_partition(x, 6)
+        expected = window_unpartition(attention(windows), 6, padded, (grid, grid))
+        out = attention(x, 6)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert expected.std() > 0.1
+
+
+def test_loading_assigns_the_checkpoint_without_a_random_copy(checkpoints, ours, tmp_path):
+    """load_sam3 builds the model with its parameters on the meta device and assigns the file's
+    tensors: a float16 file gives float32 parameters equal to its values, all real (none left on
+    meta, none randomly initialised) and 64-byte aligned; the computed RoPE buffers stay real."""
+    from sam.checkpoint import meta_parameters
+
+    with meta_parameters():
+        empty = Sam3Image(ours.config)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert all(b.device.type == "cpu" for b in empty.buffers())
+    state = torch.load(checkpoints["meta"], weights_only=True)
+    half = {"model": {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}}
+    torch.save(half, tmp_path / "sam3_half.pt")
+    shutil.copy(checkpoints["meta"].parent / "config.json", tmp_path / "config.json")  # the tiny sizes
+    loaded = load_sam3(tmp_path / "sam3_half.pt")
+    for key, value in loaded.state_dict().items():
+        assert value.device.type == "cpu" and value.data_ptr() % 64 == 0, key
+        if value.is_floating_point():
+            assert value.dtype == torch.float32, key
+            torch.testing.assert_close(value, half["model"]["detector." + key].float(), atol=0, rtol=0)
+    for (name, buffer), (_, expected) in zip(loaded.named_buffers(), ours.named_buffers()):
+        assert torch.equal(buffer, expected), name

@@ -80,10 +80,14 @@ class OnnxSam3Model:
         features, valid = session.run(self.names["text_encoder_outputs"], {"token_ids": _numpy(token_ids.long())})
         return torch.from_numpy(features), torch.from_numpy(valid)
 
+    def pixel_skip_terms(self, image: ImageFeatures) -> None:
+        """The heads graph computes the mask head's per-image half itself: nothing to cache."""
+        return None
+
     def decode(self, image: ImageFeatures, text: torch.Tensor, text_valid: torch.Tensor,
                boxes: torch.Tensor | None = None, box_labels: torch.Tensor | None = None,
-               box_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """As `Sam3Image.decode`. No boxes is one masked-out box (the graph needs N >= 1; a box
+               box_valid: torch.Tensor | None = None, skip_terms: None = None) -> dict[str, torch.Tensor]:
+        """As `Sam3Image.decode` (`skip_terms` is accepted and unused). No boxes is one masked-out box (the graph needs N >= 1; a box
         that is not valid joins no attention and no pooling, so the outputs are those of an
         empty box list)."""
         batch = text.shape[0]

@@ -119,7 +119,13 @@ class RealRopeAttention(nn.Module):
         self.register_buffer("rope_cos", table.real.detach().clone().contiguous(), persistent=False)
         self.register_buffer("rope_sin", table.imag.detach().clone().contiguous(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
+        if window:  # the plain partition: the exported graph keeps the simplest layout ops
+            from ..sam3.backbone import window_partition, window_unpartition
+
+            size = x.shape[1:3]
+            windows, padded = window_partition(x, window)
+            return window_unpartition(self.forward(windows), window, padded, size)
         batch, height, width, dim = x.shape
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)

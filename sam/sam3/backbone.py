@@ -47,13 +47,33 @@ class RopeAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.register_buffer("freqs_cis", axial_rope(dim // num_heads, grid, rope_scale, theta), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
+        """x (B, H, W, C) -> (B, H, W, C). `window` > 0 attends within non-overlapping windows of
+        that side (the map zero-padded up to multiples, as `window_partition`): the windows are cut
+        out of the qkv projection and put back into the output's layout by one permute each, so the
+        token map itself is never partitioned or unpartitioned."""
         batch, height, width, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if not window:
+            qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            out = self._attend(qkv)
+            return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
+        pad_h, pad_w = (-height) % window, (-width) % window
+        if pad_h or pad_w:  # padded tokens are zeros before the projection, as in window_partition
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        rows, cols = (height + pad_h) // window, (width + pad_w) // window
+        qkv = self.qkv(x).view(batch, rows, window, cols, window, 3, self.num_heads, -1)
+        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch * rows * cols, self.num_heads, window * window, -1)
+        out = self._attend(qkv)  # (B * windows, heads, window * window, head_dim)
+        out = out.view(batch, rows, cols, self.num_heads, window, window, -1).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(batch, rows * window, cols * window, dim)
+        if pad_h or pad_w:
+            out = out[:, :height, :width]
+        return self.proj(out)
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.unbind(0)
         q, k = apply_rope(q, self.freqs_cis), apply_rope(k, self.freqs_cis)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, height, width, dim))
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Mlp(nn.Module):
@@ -98,14 +118,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.norm1(x)
-        if self.window:
-            size = x.shape[1:3]
-            x, padded = window_partition(x, self.window)
-            x = window_unpartition(self.attn(x), self.window, padded, size)
-        else:
-            x = self.attn(x)
-        x = shortcut + x
+        x = shortcut + self.attn(self.norm1(x), self.window)
         return x + self.mlp(self.norm2(x))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_state_dict_file
+from ..checkpoint import CheckpointError, assign_state_dict, load_state_dict_file, meta_parameters, release_freed_memory
 from .backbone import ViT, axial_rope
 from .interactive import Sam3Interactive, Sam3InteractivePredictor
 from .lite_text import LiteTextEncoder, lite_text_options
@@ -126,7 +126,7 @@ def from_transformers(hf_state: Mapping[str, torch.Tensor], model: Sam3Image) ->
     for key, reference in model.state_dict().items():
         names = transformers_keys(key)
         if not names:
-            native[key] = reference.new_zeros(reference.shape)  # point projections: unused without point prompts
+            native[key] = torch.zeros(reference.shape, dtype=reference.dtype)  # point projections: unused without points (the model may be on meta)
             continue
         missing = [name for name in names if name not in hf_state]
         if missing:
@@ -342,10 +342,12 @@ def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3I
                 # The CLIP fields config_from_transformers reads; LiteText's encoder is built from text_config.
                 clip_like = {**raw, "text_config": {**text, "max_position_embeddings": PROMPT_TOKENS}}
                 config = config_from_transformers(clip_like)
-            model = build_lite_text_sam3(config, lite_text_options(raw.get("text_config") or {}))
+            with meta_parameters():
+                model = build_lite_text_sam3(config, lite_text_options(raw.get("text_config") or {}))
         else:
             config = config or config_from_transformers(raw)
-            model = Sam3Image(config)
+            with meta_parameters():
+                model = Sam3Image(config)
         native = from_transformers(state, model)
         tables = {}
     elif "detector.backbone.vision_backbone.trunk.pos_embed" in state or "backbone.vision_backbone.trunk.pos_embed" in state:
@@ -361,17 +363,20 @@ def load_sam3(checkpoint: str | Path, config: Sam3Config | None = None) -> Sam3I
                     config = config_from_meta_weights({**native, **tables})
                 except (KeyError, IndexError) as error:
                     raise CheckpointError(f"{file}: SAM 3 checkpoint lacks {error} needed to read its sizes") from error
-        model = Sam3Image(config)
+        with meta_parameters():  # the weights replace the parameters: no random copy of the model is made
+            model = Sam3Image(config)
     else:
         raise _wrong_family(state, file)
     for key, table in tables.items():
         ours = model.get_buffer(key)
         if table.shape != ours.shape or not torch.allclose(torch.view_as_real(table.to(torch.complex64)), torch.view_as_real(ours), atol=1e-4):
             raise CheckpointError(f"{file}: RoPE table {key!r} {tuple(table.shape)} does not match the config (window/grid/heads)")
+    del state
     try:
-        model.load_state_dict(native, strict=True)
+        assign_state_dict(model, native)
     except RuntimeError as error:
         raise CheckpointError(f"{file} does not fit a SAM 3 image model of these sizes: {str(error).splitlines()[0]} ...") from error
+    release_freed_memory()
     logger.info("loaded SAM 3 image model from %s", file)
     return model.eval()
 

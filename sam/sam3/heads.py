@@ -45,19 +45,54 @@ class DotProductScoring(nn.Module):
         return logits.clamp(-12.0, 12.0)
 
 
+def _merge_taps(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """A 3-tap kernel axis seen through nearest 2x upsampling: output phase 0 reads input rows
+    (i-1, i) with taps (k0, k1 + k2), phase 1 reads (i, i+1) with (k0 + k1, k2). Returns the two
+    2-tap kernels stacked in front."""
+    k0, k1, k2 = weight.unbind(dim)
+    return torch.stack((torch.stack((k0, k1 + k2), dim), torch.stack((k0 + k1, k2), dim)))
+
+
+def upsampled_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`conv2d(interpolate(x, scale 2, nearest), weight, padding=1)` without a bias, computed at x's
+    resolution: the four output phases are 2x2 convolutions of x (4 taps instead of 9 per output
+    pixel, on a quarter of the pixels' inputs). x (B, C, h, w), weight (O, C, 3, 3) -> (B, O, 2h, 2w)."""
+    out_channels = weight.shape[0]
+    rows = _merge_taps(weight, 2)  # (2, O, C, 2, 3)
+    kernel = torch.stack([_merge_taps(rows[a], 3) for a in range(2)])  # (2, 2, O, C, 2, 2)
+    batch, _, height, width = x.shape
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel.reshape(4 * out_channels, -1, 2, 2))
+    y = y.view(batch, 2, 2, out_channels, height + 1, width + 1)
+    phases = [[y[:, a, b, :, a : a + height, b : b + width] for b in range(2)] for a in range(2)]
+    out = torch.stack([torch.stack(row, dim=-1) for row in phases], dim=-3)  # (B, O, h, 2, w, 2)
+    return out.reshape(batch, out_channels, 2 * height, 2 * width)
+
+
 class PixelDecoder(nn.Module):
-    """Top-down FPN over the backbone levels (finest first): nearest upsampling, add, conv, GroupNorm, ReLU."""
+    """Top-down FPN over the backbone levels (finest first): nearest upsampling, add, conv, GroupNorm, ReLU.
+
+    The conv is linear, so conv(skip + up(x)) = conv(skip) + conv(up(x)): the first term depends
+    only on the image (`skip_terms`, cached per image by Sam3Predictor), the second is computed
+    at the coarse resolution (`upsampled_conv`). Same values as Meta's order to float rounding."""
 
     def __init__(self, d_model: int, num_stages: int) -> None:
         super().__init__()
         self.conv_layers = nn.ModuleList(nn.Conv2d(d_model, d_model, 3, padding=1) for _ in range(num_stages))
         self.norms = nn.ModuleList(nn.GroupNorm(8, d_model) for _ in range(num_stages))
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def skip_terms(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """conv(skip) + bias for each stage's backbone level: the prompt-independent half."""
+        return [conv(skip) for conv, skip in zip(self.conv_layers, reversed(feats[:-1]))]
+
+    def forward(self, feats: list[torch.Tensor], skip_terms: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = feats[-1]
-        for conv, norm, skip in zip(self.conv_layers, self.norms, reversed(feats[:-1])):
-            x = skip + F.interpolate(x, size=skip.shape[-2:], mode="nearest")
-            x = F.relu(norm(conv(x)))
+        for index, (conv, norm, skip) in enumerate(zip(self.conv_layers, self.norms, reversed(feats[:-1]))):
+            if skip.shape[-2:] == (2 * x.shape[-2], 2 * x.shape[-1]):
+                term = skip_terms[index] if skip_terms is not None else conv(skip)
+                x = term + upsampled_conv(x, conv.weight)
+            else:  # not an exact 2x step: the direct order
+                x = conv(skip + F.interpolate(x, size=skip.shape[-2:], mode="nearest"))
+            x = F.relu(norm(x))
         return x
 
 
@@ -81,12 +116,13 @@ class SegmentationHead(nn.Module):
         self.cross_attend_prompt = FusedAttention(d_model, num_heads)
         self.cross_attn_norm = nn.LayerNorm(d_model)
 
-    def forward(self, queries, feats, memory, prompt, prompt_valid) -> torch.Tensor:
+    def forward(self, queries, feats, memory, prompt, prompt_valid, skip_terms=None) -> torch.Tensor:
         """queries (B, Q, C); feats: backbone levels (B, C, h, w), finest first; memory (B, hw, C)
-        from the fusion encoder at the coarsest level; prompt (B, P, C) with prompt_valid (B, P)."""
+        from the fusion encoder at the coarsest level; prompt (B, P, C) with prompt_valid (B, P);
+        skip_terms: the image's PixelDecoder.skip_terms (computed here when None)."""
         normed = self.cross_attn_norm(memory)
         memory = memory + self.cross_attend_prompt(normed, prompt, prompt, key_valid=prompt_valid)
         coarse = memory.transpose(1, 2).reshape(feats[-1].shape)
-        pixels = self.pixel_decoder([*feats[:-1], coarse])
+        pixels = self.pixel_decoder([*feats[:-1], coarse], skip_terms)
         instance = self.instance_seg_head(pixels)
         return torch.einsum("bqc,bchw->bqhw", self.mask_predictor.mask_embed(queries), instance)

@@ -113,10 +113,12 @@ class Sam3Image(nn.Module):
         boxes: torch.Tensor | None = None,
         box_labels: torch.Tensor | None = None,
         box_valid: torch.Tensor | None = None,
+        skip_terms: list[torch.Tensor] | None = None,
         exemplar_token: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One prompt per batch row: text (B, L, d) with text_valid (B, L), optional exemplar boxes
         (B, N, 4) cxcywh in [0, 1] with labels (B, N) (1 positive, 0 negative) and box_valid (B, N).
+        `skip_terms`: the image's `pixel_skip_terms(image)`, to reuse across prompts.
 
         Returns `logits` (B, Q), `presence` (B,) logits, `boxes` (B, Q, 4) cxcywh in [0, 1] and
         `masks` (B, Q, h, w) logits at the finest backbone level. exemplar_token=False: a prompt without
@@ -144,5 +146,10 @@ class Sam3Image(nn.Module):
         memory = self.transformer.encoder(memory, memory_pos, prompt, prompt_valid)
         queries, pred_boxes, presence = self.transformer.decoder(memory, memory_pos, size, prompt, prompt_valid)
         logits = self.dot_prod_scoring(queries, prompt, prompt_valid)
-        masks = self.segmentation_head(queries, feats, memory, prompt, prompt_valid)
+        masks = self.segmentation_head(queries, feats, memory, prompt, prompt_valid, skip_terms)
         return {"logits": logits, "presence": presence, "boxes": pred_boxes, "masks": masks}
+
+    def pixel_skip_terms(self, image: ImageFeatures) -> list[torch.Tensor]:
+        """The prompt-independent half of the mask head's pixel decoder for this image (batch of
+        the image pass): computed once, passed to every `decode` on the image."""
+        return self.segmentation_head.pixel_decoder.skip_terms(image.feats)

@@ -52,6 +52,7 @@ class Sam3Predictor:
         self.text_cache_size = text_cache_size
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._features: ImageFeatures | None = None
+        self._skip_terms: list[torch.Tensor] | None = None  # the mask head's per-image half, on first query
         self._hw: tuple[int, int] | None = None
         self.image_passes = 0  # how many times the image encoder ran (the cache's test hook)
 
@@ -76,6 +77,7 @@ class Sam3Predictor:
         with a warning) or a PIL image. Runs the image encoder once."""
         array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else to_rgb_uint8(image)
         self._features = self.model.encode_image(self.preprocess(array))
+        self._skip_terms = None
         self._hw = array.shape[:2]
         self.image_passes += 1
 
@@ -112,6 +114,11 @@ class Sam3Predictor:
         if self._features is None:
             raise RuntimeError("call set_image(image) before predict()")
 
+    def _decode(self, tokens, valid, boxes=None, labels=None) -> dict[str, torch.Tensor]:
+        if self._skip_terms is None:  # computed with the first query, so a click-only image never pays
+            self._skip_terms = self.model.pixel_skip_terms(self._features)
+        return self.model.decode(self._features, tokens, valid, boxes, labels, skip_terms=self._skip_terms)
+
     @staticmethod
     def _query(text) -> str:
         if not isinstance(text, str) or not text.strip():
@@ -129,7 +136,7 @@ class Sam3Predictor:
         encoded = [self._text(query) for query in queries]
         tokens = torch.cat([t for t, _ in encoded])
         valid = torch.cat([v for _, v in encoded])
-        out = self.model.decode(self._features, tokens, valid)
+        out = self._decode(tokens, valid)
         return [self.postprocess({k: v[i : i + 1] for k, v in out.items()}, threshold, text) for i, text in enumerate(texts)]
 
     @torch.inference_mode()
@@ -144,7 +151,7 @@ class Sam3Predictor:
         boxes = labels = None
         if exemplars:
             boxes, labels = self._exemplars(exemplars)
-        out = self.model.decode(self._features, tokens, valid, boxes, labels)
+        out = self._decode(tokens, valid, boxes, labels)
         return self.postprocess(out, threshold, text if text is not None else "")
 
     def postprocess(self, out: dict[str, torch.Tensor], threshold: float, label: str) -> Sam3Prediction:
