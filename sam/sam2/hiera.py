@@ -61,8 +61,8 @@ def _epilogue_in_place(y: torch.Tensor) -> bool:
     return not torch.jit.is_tracing()
 
 
-def _run_in_pieces() -> bool:
-    """Cache-sized pieces (`GeluMLP` chunks, `MultiScaleBlock` bands) only with one thread.
+def _run_in_pieces(x: torch.Tensor) -> bool:
+    """Cache-sized pieces (`GeluMLP` chunks, `MultiScaleBlock` bands) only on CPU, one thread.
 
     With several threads every op is a parallel region that ends when its slowest thread does;
     on a machine shared with other work a descheduled thread stretches each such wait to a
@@ -70,7 +70,7 @@ def _run_in_pieces() -> bool:
     2 cores busy elsewhere: 10.7 s in pieces, 6.3 s whole). One thread has no such waits, and
     there the pieces save 15-20% of the stage-1 and stage-2 MLP time.
     """
-    return torch.get_num_threads() == 1
+    return x.device.type == "cpu" and torch.get_num_threads() == 1
 
 
 def linear(
@@ -142,7 +142,7 @@ class GeluMLP(nn.Module):
         """MLP(x), plus `residual` if given (summed in place where possible)."""
         tokens = x.numel() // x.shape[-1]
         large = tokens > 2 * self.chunk_tokens and x.is_contiguous()
-        if fused and large and _epilogue_in_place(x) and _run_in_pieces():
+        if fused and large and _epilogue_in_place(x) and _run_in_pieces(x):
             return self._forward_chunked(x, residual)
         for layer in self.layers[:-1]:
             x = linear(x, layer, gelu=True, fused=fused)
@@ -250,7 +250,7 @@ class MultiScaleBlock(nn.Module):
             and width % window == 0
             and batch * height * width > 2 * self.band_tokens
             and _epilogue_in_place(x)
-            and _run_in_pieces()
+            and _run_in_pieces(x)
         ):
             return self._forward_in_bands(x)
         return self._forward(x)
