@@ -341,3 +341,25 @@ def test_released_sizes_match_metas_tracker_heads():
         got = {k: tuple(v.shape) for k, v in getattr(ours, name).state_dict().items()}
         assert got == expected, name
     assert ours.sam_prompt_encoder.mask_input_size == (288, 288) and tuple(ours.no_mem_embed.shape) == (1, 1, 256)
+
+
+def test_fused_decoding_equals_one_set_at_a_time(checkpoints, photo):
+    """SamPredictor.predict_fused (the server's fused /v1/predict) runs on the SAM 3 interactive
+    model too: prompt sets on two images, each equal bit for bit to set_embedding + predict."""
+    predictor = load_sam3_interactive_predictor(checkpoints["meta"])
+    stored = []
+    for image in (photo, np.ascontiguousarray(photo[::-1])):
+        predictor.set_image(image)
+        stored.append((predictor.features, predictor.original_size, predictor.input_size))
+    prompts = [PROMPTS["point"], PROMPTS["box"], PROMPTS["point+box"], PROMPTS["point"]]
+    expected = []
+    for index, prompt in enumerate(prompts):
+        predictor.set_embedding(*stored[index % 2])
+        expected.append(predictor.predict(**prompt, return_logits=True))
+    sets = [predictor.prompt_set(*stored[index % 2], **prompt) for index, prompt in enumerate(prompts)]
+    got = predictor.predict_fused(sets, return_logits=True)
+    for (logits, scores, low_res), (want_logits, want_scores, want_low_res) in zip(got, expected):
+        np.testing.assert_array_equal(logits, want_logits)
+        np.testing.assert_array_equal(scores, want_scores)
+        np.testing.assert_array_equal(low_res, want_low_res)
+    assert 0.01 < (expected[0][0] > 0).mean() < 0.99

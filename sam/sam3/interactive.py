@@ -110,8 +110,11 @@ class Sam3Interactive(nn.Module):
             raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
         return self.features_from_trunk(self.trunk((pixels - 0.5) / 0.5))
 
-    # The prompt -> mask path is SAM 2.1's, unchanged (box corners before clicks, labels 2 and 3).
+    # The prompt -> mask path is SAM 2.1's, unchanged (box corners before clicks, labels 2 and 3),
+    # fused decoding of several images' prompt sets (SamPredictor.predict_fused) included.
     decode = Sam2.decode
+    embed_prompts = Sam2.embed_prompts
+    decode_each = Sam2.decode_each
 
     def postprocess_masks(
         self, low_res_logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
