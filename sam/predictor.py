@@ -288,22 +288,13 @@ class SamPredictor:
 
     def _embed_prompts(self, prompt_set: PromptSet) -> tuple[torch.Tensor, torch.Tensor]:
         """A prompt set's sparse and dense embeddings, with the conversions of `decode`."""
-        points = None
-        if prompt_set.point_coords is not None:
-            points = (prompt_set.point_coords.to(self.device), prompt_set.point_labels.to(self.device))
-        box = None if prompt_set.box is None else prompt_set.box.to(self.device)
-        mask_input = None
-        if prompt_set.mask_input is not None:
-            mask_input = prompt_set.mask_input.to(device=self.device, dtype=self.dtype)
-        return self.model.embed_prompts(points, box, mask_input)
+        return self.model.embed_prompts(*self._model_prompts(
+            prompt_set.point_coords, prompt_set.point_labels, prompt_set.box, prompt_set.mask_input))
 
     def _finish_one(self, prompt_set: PromptSet, low_res_logits, iou_predictions, return_logits: bool):
         """One set's (1, C, 256, 256) logits and (1, C) IoU -> `predict`'s numpy outputs."""
         masks = self.model.postprocess_masks(low_res_logits, prompt_set.input_size, prompt_set.original_size)
-        if not return_logits:
-            masks = masks > self.mask_threshold
-        if self.family == "sam2":
-            low_res_logits = low_res_logits.clamp(-32.0, 32.0)
+        masks, low_res_logits = self._finish(masks, low_res_logits, return_logits)
         # Copies: views would keep the whole call's (B, 4, 256, 256) logits alive with each answer.
         return masks[0].cpu().numpy(), iou_predictions[0].cpu().numpy().copy(), low_res_logits[0].cpu().numpy().copy()
 
@@ -388,25 +379,30 @@ class SamPredictor:
 
     def _decode_low_res(self, point_coords, point_labels, boxes, mask_input, multimask_output: bool):
         """`decode` once its inputs are checked: the model's decoder on B prompt sets."""
-        dtype, device = self.dtype, self.device
-        points = None
-        if point_coords is not None:
-            # Coordinates keep their float precision until the prompt encoder has normalised
-            # them (the official generator passes float64 points).
-            coords = point_coords.to(device)
-            if not coords.is_floating_point():
-                coords = coords.float()
-            points = (coords, point_labels.to(device))
-        if boxes is not None:
-            boxes = boxes.to(device)
-            if not boxes.is_floating_point():
-                boxes = boxes.float()
-        if mask_input is not None:
-            mask_input = mask_input.to(device=device, dtype=dtype)
+        points, boxes, mask_input = self._model_prompts(point_coords, point_labels, boxes, mask_input)
         low_res_logits, iou_predictions, _ = self.model.decode(
             self.features, points, boxes, mask_input, multimask_output
         )
         return low_res_logits.float(), iou_predictions.float()
+
+    def _model_prompts(self, point_coords, point_labels, boxes, mask_input):
+        """Checked prompt tensors -> what the model's `decode` / `embed_prompts` take: points as
+        (coords, labels) or None, on the model's device, the mask input in its dtype."""
+        points = None
+        if point_coords is not None:
+            # Coordinates keep their float precision until the prompt encoder has normalised
+            # them (the official generator passes float64 points).
+            coords = point_coords.to(self.device)
+            if not coords.is_floating_point():
+                coords = coords.float()
+            points = (coords, point_labels.to(self.device))
+        if boxes is not None:
+            boxes = boxes.to(self.device)
+            if not boxes.is_floating_point():
+                boxes = boxes.float()
+        if mask_input is not None:
+            mask_input = mask_input.to(device=self.device, dtype=self.dtype)
+        return points, boxes, mask_input
 
     @torch.no_grad()
     def predict_torch(
@@ -426,12 +422,18 @@ class SamPredictor:
         masks, iou_predictions, low_res_logits = self._decode_full_size(
             point_coords, point_labels, boxes, mask_input, multimask_output
         )
+        masks, low_res_logits = self._finish(masks, low_res_logits, return_logits)
+        return masks, iou_predictions, low_res_logits
+
+    def _finish(self, masks: torch.Tensor, low_res_logits: torch.Tensor, return_logits: bool):
+        """Full-size mask logits and low-res logits -> what `predict` returns: masks cut at the
+        threshold unless `return_logits`, and (SAM 2) the low-res logits clamped."""
         if not return_logits:
             masks = masks > self.mask_threshold
         if self.family == "sam2":
             # As SAM2ImagePredictor: masks come from the raw logits, the returned ones are clamped.
             low_res_logits = low_res_logits.clamp(-32.0, 32.0)
-        return masks, iou_predictions, low_res_logits
+        return masks, low_res_logits
 
     def _decode_full_size(self, point_coords, point_labels, boxes, mask_input, multimask_output: bool):
         """`decode` plus the upscaling: mask logits (B, C, H, W) in the original frame, IoU
