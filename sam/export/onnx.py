@@ -43,7 +43,6 @@ onnx and onnxruntime are imported only when a function needs them.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -51,7 +50,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -126,23 +125,6 @@ def _exportable_copy(model: nn.Module) -> nn.Module:
 
     replace(clone)
     return clone
-
-
-@contextlib.contextmanager
-def _plain_linear_kernels() -> Iterator[None]:
-    """Trace Hiera's linear layers through `F.linear`: on CPU they otherwise call a fused oneDNN
-    kernel (`torch.ops.mkldnn._linear_pointwise`) that has no ONNX equivalent."""
-    from ..sam2 import hiera
-
-    saved = getattr(hiera, "_ONEDNN_LINEAR", None)
-    if saved is None:
-        yield
-        return
-    hiera._ONEDNN_LINEAR = False
-    try:
-        yield
-    finally:
-        hiera._ONEDNN_LINEAR = saved
 
 
 class EncoderGraph(nn.Module):
@@ -315,7 +297,7 @@ def _torch_onnx_export(graph: nn.Module, args: tuple, path: Path, opset: int, in
                        output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    with warnings.catch_warnings(), torch.no_grad(), _plain_linear_kernels():
+    with warnings.catch_warnings(), torch.no_grad():
         # The exporter warns about traced shape arithmetic and its own deprecation; the graphs
         # are checked against PyTorch below (verify=True) and in the tests.
         warnings.simplefilter("ignore")
@@ -402,7 +384,7 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, opset: int = DEFAU
     clone = _exportable_copy(model)
     family = getattr(clone, "family", "sam1")
     names = _io_names(family)
-    with torch.no_grad(), _plain_linear_kernels():
+    with torch.no_grad():
         features = EncoderGraph(clone)(_example_image(clone))
     graph = DecoderGraph(clone, single_mask=single_mask, exact_upscale=exact_upscale)
     dynamic = {
@@ -547,7 +529,7 @@ def _verify(model: nn.Module, export: OnnxExport) -> dict[str, float]:
     family = getattr(clone, "family", "sam1")
     names = _io_names(family)
     errors: dict[str, float] = {}
-    with torch.no_grad(), _plain_linear_kernels():
+    with torch.no_grad():
         image = _example_image(clone)
         features = EncoderGraph(clone)(image)
         if export.encoder is not None:
