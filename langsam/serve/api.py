@@ -165,8 +165,9 @@ class LangSAMAPI(ls.LitAPI):
         return 200, _ENCODERS[kind](payload)
 
     # ------------------------------------------------------------------ operations
-    def _guarded(self, operation, jobs: list, indices: list[int], results: list) -> None:
-        """Run `operation` on these jobs; a bad input or a crash fails only them."""
+    def _guarded(self, operation, jobs: list, indices: list[int], results) -> None:
+        """Run `operation` on these jobs, writing `results[index]` (a list, or a dict); a bad
+        input or a crash fails only them."""
         if not indices:
             return
         try:
@@ -256,23 +257,15 @@ class LangSAMAPI(ls.LitAPI):
         unknown image, bad prompts) fails that job alone, before any decoding; if the fused
         call itself fails, each job runs alone, so that only a faulty one fails."""
         predictor = self.pipeline.predictor
+        staged: dict[int, Any] = {}
+        for index in indices:
+            self._guarded(self._stage_prompt_set, jobs, [index], staged)
         ready = []
         for index in indices:
-            try:
-                prepared = self._predict_inputs(jobs[index])
-                if isinstance(prepared, Failure):
-                    results[index] = prepared
-                    continue
-                entry, prompts = prepared
-                prompt_set = predictor.prompt_set(entry.features, entry.original_size, entry.input_size, **prompts)
-            except ValueError as error:
-                results[index] = Failure(400, str(error))
-                continue
-            except Exception as error:  # noqa: BLE001 - one request's crash must not take down the others
-                logger.exception("request failed in _predict_fused")
-                results[index] = Failure(500, f"internal error ({type(error).__name__}); see the server log")
-                continue
-            ready.append((index, entry, prompt_set))
+            if isinstance(staged[index], Failure):
+                results[index] = staged[index]
+            else:
+                ready.append((index, *staged[index]))
         if not ready:
             return
         try:
@@ -284,6 +277,15 @@ class LangSAMAPI(ls.LitAPI):
             return
         for (index, entry, _), output in zip(ready, outputs):
             results[index] = _predict_answer(jobs[index].params, entry, output)
+
+    def _stage_prompt_set(self, jobs: list[Job]) -> list:
+        """One /v1/predict job -> [(its stored image, its checked `PromptSet`)], or [Failure]."""
+        prepared = self._predict_inputs(jobs[0])
+        if isinstance(prepared, Failure):
+            return [prepared]
+        entry, prompts = prepared
+        prompt_set = self.pipeline.predictor.prompt_set(entry.features, entry.original_size, entry.input_size, **prompts)
+        return [(entry, prompt_set)]
 
     def _predict_inputs(self, job: Job) -> tuple[Any, dict[str, Any]] | Failure:
         """A /v1/predict job -> (its stored image, `SamPredictor.predict` prompts), or a Failure."""
