@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def real_size_tracker(image_size: int, vit_depth: int, vit_dim: int):
+    from sam3_video_support import randomise_parameters
     from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
 
     backbone = dict(model_type="sam3_vit_model", hidden_size=vit_dim, intermediate_size=4 * vit_dim,
@@ -58,13 +59,7 @@ def real_size_tracker(image_size: int, vit_depth: int, vit_dim: int):
     # The same redraw as the tests' tiny tracker (tests/sam3_video_support.py): objects stay present.
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif param.ndim == 1 or name.endswith("scale"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
+        randomise_parameters(model, generator)
         model.prompt_encoder.shared_embedding.positional_embedding.copy_(model.shared_image_embedding.positional_embedding)
         model.mask_decoder.pred_obj_score_head.proj_out.weight.mul_(0.1)
         model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(3.0)

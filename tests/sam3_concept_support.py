@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sam3_factory import TINY_CONFIG
+from sam3_video_support import randomise_parameters
 
 WIDTH = 128
 IMAGE_SIZE = TINY_CONFIG["vision_config"]["backbone_config"]["image_size"]  # 168
@@ -57,14 +58,7 @@ def tiny_video_model(seed: int = 0, calibration=None, config=None, **options):
     model = Sam3VideoModel(config if config is not None else tiny_video_config(**options)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif param.ndim == 1 or name.endswith("scale"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                fan_in = param[0].numel() if param.ndim > 1 else 1
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+        randomise_parameters(model, generator)
         detector, tracker = model.detector_model, model.tracker_model
         detector.detr_decoder.presence_head.layer3.weight.mul_(0.25)
         detector.detr_decoder.presence_head.layer3.bias.fill_(2.5)

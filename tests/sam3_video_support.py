@@ -43,6 +43,20 @@ def tiny_tracker_config(image_size: int = IMAGE_SIZE):
     )
 
 
+def randomise_parameters(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Redraw every parameter of a tiny random model so its outputs are not degenerate: norm
+    weights around 1, biases and scales small, other weights at 1/sqrt(fan-in). Call under
+    torch.no_grad()."""
+    for name, param in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+        elif param.ndim == 1 or name.endswith("scale"):
+            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+        else:
+            fan_in = param[0].numel() if param.ndim > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+
+
 def tiny_transformers_tracker_video(seed: int = 3, detector=None, image_size: int = IMAGE_SIZE):
     """A transformers `Sam3TrackerVideoModel` at the tiny sizes (or another input size:
     tiny_tracker_config), every parameter randomised (eval mode); on `detector`'s ViT (a tiny
@@ -53,14 +67,7 @@ def tiny_transformers_tracker_video(seed: int = 3, detector=None, image_size: in
     model = Sam3TrackerVideoModel(tiny_tracker_config(image_size)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif param.ndim == 1 or name.endswith("scale"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                fan_in = param[0].numel() if param.ndim > 1 else 1
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+        randomise_parameters(model, generator)
         model.prompt_encoder.shared_embedding.positional_embedding.copy_(model.shared_image_embedding.positional_embedding)
         if detector is not None:
             model.vision_encoder.backbone.load_state_dict(detector.vision_encoder.backbone.state_dict())
