@@ -255,6 +255,7 @@ class LangSAM:
         self._sam3_source = sam3_model
         self._sam3 = None
         self._sam3_video = None  # SAM 3's video predictor (track with model="sam3"), built on first use
+        self._sam3_video_checkpoint = None  # ... and the file it came from
         self._sam3_image = None  # (image_key, image_passes) when the SAM 3 predictor holds our image
         self.sam_type = sam_type
         self.sam_checkpoint = sam_checkpoint
@@ -582,13 +583,18 @@ class LangSAM:
         if model == "sam3":
             from langsam.video.sam3 import DEFAULT_SAM3_THRESHOLD, Sam3FrameDetector, sam3_concept_predictor
 
-            kwargs.setdefault("box_threshold", DEFAULT_SAM3_THRESHOLD)
             if association == "sam3":
                 settings = kwargs.pop("sam3_settings", None) or {}
                 if kwargs.get("concept_predictor") is None:
+                    # The checkpoint's own rules (a transformers config.json), then sam3_settings,
+                    # then an explicit box_threshold.
+                    video_predictor = self.sam3_video_predictor()
                     kwargs["concept_predictor"] = sam3_concept_predictor(
-                        self.sam3_predictor, self.sam3_video_predictor(), kwargs["box_threshold"], **settings)
+                        self.sam3_predictor, video_predictor, kwargs.get("box_threshold"),
+                        checkpoint=self._sam3_video_checkpoint, **settings)
+                kwargs.setdefault("box_threshold", kwargs["concept_predictor"].config.score_threshold_detection)
             else:
+                kwargs.setdefault("box_threshold", DEFAULT_SAM3_THRESHOLD)
                 if kwargs.get("video_predictor") is None:
                     kwargs["video_predictor"] = self.sam3_video_predictor()
                 kwargs.setdefault("detector", Sam3FrameDetector(self.sam3_predictor))
@@ -611,6 +617,7 @@ class LangSAM:
                                          "this pipeline was given a built sam3_model: pass sam3_checkpoint=<sam3.pt> too")
                     checkpoint = _default_sam3_checkpoint()
                 self._sam3_video = sam3_video_predictor(self.sam3_predictor, checkpoint)
+                self._sam3_video_checkpoint = checkpoint
             return self._sam3_video
 
     def auto_masks(self, image: ImageSource, **amg_params: Any) -> list[dict]:

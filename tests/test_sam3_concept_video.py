@@ -276,3 +276,35 @@ def test_a_removal_frame_keeps_each_mask_with_its_id(saved, frames):
     for shifted, obj_id in enumerate(range(7, 13)):
         torch.testing.assert_close(theirs[2].obj_id_to_mask[obj_id][0], ours[2].low_res[shifted], atol=1e-2, rtol=0)
         assert (theirs[2].obj_id_to_mask[obj_id][0] - ours[2].low_res[obj_id]).abs().max() > 0.1
+
+
+def test_langsam_track_takes_the_checkpoints_own_rules(saved, frames):
+    """LangSAM.track(association="sam3") on a transformers directory follows the rules its
+    config.json records (here hole filling and mask NMS off, which the released defaults turn on),
+    then sam3_settings, then an explicit box_threshold; and its masks are those of
+    Sam3ConceptVideoPredictor.from_checkpoint on the same directory."""
+    from dataclasses import asdict
+
+    from langsam import LangSAM
+
+    defaults = ConceptTrackingConfig()
+    assert defaults.fill_hole_area > 0 and defaults.det_nms_thresh > 0  # so the file's values show
+    pipeline = LangSAM(model="sam3", sam3_checkpoint=saved["transformers"], device="cpu")
+    result = pipeline.track(frames[:2], TEXT, association="sam3")
+    expected = asdict(predictor_for(saved).config)
+    assert expected["fill_hole_area"] == 0 and expected["det_nms_thresh"] == 0.0
+    assert {name: result.settings[name] for name in expected} == expected
+    tracked = list(result)
+    by_hand = predictor_for(saved)
+    state = by_hand.init_state(frames[:2])
+    by_hand.add_text_prompt(state, TEXT)
+    theirs = list(by_hand.propagate_in_video(state))
+    assert any(len(frame) for frame in tracked)
+    for ours, their in zip(tracked, theirs, strict=True):
+        assert list(ours.obj_ids) == [obj_id + 1 for obj_id in their.obj_ids]
+        np.testing.assert_array_equal(ours.masks, their.masks.numpy())
+
+    again = pipeline.track(frames[:2], TEXT, association="sam3", box_threshold=0.7,
+                           sam3_settings={"det_nms_thresh": 0.5})
+    assert again.settings["score_threshold_detection"] == 0.7 and again.settings["det_nms_thresh"] == 0.5
+    assert again.settings["fill_hole_area"] == 0

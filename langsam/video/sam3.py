@@ -67,15 +67,18 @@ def sam3_video_predictor(concept: Any, checkpoint: Any) -> Any:
 ASSOCIATIONS = ("langsam", "sam3")
 
 
-def sam3_concept_predictor(concept: Any, video_predictor: Any, box_threshold: float = DEFAULT_SAM3_THRESHOLD,
-                           **settings: Any) -> Any:
+def sam3_concept_predictor(concept: Any, video_predictor: Any, box_threshold: float | None = None, *,
+                           checkpoint: Any = None, **settings: Any) -> Any:
     """A ``sam.video.concept.Sam3ConceptVideoPredictor`` on ``concept``'s model (a
-    ``sam.sam3.Sam3Predictor``) and ``video_predictor``'s SAM 3 tracker (on the same ViT), with
-    ``box_threshold`` as its detection score threshold; ``settings``: more
-    ``ConceptTrackingConfig`` fields (the released defaults otherwise)."""
+    ``sam.sam3.Sam3Predictor``) and ``video_predictor``'s SAM 3 tracker (on the same ViT). Its
+    rules: those ``checkpoint``'s config.json records (a transformers ``Sam3VideoModel``
+    directory; the released defaults otherwise), then ``settings`` (``ConceptTrackingConfig``
+    fields), then ``box_threshold`` as the detection score threshold when given."""
     from sam.video.concept import ConceptTrackingConfig, Sam3ConceptVideoPredictor
 
-    config = ConceptTrackingConfig(score_threshold_detection=float(box_threshold), **settings)
+    if box_threshold is not None:
+        settings["score_threshold_detection"] = float(box_threshold)
+    config = ConceptTrackingConfig.from_checkpoint(checkpoint, **settings)
     return Sam3ConceptVideoPredictor(concept.model, video_predictor.model, config)
 
 

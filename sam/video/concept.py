@@ -95,6 +95,16 @@ class ConceptTrackingConfig:
         values.update(overrides)
         return cls(**values)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path | None, **overrides: Any) -> "ConceptTrackingConfig":
+        """The rules a checkpoint records: a transformers `Sam3VideoModel` directory's (or the
+        hub's combined file's) config.json, the released defaults for Meta's `sam3.pt` (which
+        records none); then `overrides`."""
+        from ..sam3.build import _read_config
+
+        raw = (_read_config(Path(checkpoint)) or {}) if checkpoint is not None else {}
+        return cls.from_config_dict(raw if "tracker_config" in raw else None, **overrides)
+
 
 @dataclass
 class Detections:
@@ -232,13 +242,12 @@ class Sam3ConceptVideoPredictor:
         """Both models from one checkpoint: Meta's `sam3.pt` (detector and tracker), or a
         transformers `Sam3VideoModel` `save_pretrained` directory / the hub's combined file (whose
         config.json also sets the association rules). `settings`: `ConceptTrackingConfig` fields."""
-        from ..sam3.build import _read_config, load_sam3
+        from ..sam3.build import load_sam3
         from ..sam3.tracker import load_sam3_tracker
 
         detector = load_sam3(checkpoint).to(device)
         tracker = load_sam3_tracker(checkpoint, trunk=detector.backbone.vision_backbone.trunk)
-        raw = _read_config(Path(checkpoint)) or {}
-        config = ConceptTrackingConfig.from_config_dict(raw if "tracker_config" in raw else None, **settings)
+        config = ConceptTrackingConfig.from_checkpoint(checkpoint, **settings)
         return cls(detector, tracker.to(device), config, exemplar_token=exemplar_token,
                    non_overlap_masks=non_overlap_masks)
 
