@@ -160,9 +160,9 @@ def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def release_freed_memory() -> None:
-    """Give the memory freed while loading back to the operating system. glibc keeps freed heap
-    pages for reuse, so the temporaries of a load (file chunks, fused copies) would otherwise stay
-    in the process's RSS for its lifetime. A no-op where the C library has no `malloc_trim`."""
+    """Give freed memory back to the operating system. glibc keeps freed heap pages for reuse, so
+    the temporaries of a load (file chunks, fused copies) or of one large batch would otherwise
+    stay in the process's RSS for its lifetime. A no-op where the C library has no `malloc_trim`."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

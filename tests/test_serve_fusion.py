@@ -208,7 +208,7 @@ def test_predict_fused_equals_predict(worker):
 
 def test_switch(monkeypatch, worker, decoder_calls):
     monkeypatch.delenv("LANGSAM_SERVE_FUSE", raising=False)
-    assert ServeConfig().fuse_decoder is False  # opt-in (see the README)
+    assert ServeConfig().fuse_decoder is True  # on by default (see the README)
     monkeypatch.setenv("LANGSAM_SERVE_FUSE", "0")
     assert ServeConfig().fuse_decoder is False
     assert ServeConfig(fuse_decoder=True).fuse_decoder is True  # an explicit setting wins

@@ -28,7 +28,8 @@ endpoints (JSON answers, masks as COCO RLE; interactive docs at /docs):
   POST /v1/segment     an image (multipart file or base64 JSON) + text -> objects
   POST /v1/auto-masks  an image -> SAM's automatic masks
   POST /v1/images      an image -> image_id (its embedding is kept)
-  POST /v1/predict     image_id + points / box / mask -> masks (one decoder call)
+  POST /v1/predict     image_id + points / box / mask -> masks (the clicks of one batch
+                       share decoder calls; LANGSAM_SERVE_FUSE=0: one call each)
   GET  /healthz  /v1/models  /v1/stats
 
 timeouts: --timeout bounds every request; a client may ask for less with the header

@@ -9,7 +9,7 @@ inference worker process; its four verbs are LitServe's:
   `/v1/segment` jobs with the same settings go to `LangSAM.segment_batch` together; new images
   for `/v1/images` go through the SAM encoder together on a GPU (`encoder_batch_size`); the
   `/v1/predict` jobs share mask decoder calls, each on its own stored embedding
-  (`SamPredictor.predict_fused`, one call per prompt-token count; `fuse_decoder`, off with
+  (`SamPredictor.predict_fused`, one call per prompt-token count; `fuse_decoder`, on unless
   ``LANGSAM_SERVE_FUSE=0``), with the answers of one call per job;
 - `encode_response`: a result -> `(status, JSON body)`, masks as COCO RLE.
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 API_KEY_ENV = "LANGSAM_API_KEY"
-#: ``LANGSAM_SERVE_FUSE=1`` turns on fused decoder calls for /v1/predict (ServeConfig.fuse_decoder; off by default).
+#: ``LANGSAM_SERVE_FUSE=0`` turns off fused decoder calls for /v1/predict (ServeConfig.fuse_decoder; on by default).
 FUSE_ENV = "LANGSAM_SERVE_FUSE"
 _FLAG_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 MIN_API_KEY_LENGTH = 16
@@ -61,7 +61,7 @@ class ServeConfig:
     fuse_decoder: the `/v1/predict` jobs of one batch share mask decoder calls
         (`SamPredictor.predict_fused`: each keeps its own image embedding; jobs whose prompts
         make the same number of tokens go together), with the same answers as one call each.
-        None (the default): off, unless the environment has ``LANGSAM_SERVE_FUSE=1``.
+        None (the default): on, unless the environment has ``LANGSAM_SERVE_FUSE=0``.
     pipeline_factory: "module:function" called in the worker with `models` as keyword
         arguments instead of `LangSAM(**models)`, for pipelines built in code (injected
         detectors, an `OnnxSamPredictor`, ...). It must return a `LangSAM`.
@@ -126,7 +126,7 @@ class ServeConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.fuse_decoder is None:
-            text = os.environ.get(FUSE_ENV, "0").strip().lower() or "0"
+            text = os.environ.get(FUSE_ENV, "1").strip().lower() or "1"
             if text not in _FLAG_VALUES:
                 raise ValueError(f"{FUSE_ENV} must be 1 or 0 (fused decoder calls on or off), got {text!r}")
             self.fuse_decoder = _FLAG_VALUES[text]
