@@ -181,7 +181,6 @@ class ClickReference:
         self.model, self.session = reference.model, reference.session
         self.height, self.width = self.session.video_height, self.session.video_width
         self.cache = {frame["frame_idx"]: dict(zip(frame["obj_ids"], frame["masks"])) for frame in frames}
-        self.clicked: list[int] = []
 
     def _features(self, frame_idx: int) -> None:
         model, session = self.model, self.session
@@ -219,13 +218,11 @@ class ClickReference:
                     outputs["non_cond_frame_outputs"][other] = outputs["cond_frame_outputs"].pop(other)
                     session.mask_inputs_per_obj[obj_idx].pop(other, None)
             session.obj_with_new_inputs = []
-        if obj_id not in self.clicked:
-            self.clicked.append(obj_id)
         self.cache.setdefault(frame_idx, {})[obj_id] = self._video_mask(out["pred_masks"])
         return dict(self.cache[frame_idx])
 
-    def propagate(self, order) -> list[dict]:
-        """The clicked objects re-tracked over `order` (frame indices), the others from the cache."""
+    def propagate(self, order, obj_ids: list[int]) -> list[dict]:
+        """The clicked objects `obj_ids` re-tracked over `order` (frame indices), the others from the cache."""
         session, tracker = self.session, self.model.tracker_model
         reverse = len(order) > 1 and order[1] < order[0]
         frames = []
@@ -233,7 +230,7 @@ class ClickReference:
             for frame_idx in order:
                 self._features(frame_idx)
                 out = tracker(inference_session=session, frame_idx=frame_idx, reverse=reverse, run_mem_encoder=True)
-                for obj_id in self.clicked:
+                for obj_id in obj_ids:
                     mask = out.pred_masks[out.object_ids.index(obj_id)]
                     self.cache.setdefault(frame_idx, {})[obj_id] = self._video_mask(mask)
                 frames.append(dict(self.cache.get(frame_idx, {}), frame_idx=frame_idx))
