@@ -22,6 +22,20 @@ A frame goes through these steps, one method each:
   `_suppress_recently_occluded`, `_update_memories`: what each masklet writes to its memory;
   `_add_objects`   new objects from their detection masks;
   `_frame_output`  masks, scores; `_postprocess` (video size, hidden ids, no overlaps) at yield time.
+
+Clicks refine an object (or start one) on a frame propagation has reached, as in Meta's
+`Sam3VideoInferenceWithInstanceInteractivity` (transformers' `Sam3VideoModel` takes none):
+
+    frame = predictor.add_prompt(state, 12, points=[[0.4, 0.5]], point_labels=[1], obj_id=3)  # relative xy
+    frame = predictor.add_new_points_or_box(state, 12, 3, points=[[250, 240]], labels=[1])  # SAM 2's names, pixels
+    for frame in predictor.propagate_in_video(state, start_frame_idx=12): ...                # object 3 re-tracked
+    for frame in predictor.propagate_in_video(state, start_frame_idx=12, reverse=True): ...
+
+  `_decode_clicks`      the tracker on the frame without memory, fed the object's mask there; a new
+                        conditioning frame; nearby detector-made ones become tracked frames;
+  `plan_propagation`    what the next propagation runs (Meta's action history): "partial" (only the
+                        clicked objects, by the tracker alone) or "fetch" (the cache of shown results);
+  `_propagate_clicked`, `_fetch`, `_remember` (the cache).
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -391,11 +405,11 @@ class Sam3ConceptVideoPredictor:
             state.removed.discard(obj_id)
             state.hidden.discard(obj_id)
             cached = state.frame_outputs[frame_idx]
-            cached.low_res[obj_id] = self._shown_mask(track.cond[frame_idx].low_res_masks)
+            shown = self._shown_mask(track.cond[frame_idx].low_res_masks)
+            cached.low_res[obj_id] = shown.to(video.storage_device, torch.float16)
             cached.scores = dict(state.scores)
             cached.tracker_scores[obj_id] = CLICKED_SCORE
-            cached.image = image
-            return self._postprocess(state, cached)
+            return self._postprocess(state, replace(cached, image=image))
 
     def _decode_clicks(self, state: ConceptVideoState, track: ObjectTrack, frame_idx: int, prompt: PointPrompt) -> None:
         """The tracker's answer to clicks on a frame (Meta's use_prev_mem_frame=False: no memory; the
@@ -500,19 +514,20 @@ class Sam3ConceptVideoPredictor:
     def _fetch(self, state: ConceptVideoState, order: range) -> Iterator[ConceptFrame]:
         """The cached results (frames never reached show no objects)."""
         for frame_idx in order:
+            image = state.video.frames[frame_idx]
             frame = state.frame_outputs.get(frame_idx)
-            if frame is None:
-                frame = _RawFrame(frame_idx, {}, {}, {}, set(), None)
+            frame = _RawFrame(frame_idx, {}, {}, {}, set(), image) if frame is None else replace(frame, image=image)
             with torch.inference_mode():
                 yield self._postprocess(state, frame)
 
     def _remember(self, state: ConceptVideoState, frame: _RawFrame) -> None:
-        """Cache what a frame shows (hidden and suppressed objects left out), as float16 low-res logits."""
+        """Cache what a frame shows (hidden and suppressed objects left out) as float16 low-res logits
+        (the decoded frame is not kept: a cached frame is decoded again when it is shown)."""
         hidden = frame.suppressed | state.hidden
         low_res = {obj_id: mask.to(state.video.storage_device, torch.float16)
                    for obj_id, mask in frame.low_res.items() if obj_id not in hidden}
         state.frame_outputs[frame.frame_idx] = _RawFrame(frame.frame_idx, low_res, dict(frame.scores),
-                                                         dict(frame.tracker_scores), set(), frame.image)
+                                                         dict(frame.tracker_scores), set())
 
     def _propagate(self, state: ConceptVideoState, order: range, end: int, reverse: bool) -> Iterator[ConceptFrame]:
         delay = self.config.hotstart_delay
