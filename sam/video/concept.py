@@ -234,6 +234,8 @@ class Sam3ConceptVideoPredictor:
     (its image model, and its video model with an empty geometric prompt); False (default):
     the text goes alone, as transformers'. Masks reach the memory encoder as logits resized to its
     input (both references' order here), whatever the tracker's `memory_mask_resize`.
+    Clicks (`add_prompt` / `add_new_points_or_box`) refine or add objects on frames already shown,
+    as Meta's interactive video model does (transformers' takes none); see `add_new_points_or_box`.
     non_overlap_masks: in the returned masks each pixel belongs to at most one object of a prompt
     (the one with the highest tracker score there), as the reference's post-processing; False returns
     each object's own mask (the memory is the same either way).
@@ -319,7 +321,9 @@ class Sam3ConceptVideoPredictor:
 
     def remove_object(self, state: ConceptVideoState, obj_id: int) -> list[int]:
         """Stop tracking an object (its memory is dropped; a new detection there starts a new id).
-        Returns the remaining ids; an unknown id raises ValueError naming the tracked ones."""
+        After clicks it also leaves the cached results, and the next propagation reads the cache
+        (as the reference's). Returns the remaining ids; an unknown id raises ValueError naming the
+        tracked ones."""
         obj_id = SamVideoPredictor._check_obj_id(obj_id)
         SamVideoPredictor._known_track(state.video, obj_id)
         del state.video.objects[obj_id]  # its prompt stays known: frames still held back name it
