@@ -170,16 +170,34 @@ def test_bad_clicks_say_what_is_wrong(saved, frames):
     predictor.add_text_prompt(state, "a dog")
 
 
+META_KINDS = {"full": "propagation_full", "partial": "propagation_partial", "fetch": "propagation_fetch"}
+
+
 def test_what_propagation_runs_after_clicks():
-    """Meta's parse_action_history_for_propagation on action lists."""
+    """plan_propagation on action lists; where Meta's sam3 imports, the same answers as its own
+    `parse_action_history_for_propagation` (obj_ids compared as sets: Meta's come from a set)."""
     T = 10
-    assert plan_propagation([], T) == ("full", None)
-    assert plan_propagation([_Action("refine", 3, [0]), _Action("add", 3, [5]), _Action("refine", 4, [0])], T) \
-        == ("partial", [0, 5])
-    after_mid = [_Action("refine", 3, [0]), _Action("partial", 3, [0])]
-    assert plan_propagation(after_mid, T) == ("partial", [0])  # the other direction
-    assert plan_propagation(after_mid + [_Action("partial", 3, [0])], T) == ("fetch", None)
-    assert plan_propagation([_Action("refine", 3, [0]), _Action("partial", 0, [0])], T) == ("fetch", None)
-    assert plan_propagation([_Action("refine", 3, [0]), _Action("partial", T - 1, [0])], T) == ("fetch", None)
-    assert plan_propagation([_Action("fetch", 4), _Action("remove", obj_ids=[0])], T) == ("fetch", None)
-    assert plan_propagation([_Action("fetch", 4)], T) == ("fetch", None)
+    cases = [
+        ([], ("full", None)),
+        ([_Action("refine", 3, [0]), _Action("add", 3, [5]), _Action("refine", 4, [0])], ("partial", [0, 5])),
+        ([_Action("refine", 3, [0]), _Action("partial", 3, [0])], ("partial", [0])),  # the other direction
+        ([_Action("refine", 3, [0]), _Action("partial", 3, [0]), _Action("partial", 3, [0])], ("fetch", None)),
+        ([_Action("refine", 3, [0]), _Action("partial", 0, [0])], ("fetch", None)),
+        ([_Action("refine", 3, [0]), _Action("partial", T - 1, [0])], ("fetch", None)),
+        ([_Action("fetch", 4), _Action("remove", obj_ids=[0])], ("fetch", None)),
+        ([_Action("fetch", 4), _Action("add", 2, [7]), _Action("remove", obj_ids=[7])], ("partial", [7])),
+        ([_Action("fetch", 4)], ("fetch", None)),
+    ]
+    for actions, expected in cases:
+        assert plan_propagation(actions, T) == expected, actions
+    try:
+        import meta_sam3_shim  # noqa: F401  (before any `sam3` import: stubs its triton-only edt module)
+        from sam3.model.sam3_video_inference import Sam3VideoInferenceWithInstanceInteractivity
+    except ImportError:
+        return
+    for actions, (kind, obj_ids) in cases:
+        history = [dict(type=META_KINDS.get(a.kind, a.kind), frame_idx=a.frame_idx, obj_ids=a.obj_ids) for a in actions]
+        meta_kind, meta_ids = Sam3VideoInferenceWithInstanceInteractivity.parse_action_history_for_propagation(
+            None, {"action_history": history, "num_frames": T})
+        assert meta_kind == META_KINDS[kind], actions
+        assert (None if meta_ids is None else sorted(meta_ids)) == obj_ids, actions
