@@ -138,6 +138,12 @@ def test_bad_clicks_say_what_is_wrong(saved, frames):
     predictor.add_text_prompt(state, TEXT)
     with pytest.raises(ValueError, match="frame 1 has no results yet: propagate_in_video over it"):
         predictor.add_new_points_or_box(state, 1, 0, points=[[10, 10]], labels=[1])
+    flat = predictor.init_state(frames, cache_results=False)
+    predictor.add_text_prompt(flat, TEXT)
+    list(predictor.propagate_in_video(flat, max_frame_num_to_track=1))
+    assert flat.frame_outputs == {}
+    with pytest.raises(ValueError, match="keeps no results"):
+        predictor.add_new_points_or_box(flat, 0, 0, points=[[10, 10]], labels=[1])
     list(predictor.propagate_in_video(state, max_frame_num_to_track=1))
     with pytest.raises(ValueError, match="outside the video's frames 0..5"):
         predictor.add_new_points_or_box(state, 6, 0, points=[[10, 10]], labels=[1])

@@ -205,6 +205,7 @@ class ConceptVideoState:
     # The user's object actions and the propagations after them (Meta's action history), which
     # decide what the next propagate_in_video runs; empty until the first click.
     actions: list[_Action] = field(default_factory=list)
+    cache_results: bool = True  # False: no frame_outputs (a long run that takes no clicks stays flat)
 
     @property
     def obj_ids(self) -> list[int]:
@@ -290,12 +291,14 @@ class Sam3ConceptVideoPredictor:
     # ------------------------------------------------------------------ session
     def init_state(self, video: str | Path | np.ndarray | Sequence[np.ndarray] | FrameSource, *,
                    max_frames: int | None = None, max_pixels: int | None = None,
-                   offload_state_to_cpu: bool = False) -> ConceptVideoState:
+                   offload_state_to_cpu: bool = False, cache_results: bool = True) -> ConceptVideoState:
         """Open a video (a file, a folder of frames, a (T, H, W, 3) uint8 array, a list of frames);
-        nothing is decoded yet. Limits as `SamVideoPredictor.init_state`."""
+        nothing is decoded yet. Limits as `SamVideoPredictor.init_state`. cache_results: keep what
+        each frame showed (low-res float16 logits per object, as the reference does), which clicks
+        need; False for a long run that takes none, so memory does not grow with the video."""
         video_state = self.tracker.init_state(video, offload_state_to_cpu=offload_state_to_cpu,
                                               max_frames=max_frames, max_pixels=max_pixels)
-        return ConceptVideoState(video=video_state)
+        return ConceptVideoState(video=video_state, cache_results=bool(cache_results))
 
     def add_text_prompt(self, state: ConceptVideoState, text: str) -> int:
         """Look for every instance of `text` (a noun phrase) on every frame from now on; returns the
@@ -376,6 +379,9 @@ class Sam3ConceptVideoPredictor:
         video = state.video
         frame_idx = SamVideoPredictor._check_frame(video, frame_idx)
         obj_id = SamVideoPredictor._check_obj_id(obj_id)
+        if not state.cache_results:
+            raise ValueError("this session keeps no results (init_state(..., cache_results=False)); clicks "
+                             "refine the results of frames already shown: open it with cache_results=True")
         if frame_idx not in state.frame_outputs:
             raise ValueError(f"frame {frame_idx} has no results yet: propagate_in_video over it before adding "
                              "clicks (they refine the results there)")
@@ -527,6 +533,8 @@ class Sam3ConceptVideoPredictor:
     def _remember(self, state: ConceptVideoState, frame: _RawFrame) -> None:
         """Cache what a frame shows (hidden and suppressed objects left out) as float16 low-res logits
         (the decoded frame is not kept: a cached frame is decoded again when it is shown)."""
+        if not state.cache_results:
+            return
         hidden = frame.suppressed | state.hidden
         low_res = {obj_id: mask.to(state.video.storage_device, torch.float16)
                    for obj_id, mask in frame.low_res.items() if obj_id not in hidden}
