@@ -171,9 +171,12 @@ class ClickReference:
       use_prev_mem_frame=False), the object's current logits there clamped to +-32 as the mask
       prompt (iter_use_prev_mask_pred), and becomes a conditioning frame whose memory is encoded
       from the 0/1 mask (the low-res logits upsampled to the input size, as Meta's preflight);
-      the object's detector-made conditioning frames within 16 frames become tracked frames;
+      its tracked results within stride x num_maskmem frames are dropped (Meta's SAM 3 tracker has
+      clear_non_cond_mem_around_input on), then its detector-made conditioning frames within 16
+      frames become tracked frames;
     - a new obj_id starts an object from the clicks alone (no mask prompt);
-    - propagation re-tracks the clicked objects alone (the tracker's forward with memory encoding),
+    - propagation re-tracks the clicked objects alone (the tracker's forward with memory encoding;
+      passing a conditioning frame drops the tracked results around it again),
       and every other object keeps its cached (post-processed) mask.
     Masks come back as {obj_id: (H, W) bool} at the video size."""
 
@@ -213,6 +216,7 @@ class ClickReference:
             high_res = torch.nn.functional.interpolate(out["pred_masks"], (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
                                                        align_corners=False)
             tracker._batch_encode_memories(session, frame_idx, [obj_idx], [high_res], [out["object_score_logits"]], [True])
+            self._clear_around(obj_idx, frame_idx)
             for other in list(outputs["cond_frame_outputs"]):
                 if other != frame_idx and abs(other - frame_idx) <= 16:
                     outputs["non_cond_frame_outputs"][other] = outputs["cond_frame_outputs"].pop(other)
@@ -220,6 +224,14 @@ class ClickReference:
             session.obj_with_new_inputs = []
         self.cache.setdefault(frame_idx, {})[obj_id] = self._video_mask(out["pred_masks"])
         return dict(self.cache[frame_idx])
+
+    def _clear_around(self, obj_idx: int, frame_idx: int) -> None:
+        """Meta's clear_non_cond_mem_around_input: tracked results within stride x num_maskmem frames go."""
+        config = self.model.tracker_model.config
+        reach = getattr(config, "memory_temporal_stride_for_eval", 1) * config.num_maskmem  # stride 1: not in its config
+        outputs = self.session.output_dict_per_obj[obj_idx]["non_cond_frame_outputs"]
+        for t in [t for t in outputs if abs(t - frame_idx) <= reach]:
+            del outputs[t]
 
     def propagate(self, order, obj_ids: list[int]) -> list[dict]:
         """The clicked objects `obj_ids` re-tracked over `order` (frame indices), the others from the cache."""
@@ -229,6 +241,10 @@ class ClickReference:
         with torch.no_grad():
             for frame_idx in order:
                 self._features(frame_idx)
+                for obj_id in obj_ids:  # Meta's tracker clears again when it passes a conditioning frame
+                    obj_idx = session.obj_id_to_idx(obj_id)
+                    if frame_idx in session.output_dict_per_obj[obj_idx]["cond_frame_outputs"]:
+                        self._clear_around(obj_idx, frame_idx)
                 out = tracker(inference_session=session, frame_idx=frame_idx, reverse=reverse, run_mem_encoder=True)
                 for obj_id in obj_ids:
                     mask = out.pred_masks[out.object_ids.index(obj_id)]

@@ -424,7 +424,8 @@ class Sam3ConceptVideoPredictor:
     def _decode_clicks(self, state: ConceptVideoState, track: ObjectTrack, frame_idx: int, prompt: PointPrompt) -> None:
         """The tracker's answer to clicks on a frame (Meta's use_prev_mem_frame=False: no memory; the
         object's logits there, clamped to +-32, as the mask prompt), stored as a conditioning frame
-        with its memory; detector-made conditioning frames nearby become tracked frames."""
+        with its memory; tracked results around it dropped; then detector-made conditioning frames
+        nearby become tracked frames (Meta's order: these survive until propagation passes the click)."""
         video, model = state.video, self.tracker.model
         features = video.cache.features
         previous = track.cond.get(frame_idx) or track.tracked.get(frame_idx)
@@ -442,12 +443,23 @@ class Sam3ConceptVideoPredictor:
         track.cond[frame_idx] = FrameMemory(low_res_masks=output.low_res_masks.to(video.storage_device),
                                             object_score_logits=output.object_score_logits, obj_ptr=output.obj_ptr,
                                             maskmem_features=memory, is_cond=True)
+        self._clear_memory_around(track, frame_idx)
         window = self.config.refinement_detector_cond_frame_removal_window
         for other in [t for t in track.cond if t not in track.points and abs(t - frame_idx) <= window]:
             downgraded = track.cond.pop(other)
             downgraded.is_cond = False
             track.tracked[other] = downgraded
             track.directions.pop(other, None)
+
+    def _clear_memory_around(self, track: ObjectTrack, frame_idx: int) -> None:
+        """Drop the object's tracked results (memory and pointer) within stride x num_maskmem frames of
+        a conditioning frame, so tracking does not mix the object's old appearance with the click
+        (Meta's clear_non_cond_mem_around_input, on in its SAM 3 video tracker; Meta skips it for an
+        object tracked in a batch with others, ours are never batched)."""
+        options = self.tracker.model.tracking
+        reach = options.memory_temporal_stride_for_eval * options.num_maskmem
+        for t in [t for t in track.tracked if abs(t - frame_idx) <= reach]:
+            del track.tracked[t]
 
     def _shown_mask(self, low_res: torch.Tensor) -> torch.Tensor:
         """(1, 1, h, w) tracker logits -> the (h, w) mask a clicked object shows (holes and sprinkles
@@ -511,7 +523,9 @@ class Sam3ConceptVideoPredictor:
                     if track is None:  # removed since
                         continue
                     output = track.cond.get(frame_idx)
-                    if output is None:
+                    if output is not None:  # passing a conditioning frame clears around it, as in the reference
+                        self._clear_memory_around(track, frame_idx)
+                    else:
                         output = self.tracker._infer_frame(video, track, frame_idx, False, reverse, points=None,
                                                            mask=None, prev_logits=None, encode_memory=True)
                         track.tracked[frame_idx] = output
