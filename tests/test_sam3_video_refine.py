@@ -176,6 +176,26 @@ def test_bad_clicks_say_what_is_wrong(saved, frames):
     predictor.add_text_prompt(state, "a dog")
 
 
+def test_a_clicked_mask_has_its_holes_filled_at_the_video_size(saved, frames):
+    """With hole filling on, a click's mask is filled at the video size (Meta's add_tracker_new_points)
+    and shown so; re-tracking the frame shows the tracker's mask unfilled (Meta's partial propagation)."""
+    from sam.video.concept import fill_holes_and_sprinkles
+
+    # The random tracker's click masks are speckled at the video size: 2 pixels keeps some of it.
+    predictor = Sam3ConceptVideoPredictor.from_checkpoint(saved["transformers"], fill_hole_area=2)
+    state = predictor.init_state(frames)
+    predictor.add_text_prompt(state, TEXT)
+    list(predictor.propagate_in_video(state, max_frame_num_to_track=1))
+    clicked = predictor.add_new_points_or_box(state, 1, 0, **CLICKS)
+    low_res = state.video.objects[0].cond[1].low_res_masks.float()
+    logits = torch.nn.functional.interpolate(low_res, (HEIGHT, WIDTH), mode="bilinear", align_corners=False)[:, 0]
+    expected = fill_holes_and_sprinkles(logits, 2)[0] > 0
+    assert 0 < expected.sum() < (logits > 0).sum()  # filling changed it
+    assert torch.equal(clicked.masks[0], expected) and torch.equal(state.frame_outputs[1].video_size[0], expected)
+    again = list(predictor.propagate_in_video(state, start_frame_idx=1, max_frame_num_to_track=0))
+    assert torch.equal(again[0].masks[0], logits[0] > 0) and state.frame_outputs[1].video_size == {}
+
+
 META_KINDS = {"full": "propagation_full", "partial": "propagation_partial", "fetch": "propagation_fetch"}
 
 

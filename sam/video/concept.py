@@ -169,6 +169,7 @@ class _RawFrame:
     tracker_scores: dict[int, float]
     suppressed: set[int]
     image: np.ndarray | None = None
+    video_size: dict[int, torch.Tensor] = field(default_factory=dict)  # obj_id -> (H, W) bool shown instead
 
 
 @dataclass
@@ -334,6 +335,7 @@ class Sam3ConceptVideoPredictor:
             state.actions.append(_Action("remove", obj_ids=[obj_id]))
             for frame in state.frame_outputs.values():
                 frame.low_res.pop(obj_id, None)
+                frame.video_size.pop(obj_id, None)
         return state.obj_ids
 
     # ------------------------------------------------------------------ clicks
@@ -415,8 +417,14 @@ class Sam3ConceptVideoPredictor:
             state.removed.discard(obj_id)
             state.hidden.discard(obj_id)
             cached = state.frame_outputs[frame_idx]
-            shown = self._shown_mask(track.cond[frame_idx].low_res_masks)
-            cached.low_res[obj_id] = shown.to(video.storage_device, torch.float16)
+            low_res = track.cond[frame_idx].low_res_masks.to(video.device).float()
+            cached.low_res[obj_id] = low_res[0, 0].to(video.storage_device, torch.float16)
+            cached.video_size.pop(obj_id, None)
+            if self.config.fill_hole_area > 0:  # the reference fills the clicked mask's holes at the video size
+                logits = F.interpolate(low_res, (video.video_height, video.video_width), mode="bilinear",
+                                       align_corners=False)[:, 0]
+                filled = fill_holes_and_sprinkles(logits, self.config.fill_hole_area)[0] > 0
+                cached.video_size[obj_id] = filled.to(video.storage_device)
             cached.scores = dict(state.scores)
             cached.tracker_scores[obj_id] = CLICKED_SCORE
             return self._postprocess(state, replace(cached, image=image))
@@ -460,14 +468,6 @@ class Sam3ConceptVideoPredictor:
         reach = options.memory_temporal_stride_for_eval * options.num_maskmem
         for t in [t for t in track.tracked if abs(t - frame_idx) <= reach]:
             del track.tracked[t]
-
-    def _shown_mask(self, low_res: torch.Tensor) -> torch.Tensor:
-        """(1, 1, h, w) tracker logits -> the (h, w) mask a clicked object shows (holes and sprinkles
-        removed as on tracked frames)."""
-        mask = low_res.to(self.device)[:, 0].float()
-        if self.config.fill_hole_area > 0:
-            mask = fill_holes_and_sprinkles(mask, self.config.fill_hole_area)
-        return mask[0]
 
     def reset_state(self, state: ConceptVideoState) -> None:
         """Forget every object and every prompt (the frames stay open)."""
@@ -517,7 +517,8 @@ class Sam3ConceptVideoPredictor:
                 image = self._encode_tracker(state, frame_idx)
                 cached = state.frame_outputs.get(frame_idx)
                 frame = _RawFrame(frame_idx, dict(cached.low_res) if cached else {}, dict(state.scores),
-                                  dict(cached.tracker_scores) if cached else {}, set(), image)
+                                  dict(cached.tracker_scores) if cached else {}, set(), image,
+                                  dict(cached.video_size) if cached else {})
                 for obj_id in obj_ids:
                     track = video.objects.get(obj_id)
                     if track is None:  # removed since
@@ -530,7 +531,8 @@ class Sam3ConceptVideoPredictor:
                                                            mask=None, prev_logits=None, encode_memory=True)
                         track.tracked[frame_idx] = output
                         track.directions[frame_idx] = reverse
-                    frame.low_res[obj_id] = self._shown_mask(output.low_res_masks)
+                    frame.low_res[obj_id] = output.low_res_masks.to(video.device)[0, 0].float()  # no hole filling here
+                    frame.video_size.pop(obj_id, None)
                     frame.tracker_scores[obj_id] = float(output.object_score_logits.sigmoid().flatten()[0])
                 self._remember(state, frame)
                 yield self._postprocess(state, frame)
@@ -552,8 +554,9 @@ class Sam3ConceptVideoPredictor:
         hidden = frame.suppressed | state.hidden
         low_res = {obj_id: mask.to(state.video.storage_device, torch.float16)
                    for obj_id, mask in frame.low_res.items() if obj_id not in hidden}
+        video_size = {obj_id: mask for obj_id, mask in frame.video_size.items() if obj_id not in hidden}
         state.frame_outputs[frame.frame_idx] = _RawFrame(frame.frame_idx, low_res, dict(frame.scores),
-                                                         dict(frame.tracker_scores), set())
+                                                         dict(frame.tracker_scores), set(), None, video_size)
 
     def _propagate(self, state: ConceptVideoState, order: range, end: int, reverse: bool) -> Iterator[ConceptFrame]:
         delay = self.config.hotstart_delay
@@ -890,6 +893,9 @@ class Sam3ConceptVideoPredictor:
                                 torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), [], frame.image)
         low_res = torch.stack([frame.low_res[obj_id] for obj_id in obj_ids]).float()
         masks = F.interpolate(low_res[:, None], (height, width), mode="bilinear", align_corners=False)[:, 0] > 0
+        for index, obj_id in enumerate(obj_ids):
+            if obj_id in frame.video_size:  # a clicked mask, its holes filled at the video size
+                masks[index] = frame.video_size[obj_id].to(masks.device)
         hidden = frame.suppressed | state.hidden
         keep = [i for i, obj_id in enumerate(obj_ids) if masks[i].any() and obj_id not in hidden]
         obj_ids = [obj_ids[i] for i in keep]
