@@ -196,6 +196,27 @@ def test_a_clicked_mask_has_its_holes_filled_at_the_video_size(saved, frames):
     assert torch.equal(again[0].masks[0], logits[0] > 0) and state.frame_outputs[1].video_size == {}
 
 
+def test_a_removed_id_starts_afresh_and_clicks_can_add_up(saved, frames):
+    """Object 5, removed by the hot-start rules (a duplicate), clicked: it starts again from the clicks
+    alone (as Meta's: no tracker holds it any more), shown with score 1. clear_old_points=False adds
+    clicks to the frame's earlier ones; a click on the frame of an object's detection replaces it."""
+    predictor = predictor_for(saved)
+    state = predictor.init_state(frames)
+    predictor.add_text_prompt(state, TEXT)
+    list(predictor.propagate_in_video(state, max_frame_num_to_track=1))
+    assert 5 in state.removed and 5 in state.hidden and 5 not in state.obj_ids
+    frame = predictor.add_new_points_or_box(state, 1, 5, points=[[50.0, 40.0]], labels=[1])
+    assert frame.obj_ids == [0, 5] and frame.scores.tolist() == [pytest.approx(state.scores[0]), 1.0]
+    assert 5 not in state.removed | state.hidden and sorted(state.video.objects[5].cond) == [1]
+    predictor.add_new_points_or_box(state, 1, 5, points=[[20.0, 20.0]], labels=[0], clear_old_points=False)
+    assert state.video.objects[5].points[1].labels.tolist() == [[1, 0]]
+    detected = state.video.objects[0].cond[0].low_res_masks.clone()
+    predictor.add_new_points_or_box(state, 0, 0, points=[[50.0, 40.0]], labels=[1])
+    assert sorted(state.video.objects[0].cond) == [0] and 0 in state.video.objects[0].points
+    assert not torch.equal(state.video.objects[0].cond[0].low_res_masks, detected)
+    assert [a.kind for a in state.actions] == ["add", "refine", "refine"]
+
+
 META_KINDS = {"full": "propagation_full", "partial": "propagation_partial", "fetch": "propagation_fetch"}
 
 
