@@ -216,6 +216,16 @@ def test_a_removed_id_starts_afresh_and_clicks_can_add_up(saved, frames):
     assert not torch.equal(state.video.objects[0].cond[0].low_res_masks, detected)
     assert [a.kind for a in state.actions] == ["add", "refine", "refine"]
 
+    live = predictor_for(saved)
+    live.config.hotstart_delay = 0  # frames come out as they are done, so one can be clicked mid-run
+    state = live.init_state(frames)
+    live.add_text_prompt(state, TEXT)
+    run = live.propagate_in_video(state)
+    first = next(run)
+    live.add_new_points_or_box(state, first.frame_idx, 0, points=[[50.0, 40.0]], labels=[1])
+    with pytest.raises(ValueError, match="clicked while this propagation ran"):
+        next(run)
+
 
 META_KINDS = {"full": "propagation_full", "partial": "propagation_partial", "fetch": "propagation_fetch"}
 

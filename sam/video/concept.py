@@ -562,6 +562,9 @@ class Sam3ConceptVideoPredictor:
         delay = self.config.hotstart_delay
         held: list[_RawFrame] = []
         for frame_idx in order:
+            if state.actions:  # the detect-and-track rules know nothing of clicked objects
+                raise ValueError(f"objects were clicked while this propagation ran (stopped before frame "
+                                 f"{frame_idx}); call propagate_in_video again: it re-tracks the clicked objects")
             try:
                 with torch.inference_mode():
                     raw, removed = self._step(state, frame_idx, reverse)
