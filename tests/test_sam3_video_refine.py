@@ -210,11 +210,19 @@ def test_a_removed_id_starts_afresh_and_clicks_can_add_up(saved, frames):
     assert 5 not in state.removed | state.hidden and sorted(state.video.objects[5].cond) == [1]
     predictor.add_new_points_or_box(state, 1, 5, points=[[20.0, 20.0]], labels=[0], clear_old_points=False)
     assert state.video.objects[5].points[1].labels.tolist() == [[1, 0]]
+    many = [[float(x), 30.0] for x in range(5, 95, 5)]  # 18 clicks: the first 8 and the last 8 are decoded
+    decoded = []
+    heads = predictor.tracker.model.track_heads
+    predictor.tracker.model.track_heads = lambda *args: decoded.append(args[2].clone()) or heads(*args)
+    predictor.add_new_points_or_box(state, 1, 5, points=many, labels=[1] * len(many))
+    predictor.tracker.model.track_heads = heads
+    expected = torch.tensor(many[:8] + many[-8:]) / torch.tensor([WIDTH, HEIGHT]) * predictor.image_size
+    torch.testing.assert_close(decoded[0][0], expected)
     detected = state.video.objects[0].cond[0].low_res_masks.clone()
     predictor.add_new_points_or_box(state, 0, 0, points=[[50.0, 40.0]], labels=[1])
     assert sorted(state.video.objects[0].cond) == [0] and 0 in state.video.objects[0].points
     assert not torch.equal(state.video.objects[0].cond[0].low_res_masks, detected)
-    assert [a.kind for a in state.actions] == ["add", "refine", "refine"]
+    assert [a.kind for a in state.actions] == ["add", "refine", "refine", "refine"]
 
     live = predictor_for(saved)
     live.config.hotstart_delay = 0  # frames come out as they are done, so one can be clicked mid-run

@@ -66,6 +66,7 @@ NO_OBJECT_MASK_LOGIT = -10.0  # what suppressed masks are set to before the memo
 REMOVED_SCORE = -1e4  # the score of an object removed by the hot-start rules
 CLICKED_PROMPT_ID = -1  # the "prompt" of an object started by clicks (no text found it)
 CLICKED_SCORE = 1.0  # the reference's score of an object the user added or refined
+MAX_CLICKS_IN_PROMPT = 16  # the reference's max_point_num_in_prompt_enc (the tracker was trained with at most this)
 
 
 @dataclass
@@ -441,9 +442,16 @@ class Sam3ConceptVideoPredictor:
         if previous is not None and previous.low_res_masks is not None:
             prev_logits = torch.clamp(previous.low_res_masks.to(video.device), -32.0, 32.0)
         is_init_cond_frame = frame_idx not in track.directions
-        output = model.track_heads(model.first_frame_features(features), features.high_res_feats, prompt.coords,
-                                   prompt.labels, prev_logits,
-                                   model.use_multimask(is_init_cond_frame, prompt.labels.shape[1]))
+        coords, labels = prompt.coords, prompt.labels
+        if labels.shape[1] > MAX_CLICKS_IN_PROMPT:  # as the reference: the first half and the last half
+            logger.warning("%d clicks on frame %d: only the first %d and the last %d are used", labels.shape[1],
+                           frame_idx, MAX_CLICKS_IN_PROMPT // 2, MAX_CLICKS_IN_PROMPT - MAX_CLICKS_IN_PROMPT // 2)
+            keep = torch.cat([torch.arange(MAX_CLICKS_IN_PROMPT // 2),
+                              torch.arange(labels.shape[1] - (MAX_CLICKS_IN_PROMPT - MAX_CLICKS_IN_PROMPT // 2),
+                                           labels.shape[1])]).to(labels.device)
+            coords, labels = coords[:, keep], labels[:, keep]
+        output = model.track_heads(model.first_frame_features(features), features.high_res_feats, coords, labels,
+                                   prev_logits, model.use_multimask(is_init_cond_frame, labels.shape[1]))
         memory = self.tracker._encode_memory(video, features, output.high_res_masks, output.object_score_logits,
                                              binarize=True)
         track.tracked.pop(frame_idx, None)
