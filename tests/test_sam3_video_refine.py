@@ -218,6 +218,7 @@ def test_a_removed_id_starts_afresh_and_clicks_can_add_up(saved, frames):
     predictor.tracker.model.track_heads = heads
     expected = torch.tensor(many[:8] + many[-8:]) / torch.tensor([WIDTH, HEIGHT]) * predictor.image_size
     torch.testing.assert_close(decoded[0][0], expected)
+    assert state.video.objects[5].points[1].labels.shape == (1, 16)
     detected = state.video.objects[0].cond[0].low_res_masks.clone()
     predictor.add_new_points_or_box(state, 0, 0, points=[[50.0, 40.0]], labels=[1])
     assert sorted(state.video.objects[0].cond) == [0] and 0 in state.video.objects[0].points

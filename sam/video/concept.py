@@ -450,6 +450,7 @@ class Sam3ConceptVideoPredictor:
                               torch.arange(labels.shape[1] - (MAX_CLICKS_IN_PROMPT - MAX_CLICKS_IN_PROMPT // 2),
                                            labels.shape[1])]).to(labels.device)
             coords, labels = coords[:, keep], labels[:, keep]
+            prompt = PointPrompt(coords, labels)  # kept so (as the reference), later clicks add to these
         output = model.track_heads(model.first_frame_features(features), features.high_res_feats, coords, labels,
                                    prev_logits, model.use_multimask(is_init_cond_frame, labels.shape[1]))
         memory = self.tracker._encode_memory(video, features, output.high_res_masks, output.object_score_logits,
