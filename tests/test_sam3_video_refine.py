@@ -178,7 +178,8 @@ def test_bad_clicks_say_what_is_wrong(saved, frames):
 
 def test_a_clicked_mask_has_its_holes_filled_at_the_video_size(saved, frames):
     """With hole filling on, a click's mask is filled at the video size (Meta's add_tracker_new_points)
-    and shown so; re-tracking the frame shows the tracker's mask unfilled (Meta's partial propagation)."""
+    and shown so; re-tracking the frame fills the tracker's mask at low resolution, as on tracked
+    frames (Meta's partial propagation), and ranks it by its object-score logit."""
     from sam.video.concept import fill_holes_and_sprinkles
 
     # The random tracker's click masks are speckled at the video size: 2 pixels keeps some of it.
@@ -193,7 +194,11 @@ def test_a_clicked_mask_has_its_holes_filled_at_the_video_size(saved, frames):
     assert 0 < expected.sum() < (logits > 0).sum()  # filling changed it
     assert torch.equal(clicked.masks[0], expected) and torch.equal(state.frame_outputs[1].video_size[0], expected)
     again = list(predictor.propagate_in_video(state, start_frame_idx=1, max_frame_num_to_track=0))
-    assert torch.equal(again[0].masks[0], logits[0] > 0) and state.frame_outputs[1].video_size == {}
+    filled_low_res = fill_holes_and_sprinkles(low_res[:, 0], 2)[:, None]
+    shown = torch.nn.functional.interpolate(filled_low_res, (HEIGHT, WIDTH), mode="bilinear", align_corners=False)
+    assert torch.equal(again[0].masks[0], shown[0, 0] > 0) and state.frame_outputs[1].video_size == {}
+    logit = float(state.video.objects[0].cond[1].object_score_logits.flatten()[0])
+    assert logit > 1 and again[0].tracker_scores.tolist() == [pytest.approx(logit)]
 
 
 def test_a_removed_id_starts_afresh_and_clicks_can_add_up(saved, frames):

@@ -145,7 +145,9 @@ class ConceptFrame:
     """One frame's objects, in id order: masks (N, H, W) bool at video size, boxes (N, 4) xyxy video
     pixels (of the masks before overlaps are resolved), scores (N,) the detection score that started
     each object, tracker_scores (N,) the tracker's presence probability on this frame (the start
-    score on an object's first frame), labels the prompt text that found each object, image the frame."""
+    score on an object's first frame; 1 on a clicked frame and, as Meta's, the object-score logit
+    itself on frames re-tracked after clicks), labels the prompt text that found each object
+    ("" for one started by clicks), image the frame."""
 
     frame_idx: int
     obj_ids: list[int]
@@ -540,9 +542,14 @@ class Sam3ConceptVideoPredictor:
                                                            mask=None, prev_logits=None, encode_memory=True)
                         track.tracked[frame_idx] = output
                         track.directions[frame_idx] = reverse
-                    frame.low_res[obj_id] = output.low_res_masks.to(video.device)[0, 0].float()  # no hole filling here
+                    low_res = output.low_res_masks.to(video.device)[:, 0].float()
+                    if self.config.fill_hole_area > 0:  # at low resolution here, as on tracked frames
+                        low_res = fill_holes_and_sprinkles(low_res, self.config.fill_hole_area)
+                    frame.low_res[obj_id] = low_res[0]
                     frame.video_size.pop(obj_id, None)
-                    frame.tracker_scores[obj_id] = float(output.object_score_logits.sigmoid().flatten()[0])
+                    # The object-score logit itself, not its sigmoid: what Meta's partial propagation
+                    # records (and ranks overlapping pixels by), so a confident clicked object wins them.
+                    frame.tracker_scores[obj_id] = float(output.object_score_logits.flatten()[0])
                 self._remember(state, frame)
                 yield self._postprocess(state, frame)
 
