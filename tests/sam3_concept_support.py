@@ -158,3 +158,96 @@ class Reference:
                 frames.append(dict(frame_idx=output.frame_idx, obj_ids=post["object_ids"].tolist(),
                                    masks=post["masks"], scores=post["scores"], boxes=post["boxes"]))
         return frames
+
+
+class ClickReference:
+    """Meta's refinement of a text-prompted session (`Sam3VideoInferenceWithInstanceInteractivity` at
+    its defaults: add_tracker_new_points, then partial propagation), executed step by step with
+    transformers' parts on `Reference`'s session, after its text-prompted propagation. transformers'
+    `Sam3VideoModel` takes no clicks; its `Sam3TrackerVideoModel` (the session's tracker) does the
+    decoding and tracking, driven as Meta drives its tracker:
+
+    - a click on frame f decodes on f's features plus `no_memory_embedding` (Meta's
+      use_prev_mem_frame=False), the object's current logits there clamped to +-32 as the mask
+      prompt (iter_use_prev_mask_pred), and becomes a conditioning frame whose memory is encoded
+      from the 0/1 mask (the low-res logits upsampled to the input size, as Meta's preflight);
+      its tracked results within stride x num_maskmem frames are dropped (Meta's SAM 3 tracker has
+      clear_non_cond_mem_around_input on), then its detector-made conditioning frames within 16
+      frames become tracked frames;
+    - a new obj_id starts an object from the clicks alone (no mask prompt);
+    - propagation re-tracks the clicked objects alone (the tracker's forward with memory encoding;
+      passing a conditioning frame drops the tracked results around it again),
+      and every other object keeps its cached (post-processed) mask.
+    Masks come back as {obj_id: (H, W) bool} at the video size."""
+
+    def __init__(self, reference: Reference, frames: list[dict]):
+        self.model, self.session = reference.model, reference.session
+        self.height, self.width = self.session.video_height, self.session.video_width
+        self.cache = {frame["frame_idx"]: dict(zip(frame["obj_ids"], frame["masks"])) for frame in frames}
+
+    def _features(self, frame_idx: int) -> None:
+        model, session = self.model, self.session
+        vision = model.detector_model.get_vision_features(pixel_values=session.get_frame(frame_idx).unsqueeze(0))
+        feats, positions = model.get_vision_features_for_tracker(vision)
+        session.cache.cache_vision_features(frame_idx, {"vision_feats": feats, "vision_pos_embeds": positions})
+
+    def _video_mask(self, low_res: torch.Tensor) -> torch.Tensor:
+        size = (self.height, self.width)
+        return torch.nn.functional.interpolate(low_res.reshape(1, 1, *low_res.shape[-2:]).float(), size,
+                                               mode="bilinear", align_corners=False)[0, 0] > 0
+
+    def click(self, frame_idx: int, obj_id: int, points, labels) -> dict:
+        session, tracker = self.session, self.model.tracker_model
+        with torch.no_grad():
+            self._features(frame_idx)
+            obj_idx = session.obj_id_to_idx(obj_id)
+            outputs = session.output_dict_per_obj[obj_idx]
+            previous = outputs["cond_frame_outputs"].get(frame_idx) or outputs["non_cond_frame_outputs"].get(frame_idx)
+            prev_logits = None if previous is None else torch.clamp(previous["pred_masks"], -32.0, 32.0)
+            scale = torch.tensor([IMAGE_SIZE / self.width, IMAGE_SIZE / self.height])
+            point_inputs = {"point_coords": (torch.tensor(points, dtype=torch.float32) * scale)[None, None],
+                            "point_labels": torch.tensor(labels, dtype=torch.int32)[None, None]}
+            out = tracker._run_single_frame_inference(
+                inference_session=session, frame_idx=frame_idx, obj_idx=obj_idx, batch_size=1, is_init_cond_frame=True,
+                point_inputs=point_inputs, mask_inputs=None, reverse=False,
+                prev_sam_mask_logits=prev_logits)
+            outputs["non_cond_frame_outputs"].pop(frame_idx, None)
+            session.store_output(obj_idx, frame_idx, output_value=out, is_conditioning_frame=True)
+            high_res = torch.nn.functional.interpolate(out["pred_masks"], (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                                                       align_corners=False)
+            tracker._batch_encode_memories(session, frame_idx, [obj_idx], [high_res], [out["object_score_logits"]], [True])
+            self._clear_around(obj_idx, frame_idx)
+            for other in list(outputs["cond_frame_outputs"]):
+                if other != frame_idx and abs(other - frame_idx) <= 16:
+                    outputs["non_cond_frame_outputs"][other] = outputs["cond_frame_outputs"].pop(other)
+                    session.mask_inputs_per_obj[obj_idx].pop(other, None)
+            session.obj_with_new_inputs = []
+        self.cache.setdefault(frame_idx, {})[obj_id] = self._video_mask(out["pred_masks"])
+        return dict(self.cache[frame_idx])
+
+    def _clear_around(self, obj_idx: int, frame_idx: int) -> None:
+        """Meta's clear_non_cond_mem_around_input: tracked results within stride x num_maskmem frames go."""
+        config = self.model.tracker_model.config
+        reach = getattr(config, "memory_temporal_stride_for_eval", 1) * config.num_maskmem  # stride 1: not in its config
+        outputs = self.session.output_dict_per_obj[obj_idx]["non_cond_frame_outputs"]
+        for t in [t for t in outputs if abs(t - frame_idx) <= reach]:
+            del outputs[t]
+
+    def propagate(self, order, obj_ids: list[int]) -> list[dict]:
+        """The clicked objects `obj_ids` re-tracked over `order` (frame indices), the others from the cache."""
+        session, tracker = self.session, self.model.tracker_model
+        reverse = len(order) > 1 and order[1] < order[0]
+        frames = []
+        with torch.no_grad():
+            for frame_idx in order:
+                self._features(frame_idx)
+                for obj_id in obj_ids:  # Meta's tracker clears again when it passes a conditioning frame
+                    obj_idx = session.obj_id_to_idx(obj_id)
+                    if frame_idx in session.output_dict_per_obj[obj_idx]["cond_frame_outputs"]:
+                        self._clear_around(obj_idx, frame_idx)
+                out = tracker(inference_session=session, frame_idx=frame_idx, reverse=reverse, run_mem_encoder=True)
+                for obj_id in obj_ids:
+                    mask = out.pred_masks[out.object_ids.index(obj_id)]
+                    self.cache.setdefault(frame_idx, {})[obj_id] = self._video_mask(mask)
+                frames.append(dict(self.cache.get(frame_idx, {}), frame_idx=frame_idx))
+        return frames

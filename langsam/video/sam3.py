@@ -92,7 +92,9 @@ class Sam3ConceptRun:
     def __init__(self, video: Any) -> None:
         self.video = video
         predictor = video.concept_predictor
-        self.state = predictor.init_state(video.frames, offload_state_to_cpu=video.offload_state_to_cpu)
+        # No clicks come here, so nothing is cached: memory stays flat over a long video.
+        self.state = predictor.init_state(video.frames, offload_state_to_cpu=video.offload_state_to_cpu,
+                                          cache_results=False)
         for query in video.queries:
             predictor.add_text_prompt(self.state, query)
         self.frames = iter(predictor.propagate_in_video(self.state))

@@ -22,6 +22,20 @@ A frame goes through these steps, one method each:
   `_suppress_recently_occluded`, `_update_memories`: what each masklet writes to its memory;
   `_add_objects`   new objects from their detection masks;
   `_frame_output`  masks, scores; `_postprocess` (video size, hidden ids, no overlaps) at yield time.
+
+Clicks refine an object (or start one) on a frame propagation has reached, as in Meta's
+`Sam3VideoInferenceWithInstanceInteractivity` (transformers' `Sam3VideoModel` takes none):
+
+    frame = predictor.add_prompt(state, 12, points=[[0.4, 0.5]], point_labels=[1], obj_id=3)  # relative xy
+    frame = predictor.add_new_points_or_box(state, 12, 3, points=[[250, 240]], labels=[1])  # SAM 2's names, pixels
+    for frame in predictor.propagate_in_video(state, start_frame_idx=12): ...                # object 3 re-tracked
+    for frame in predictor.propagate_in_video(state, start_frame_idx=12, reverse=True): ...
+
+  `_decode_clicks`      the tracker on the frame without memory, fed the object's mask there; a new
+                        conditioning frame; nearby detector-made ones become tracked frames;
+  `plan_propagation`    what the next propagation runs (Meta's action history): "partial" (only the
+                        clicked objects, by the tracker alone) or "fetch" (the cache of shown results);
+  `_propagate_clicked`, `_fetch`, `_remember` (the cache).
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +55,7 @@ from PIL import Image
 from ..sam2.model import FrameFeatures
 from .frames import FrameSource, VideoLoadError
 from .predictor import SamVideoPredictor
-from .state import CachedFeatures, FrameMemory, ObjectTrack, VideoState
+from .state import CachedFeatures, FrameMemory, ObjectTrack, PointPrompt, VideoState
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +64,9 @@ logger = logging.getLogger(__name__)
 NEVER_OCCLUDED, ALWAYS_OCCLUDED = -1, 100000
 NO_OBJECT_MASK_LOGIT = -10.0  # what suppressed masks are set to before the memory encoder
 REMOVED_SCORE = -1e4  # the score of an object removed by the hot-start rules
+CLICKED_PROMPT_ID = -1  # the "prompt" of an object started by clicks (no text found it)
+CLICKED_SCORE = 1.0  # the reference's score of an object the user added or refined
+MAX_CLICKS_IN_PROMPT = 16  # the reference's max_point_num_in_prompt_enc (the tracker was trained with at most this)
 
 
 @dataclass
@@ -78,6 +95,9 @@ class ConceptTrackingConfig:
     recondition_every_nth_frame: int = 16  # 0: never
     high_conf_thresh: float = 0.8  # reconditioning needs a detection and a tracker score above this
     high_iou_thresh: float = 0.8  # ... and this mask IoU between them
+    # A click on frame f downgrades an object's detector-made conditioning frames within this many
+    # frames of f to tracked frames (Meta's refinement_detector_cond_frame_removal_window).
+    refinement_detector_cond_frame_removal_window: int = 16
 
     def __post_init__(self) -> None:
         if self.hotstart_delay > 0 and max(self.hotstart_unmatch_thresh, self.hotstart_dup_thresh) > self.hotstart_delay:
@@ -135,7 +155,9 @@ class ConceptFrame:
     """One frame's objects, in id order: masks (N, H, W) bool at video size, boxes (N, 4) xyxy video
     pixels (of the masks before overlaps are resolved), scores (N,) the detection score that started
     each object, tracker_scores (N,) the tracker's presence probability on this frame (the start
-    score on an object's first frame), labels the prompt text that found each object, image the frame."""
+    score on an object's first frame; 1 on a clicked frame and, as Meta's, the object-score logit
+    itself on frames re-tracked after clicks), labels the prompt text that found each object
+    ("" for one started by clicks), image the frame."""
 
     frame_idx: int
     obj_ids: list[int]
@@ -160,6 +182,17 @@ class _RawFrame:
     tracker_scores: dict[int, float]
     suppressed: set[int]
     image: np.ndarray | None = None
+    video_size: dict[int, torch.Tensor] = field(default_factory=dict)  # obj_id -> (H, W) bool shown instead
+
+
+@dataclass
+class _Action:
+    """One entry of the action history: "add" / "refine" (a click on frame_idx for obj_ids), "remove",
+    or a propagation ("full", "partial": only obj_ids re-tracked, "fetch": cached results) from frame_idx."""
+
+    kind: str
+    frame_idx: int | None = None
+    obj_ids: list[int] | None = None
 
 
 @dataclass
@@ -180,6 +213,13 @@ class ConceptVideoState:
     keep_alive: dict[int, int] = field(default_factory=dict)
     removed: set[int] = field(default_factory=set)
     hidden: set[int] = field(default_factory=set)  # removed by the hot-start rules: never shown
+    # What each frame showed (obj_id -> low-res logits, float16), as the reference caches it: after
+    # a click, propagation re-tracks only the clicked objects and takes the others from here.
+    frame_outputs: dict[int, _RawFrame] = field(default_factory=dict)
+    # The user's object actions and the propagations after them (Meta's action history), which
+    # decide what the next propagate_in_video runs; empty until the first click.
+    actions: list[_Action] = field(default_factory=list)
+    cache_results: bool = True  # False: no frame_outputs (a long run that takes no clicks stays flat)
 
     @property
     def obj_ids(self) -> list[int]:
@@ -194,7 +234,7 @@ class ConceptVideoState:
         self.video.objects.clear()
         self.video.cache = None
         for table in (self.obj_prompt, self.scores, self.last_occluded, self.first_frame, self.unmatched_frames,
-                      self.overlap_frames, self.keep_alive, self.removed, self.hidden):
+                      self.overlap_frames, self.keep_alive, self.removed, self.hidden, self.frame_outputs, self.actions):
             table.clear()
         self.max_obj_id = -1
 
@@ -209,6 +249,8 @@ class Sam3ConceptVideoPredictor:
     (its image model, and its video model with an empty geometric prompt); False (default):
     the text goes alone, as transformers'. Masks reach the memory encoder as logits resized to its
     input (both references' order here), whatever the tracker's `memory_mask_resize`.
+    Clicks (`add_prompt` / `add_new_points_or_box`) refine or add objects on frames already shown,
+    as Meta's interactive video model does (transformers' takes none); see `add_new_points_or_box`.
     non_overlap_masks: in the returned masks each pixel belongs to at most one object of a prompt
     (the one with the highest tracker score there), as the reference's post-processing; False returns
     each object's own mask (the memory is the same either way).
@@ -262,12 +304,14 @@ class Sam3ConceptVideoPredictor:
     # ------------------------------------------------------------------ session
     def init_state(self, video: str | Path | np.ndarray | Sequence[np.ndarray] | FrameSource, *,
                    max_frames: int | None = None, max_pixels: int | None = None,
-                   offload_state_to_cpu: bool = False) -> ConceptVideoState:
+                   offload_state_to_cpu: bool = False, cache_results: bool = True) -> ConceptVideoState:
         """Open a video (a file, a folder of frames, a (T, H, W, 3) uint8 array, a list of frames);
-        nothing is decoded yet. Limits as `SamVideoPredictor.init_state`."""
+        nothing is decoded yet. Limits as `SamVideoPredictor.init_state`. cache_results: keep what
+        each frame showed (low-res float16 logits per object, as the reference does), which clicks
+        need; False for a long run that takes none, so memory does not grow with the video."""
         video_state = self.tracker.init_state(video, offload_state_to_cpu=offload_state_to_cpu,
                                               max_frames=max_frames, max_pixels=max_pixels)
-        return ConceptVideoState(video=video_state)
+        return ConceptVideoState(video=video_state, cache_results=bool(cache_results))
 
     def add_text_prompt(self, state: ConceptVideoState, text: str) -> int:
         """Look for every instance of `text` (a noun phrase) on every frame from now on; returns the
@@ -279,6 +323,9 @@ class Sam3ConceptVideoPredictor:
         for prompt_id, known in state.prompts.items():
             if known == text:
                 return prompt_id
+        if state.actions:
+            raise ValueError("objects were clicked in this session; a new text prompt starts over (as in the "
+                             "reference): call reset_state(state) first")
         from ..sam3.text import tokenize
 
         prompt_id = len(state.prompts)
@@ -290,11 +337,157 @@ class Sam3ConceptVideoPredictor:
 
     def remove_object(self, state: ConceptVideoState, obj_id: int) -> list[int]:
         """Stop tracking an object (its memory is dropped; a new detection there starts a new id).
-        Returns the remaining ids; an unknown id raises ValueError naming the tracked ones."""
+        After clicks it also leaves the cached results, and the next propagation reads the cache
+        (as the reference's). Returns the remaining ids; an unknown id raises ValueError naming the
+        tracked ones."""
         obj_id = SamVideoPredictor._check_obj_id(obj_id)
         SamVideoPredictor._known_track(state.video, obj_id)
         del state.video.objects[obj_id]  # its prompt stays known: frames still held back name it
+        if state.actions:  # after a click the results come from the cache: drop it there too
+            state.actions.append(_Action("remove", obj_ids=[obj_id]))
+            for frame in state.frame_outputs.values():
+                frame.low_res.pop(obj_id, None)
+                frame.video_size.pop(obj_id, None)
         return state.obj_ids
+
+    # ------------------------------------------------------------------ clicks
+    def add_prompt(self, state: ConceptVideoState, frame_idx: int, text_str: str | None = None, *,
+                   points: Any = None, point_labels: Any = None, obj_id: int | None = None,
+                   rel_coordinates: bool = True) -> ConceptFrame:
+        """Meta's `Sam3VideoPredictor.add_prompt` for clicks: points (N, 2) xy with point_labels (N,)
+        1 positive / 0 negative, in [0, 1] of the frame's width and height (rel_coordinates=True, the
+        reference's default) or in video pixels (False), for object `obj_id` on `frame_idx`: an
+        existing object is refined, a new id starts an object (see `add_new_points_or_box`). Returns
+        the frame's `ConceptFrame`. Text goes through `add_text_prompt` (it applies to every frame)."""
+        if text_str is not None:
+            raise ValueError("a text prompt applies to every frame: use add_text_prompt(state, text), then "
+                             "propagate_in_video; add_prompt takes clicks (points, point_labels, obj_id)")
+        if points is None or point_labels is None:
+            raise ValueError("give points with point_labels (and obj_id)")
+        if obj_id is None:
+            raise ValueError("points need the obj_id of the object they refine or start")
+        return self.add_new_points_or_box(state, frame_idx, obj_id, points=points, labels=point_labels,
+                                          normalize_coords=not rel_coordinates)
+
+    def add_new_points_or_box(self, state: ConceptVideoState, frame_idx: int, obj_id: int, points: Any = None,
+                              labels: Any = None, clear_old_points: bool = True, normalize_coords: bool = True,
+                              box: Any = None) -> ConceptFrame:
+        """Clicks and/or a box for one object on one frame, after propagation has reached that frame
+        (SAM 2's names: points (N, 2) xy with labels (N,) 1 / 0, box (4,) xyxy; video pixels, or
+        relative [0, 1] coordinates with normalize_coords=False; clear_old_points=False adds the clicks
+        to this object's earlier ones on the frame). Returns the frame's `ConceptFrame`, every object.
+
+        As Meta's `Sam3VideoInferenceWithInstanceInteractivity` (its defaults): the tracker decodes the
+        clicks on the frame's features without memory, fed the object's current mask there; that
+        result becomes a conditioning frame of the object (its memory encoded from the 0/1 mask), and
+        the object's detector-made conditioning frames within
+        `refinement_detector_cond_frame_removal_window` frames become tracked frames. The object's
+        score becomes 1 and it is no longer hidden. A new obj_id starts an object from the clicks
+        alone (it has no text prompt: label ""). The next propagate_in_video re-tracks only the
+        clicked objects, frame by frame, with the tracker alone (no detection, no association rules:
+        detections no longer override or remove them); every other object keeps the results it had.
+        A second propagation (e.g. the other direction) does the same, unless the first started at
+        the first or last frame; later ones return the cached results (reset_state starts over).
+        A box is ours (Meta's video predictor takes clicks only; the tracker reads a box as two
+        corner clicks, as SAM 2's)."""
+        video = state.video
+        frame_idx = SamVideoPredictor._check_frame(video, frame_idx)
+        obj_id = SamVideoPredictor._check_obj_id(obj_id)
+        if not state.cache_results:
+            raise ValueError("this session keeps no results (init_state(..., cache_results=False)); clicks "
+                             "refine the results of frames already shown: open it with cache_results=True")
+        if frame_idx not in state.frame_outputs:
+            raise ValueError(f"frame {frame_idx} has no results yet: propagate_in_video over it before adding "
+                             "clicks (they refine the results there)")
+        coords, point_labels = SamVideoPredictor._prompt_tensors(points, labels, box, clear_old_points)
+        width, height = video.video_width, video.video_height
+        scale = torch.tensor([width, height], dtype=torch.float32)
+        relative = coords / scale if normalize_coords else coords
+        if ((relative < 0) | (relative > 1)).any():
+            outside = (relative * scale).reshape(-1, 2)[((relative < 0) | (relative > 1)).reshape(-1, 2).any(dim=1)]
+            raise ValueError(f"points {outside.tolist()} lie outside the {width}x{height} frame "
+                             + ("(video pixels)" if normalize_coords else "(relative coordinates must be in [0, 1])"))
+        track = video.objects.get(obj_id)
+        is_new = track is None
+        if is_new and len(video.objects) >= self.config.max_num_objects:
+            raise ValueError(f"already tracking max_num_objects={self.config.max_num_objects} objects")
+        prompt = PointPrompt((relative * self.image_size).to(video.device), point_labels.to(video.device))
+        if not clear_old_points and not is_new and frame_idx in track.points:
+            previous = track.points[frame_idx]
+            prompt = PointPrompt(torch.cat([previous.coords, prompt.coords], dim=1),
+                                 torch.cat([previous.labels, prompt.labels], dim=1))
+        with torch.inference_mode():
+            image = self._encode_tracker(state, frame_idx)
+            if is_new:
+                track = ObjectTrack(obj_id)
+                video.objects[obj_id] = track
+                state.obj_prompt[obj_id] = CLICKED_PROMPT_ID
+                state.max_obj_id = max(state.max_obj_id, obj_id)
+            self._decode_clicks(state, track, frame_idx, prompt)
+            state.actions.append(_Action("add" if is_new else "refine", frame_idx, [obj_id]))
+            state.scores[obj_id] = CLICKED_SCORE
+            state.removed.discard(obj_id)
+            state.hidden.discard(obj_id)
+            cached = state.frame_outputs[frame_idx]
+            low_res = track.cond[frame_idx].low_res_masks.to(video.device).float()
+            cached.low_res[obj_id] = low_res[0, 0].to(video.storage_device, torch.float16)
+            cached.video_size.pop(obj_id, None)
+            if self.config.fill_hole_area > 0:  # the reference fills the clicked mask's holes at the video size
+                logits = F.interpolate(low_res, (video.video_height, video.video_width), mode="bilinear",
+                                       align_corners=False)[:, 0]
+                filled = fill_holes_and_sprinkles(logits, self.config.fill_hole_area)[0] > 0
+                cached.video_size[obj_id] = filled.to(video.storage_device)
+            cached.scores = dict(state.scores)
+            cached.tracker_scores[obj_id] = CLICKED_SCORE
+            return self._postprocess(state, replace(cached, image=image))
+
+    def _decode_clicks(self, state: ConceptVideoState, track: ObjectTrack, frame_idx: int, prompt: PointPrompt) -> None:
+        """The tracker's answer to clicks on a frame (Meta's use_prev_mem_frame=False: no memory; the
+        object's logits there, clamped to +-32, as the mask prompt), stored as a conditioning frame
+        with its memory; tracked results around it dropped; then detector-made conditioning frames
+        nearby become tracked frames (Meta's order: these survive until propagation passes the click)."""
+        video, model = state.video, self.tracker.model
+        features = video.cache.features
+        previous = track.cond.get(frame_idx) or track.tracked.get(frame_idx)
+        prev_logits = None
+        if previous is not None and previous.low_res_masks is not None:
+            prev_logits = torch.clamp(previous.low_res_masks.to(video.device), -32.0, 32.0)
+        is_init_cond_frame = frame_idx not in track.directions
+        coords, labels = prompt.coords, prompt.labels
+        if labels.shape[1] > MAX_CLICKS_IN_PROMPT:  # as the reference: the first half and the last half
+            logger.warning("%d clicks on frame %d: only the first %d and the last %d are used", labels.shape[1],
+                           frame_idx, MAX_CLICKS_IN_PROMPT // 2, MAX_CLICKS_IN_PROMPT - MAX_CLICKS_IN_PROMPT // 2)
+            keep = torch.cat([torch.arange(MAX_CLICKS_IN_PROMPT // 2),
+                              torch.arange(labels.shape[1] - (MAX_CLICKS_IN_PROMPT - MAX_CLICKS_IN_PROMPT // 2),
+                                           labels.shape[1])]).to(labels.device)
+            coords, labels = coords[:, keep], labels[:, keep]
+            prompt = PointPrompt(coords, labels)  # kept so (as the reference), later clicks add to these
+        output = model.track_heads(model.first_frame_features(features), features.high_res_feats, coords, labels,
+                                   prev_logits, model.use_multimask(is_init_cond_frame, labels.shape[1]))
+        memory = self.tracker._encode_memory(video, features, output.high_res_masks, output.object_score_logits,
+                                             binarize=True)
+        track.tracked.pop(frame_idx, None)
+        track.points[frame_idx] = prompt
+        track.cond[frame_idx] = FrameMemory(low_res_masks=output.low_res_masks.to(video.storage_device),
+                                            object_score_logits=output.object_score_logits, obj_ptr=output.obj_ptr,
+                                            maskmem_features=memory, is_cond=True)
+        self._clear_memory_around(track, frame_idx)
+        window = self.config.refinement_detector_cond_frame_removal_window
+        for other in [t for t in track.cond if t not in track.points and abs(t - frame_idx) <= window]:
+            downgraded = track.cond.pop(other)
+            downgraded.is_cond = False
+            track.tracked[other] = downgraded
+            track.directions.pop(other, None)
+
+    def _clear_memory_around(self, track: ObjectTrack, frame_idx: int) -> None:
+        """Drop the object's tracked results (memory and pointer) within stride x num_maskmem frames of
+        a conditioning frame, so tracking does not mix the object's old appearance with the click
+        (Meta's clear_non_cond_mem_around_input, on in its SAM 3 video tracker; Meta skips it for an
+        object tracked in a batch with others, ours are never batched)."""
+        options = self.tracker.model.tracking
+        reach = options.memory_temporal_stride_for_eval * options.num_maskmem
+        for t in [t for t in track.tracked if abs(t - frame_idx) <= reach]:
+            del track.tracked[t]
 
     def reset_state(self, state: ConceptVideoState) -> None:
         """Forget every object and every prompt (the frames stay open)."""
@@ -326,17 +519,83 @@ class Sam3ConceptVideoPredictor:
         else:
             end = min(start + max_frame_num_to_track, num_frames - 1)
             order = range(start, end + 1)
-        return self._propagate(state, order, end, bool(reverse))
+        if not state.actions:  # nothing clicked yet: detect and track
+            return self._propagate(state, order, end, bool(reverse))
+        kind, obj_ids = plan_propagation(state.actions, num_frames)
+        state.actions.append(_Action(kind, start, obj_ids))
+        if kind == "partial":
+            return self._propagate_clicked(state, order, obj_ids, bool(reverse))
+        return self._fetch(state, order)
+
+    def _propagate_clicked(self, state: ConceptVideoState, order: range, obj_ids: list[int],
+                           reverse: bool) -> Iterator[ConceptFrame]:
+        """After clicks: the clicked objects tracked frame by frame by the tracker alone (memory
+        encoded from each one's own mask), every other object's result taken from the cache."""
+        video = state.video
+        for frame_idx in order:
+            with torch.inference_mode():
+                image = self._encode_tracker(state, frame_idx)
+                cached = state.frame_outputs.get(frame_idx)
+                frame = _RawFrame(frame_idx, dict(cached.low_res) if cached else {}, dict(state.scores),
+                                  dict(cached.tracker_scores) if cached else {}, set(), image,
+                                  dict(cached.video_size) if cached else {})
+                for obj_id in obj_ids:
+                    track = video.objects.get(obj_id)
+                    if track is None:  # removed since
+                        continue
+                    output = track.cond.get(frame_idx)
+                    if output is not None:  # passing a conditioning frame clears around it, as in the reference
+                        self._clear_memory_around(track, frame_idx)
+                    else:
+                        output = self.tracker._infer_frame(video, track, frame_idx, False, reverse, points=None,
+                                                           mask=None, prev_logits=None, encode_memory=True)
+                        track.tracked[frame_idx] = output
+                        track.directions[frame_idx] = reverse
+                    low_res = output.low_res_masks.to(video.device)[:, 0].float()
+                    if self.config.fill_hole_area > 0:  # at low resolution here, as on tracked frames
+                        low_res = fill_holes_and_sprinkles(low_res, self.config.fill_hole_area)
+                    frame.low_res[obj_id] = low_res[0]
+                    frame.video_size.pop(obj_id, None)
+                    # The object-score logit itself, not its sigmoid: what Meta's partial propagation
+                    # records (and ranks overlapping pixels by), so a confident clicked object wins them.
+                    frame.tracker_scores[obj_id] = float(output.object_score_logits.flatten()[0])
+                self._remember(state, frame)
+                yield self._postprocess(state, frame)
+
+    def _fetch(self, state: ConceptVideoState, order: range) -> Iterator[ConceptFrame]:
+        """The cached results (frames never reached show no objects)."""
+        for frame_idx in order:
+            image = state.video.frames[frame_idx]
+            frame = state.frame_outputs.get(frame_idx)
+            frame = _RawFrame(frame_idx, {}, {}, {}, set(), image) if frame is None else replace(frame, image=image)
+            with torch.inference_mode():
+                yield self._postprocess(state, frame)
+
+    def _remember(self, state: ConceptVideoState, frame: _RawFrame) -> None:
+        """Cache what a frame shows (hidden and suppressed objects left out) as float16 low-res logits
+        (the decoded frame is not kept: a cached frame is decoded again when it is shown)."""
+        if not state.cache_results:
+            return
+        hidden = frame.suppressed | state.hidden
+        low_res = {obj_id: mask.to(state.video.storage_device, torch.float16)
+                   for obj_id, mask in frame.low_res.items() if obj_id not in hidden}
+        video_size = {obj_id: mask for obj_id, mask in frame.video_size.items() if obj_id not in hidden}
+        state.frame_outputs[frame.frame_idx] = _RawFrame(frame.frame_idx, low_res, dict(frame.scores),
+                                                         dict(frame.tracker_scores), set(), None, video_size)
 
     def _propagate(self, state: ConceptVideoState, order: range, end: int, reverse: bool) -> Iterator[ConceptFrame]:
         delay = self.config.hotstart_delay
         held: list[_RawFrame] = []
         for frame_idx in order:
+            if state.actions:  # the detect-and-track rules know nothing of clicked objects
+                raise ValueError(f"objects were clicked while this propagation ran (stopped before frame "
+                                 f"{frame_idx}); call propagate_in_video again: it re-tracks the clicked objects")
             try:
                 with torch.inference_mode():
                     raw, removed = self._step(state, frame_idx, reverse)
             except VideoLoadError:  # a damaged video: hand out the frames before the bad one first
                 for frame in held:
+                    self._remember(state, frame)
                     with torch.inference_mode():
                         yield self._postprocess(state, frame)
                 raise
@@ -352,6 +611,7 @@ class Sam3ConceptVideoPredictor:
             else:
                 ready = []
             for frame in ready:
+                self._remember(state, frame)
                 with torch.inference_mode():
                     yield self._postprocess(state, frame)
 
@@ -419,6 +679,16 @@ class Sam3ConceptVideoPredictor:
     def _encode(self, state: ConceptVideoState, frame_idx: int):
         """Decode the frame, stretch it to S x S (PIL bicubic, as the tracker's frame loader), one ViT
         pass; the tracker's features go to its one-frame cache. Returns the frame and the detector's features."""
+        from ..sam3.model import ImageFeatures
+
+        frame, trunk_map = self._trunk(state, frame_idx)
+        return frame, ImageFeatures(*self.detector.backbone.vision_backbone.neck(trunk_map))
+
+    def _encode_tracker(self, state: ConceptVideoState, frame_idx: int) -> np.ndarray:
+        """As `_encode`, the tracker's features only (clicks and re-tracking need no detector); returns the frame."""
+        return self._trunk(state, frame_idx)[0]
+
+    def _trunk(self, state: ConceptVideoState, frame_idx: int) -> tuple[np.ndarray, torch.Tensor]:
         video = state.video
         frame = video.frames[frame_idx]  # a frame of another size raises VideoLoadError (FrameSource)
         size = self.image_size
@@ -428,9 +698,7 @@ class Sam3ConceptVideoPredictor:
         trunk_map = tracker.image_encoder.trunk(tracker.preprocess(pixels))
         levels = [conv(trunk_map) for conv in tracker.image_encoder.sam2_convs[: tracker.image_encoder.used_levels]]
         video.cache = CachedFeatures(frame_idx, tracker_frame_features(tracker, levels))
-        from ..sam3.model import ImageFeatures
-
-        return frame, ImageFeatures(*self.detector.backbone.vision_backbone.neck(trunk_map))
+        return frame, trunk_map
 
     def _detect(self, state: ConceptVideoState, image) -> Detections:
         """Every prompt's detections scoring above score_threshold_detection (after mask NMS), in
@@ -653,6 +921,9 @@ class Sam3ConceptVideoPredictor:
                                 torch.zeros(0, 4), torch.zeros(0), torch.zeros(0), [], frame.image)
         low_res = torch.stack([frame.low_res[obj_id] for obj_id in obj_ids]).float()
         masks = F.interpolate(low_res[:, None], (height, width), mode="bilinear", align_corners=False)[:, 0] > 0
+        for index, obj_id in enumerate(obj_ids):
+            if obj_id in frame.video_size:  # a clicked mask, its holes filled at the video size
+                masks[index] = frame.video_size[obj_id].to(masks.device)
         hidden = frame.suppressed | state.hidden
         keep = [i for i, obj_id in enumerate(obj_ids) if masks[i].any() and obj_id not in hidden]
         obj_ids = [obj_ids[i] for i in keep]
@@ -663,11 +934,34 @@ class Sam3ConceptVideoPredictor:
         prompt_of = [state.obj_prompt[obj_id] for obj_id in obj_ids]
         if len(obj_ids) > 1 and self.non_overlap_masks:
             masks = keep_top_scoring(masks, tracker_scores, prompt_of)
-        labels = [state.prompts[prompt_id] for prompt_id in prompt_of]
+        labels = [state.prompts.get(prompt_id, "") for prompt_id in prompt_of]
         return ConceptFrame(frame.frame_idx, obj_ids, masks, boxes, scores, tracker_scores, labels, frame.image)
 
 
 # --------------------------------------------------------------------------- the rules, as functions
+def plan_propagation(actions: list[_Action], num_frames: int) -> tuple[str, list[int] | None]:
+    """What the next propagation runs after clicks (Meta's parse_action_history_for_propagation):
+    "partial" for the objects added or refined since the last propagation; right after a partial
+    (or full) propagation, the same again (the other direction), unless it started on the first or
+    last frame or was the second in a row; otherwise "fetch" (cached results)."""
+    if not actions:
+        return "full", None
+    last = actions[-1]
+    if last.kind in ("full", "partial", "fetch"):
+        if last.kind == "fetch":
+            return "fetch", None
+        if (len(actions) > 1 and actions[-2].kind in ("full", "partial")) or last.frame_idx in (0, num_frames - 1):
+            return "fetch", None
+        return last.kind, last.obj_ids
+    obj_ids: list[int] = []
+    for action in reversed(actions):
+        if action.kind in ("full", "partial", "fetch"):
+            break
+        if action.kind in ("add", "refine"):
+            obj_ids.extend(i for i in action.obj_ids if i not in obj_ids)
+    return ("partial", sorted(obj_ids)) if obj_ids else ("fetch", None)
+
+
 def associate(detections: Detections, track_masks: torch.Tensor, obj_ids: list[int], track_prompts: torch.Tensor,
               config: ConceptTrackingConfig) -> Association:
     """Match one frame's detections with the masklets by the IoU of their low-res masks (> 0), only
