@@ -73,3 +73,33 @@ def test_temporal_encoding_is_an_exact_correction_of_the_cached_key_projection()
         correction = rotate_pairs((attention.k_proj.weight @ distance_encoding).expand(SIDE * SIDE, -1), cos, sin)
         torch.testing.assert_close(cached + correction, direct, atol=1e-5, rtol=1e-5)
         assert (direct - cached).abs().max() > 1e-2  # the distance does change the keys
+
+
+def test_folded_chunked_attention_equals_sdpa_over_projected_values():
+    """Without autograd, cross-attention over narrow memories attends over the raw values and
+    projects after (query-chunked softmax); with autograd it is the plain SDPA path. Both agree
+    with object-pointer tokens, one or several heads, several memory-frame counts and a query
+    count that is not a multiple of the chunk."""
+    import sam.sam2.memory as memory_module
+
+    torch.manual_seed(2)
+    side, width, mem_dim = 6, 32, 8  # head width 32 or 16: both wider than the 8-wide memory
+    for heads in (1, 2):
+        attention = RoPEAttention(width, heads, kv_in_dim=mem_dim, rope_k_repeat=True).eval()
+        for parameter in attention.parameters():
+            torch.nn.init.normal_(parameter, std=0.5)
+        q = torch.randn(2, side * side, width)
+        for frames, pointers in ((1, 0), (2, 4), (4, 8), (7, 16)):
+            keys = torch.randn(2, frames * side * side + pointers, mem_dim)
+            values = torch.randn(2, frames * side * side + pointers, mem_dim)
+            plain = attention(q, keys, values, num_k_exclude_rope=pointers)  # grad enabled: SDPA
+            chunk, memory_module.ATTENTION_QUERY_CHUNK = memory_module.ATTENTION_QUERY_CHUNK, 16
+            try:
+                assert attention._fold_values(values) is False
+                with torch.inference_mode():
+                    assert attention._fold_values(values)
+                    folded = attention(q, keys, values, num_k_exclude_rope=pointers)
+            finally:
+                memory_module.ATTENTION_QUERY_CHUNK = chunk
+            assert plain.std() > 0.1
+            torch.testing.assert_close(folded, plain.detach(), atol=1e-5, rtol=1e-5)
