@@ -503,7 +503,8 @@ class Sam2(nn.Module):
             memory_position = torch.cat(memory_pos, dim=1).to(embed.dtype)
         else:
             memory_keys = self._cached_memory_keys(
-                key_caches, memories, memory_tokens, spatial_pos, temporal, pointer_tokens, pointer_position, embed.dtype
+                key_caches, memories, memory_tokens, spatial_pos, temporal, pointer_tokens, pointer_position,
+                embed.dtype,
             )
         conditioned = self.memory_attention(
             embed.flatten(2).transpose(1, 2),
@@ -538,7 +539,9 @@ class Sam2(nn.Module):
                 cache.store(memory, memory_position, keys)
             frame_keys.append(keys)
         by_distance: dict[int, torch.Tensor] = {}  # one tensor per distance: its term is shared
-        temporal = [by_distance.setdefault(t_pos, encoding.to(dtype)) for (t_pos, _, _), encoding in zip(memories, temporal)]
+        temporal = [
+            by_distance.setdefault(t_pos, encoding.to(dtype)) for (t_pos, _, _), encoding in zip(memories, temporal)
+        ]
         if pointer_tokens is not None:
             pointer_tokens, pointer_position = pointer_tokens.to(dtype), pointer_position.to(dtype)
         return self.memory_attention.assemble_keys(frame_keys, temporal, pointer_tokens, pointer_position)
