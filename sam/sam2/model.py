@@ -469,6 +469,8 @@ class Sam2(nn.Module):
         num_maskmem = self.tracking.num_maskmem
         if key_caches is not None and len(key_caches) != len(memories):
             raise ValueError(f"{len(key_caches)} key caches for {len(memories)} memories")
+        if not memories:
+            key_caches = None  # pointers only: nothing to cache
         memory_tokens, memory_pos, spatial_pos, temporal = [], [], [], []
         for t_pos, memory, memory_position in memories:
             memory_tokens.append(memory.to(embed.device).flatten(2).transpose(1, 2))
