@@ -49,6 +49,11 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).to(x.dtype)
 
 
+# Queries per block of the folded attention: on one CPU thread 256 was fastest (128 and 512
+# slower) for 1 to 7 SAM 2.1 memory frames; the block's scores are 256 x Nk floats.
+ATTENTION_QUERY_CHUNK = 256
+
+
 class RoPEAttention(nn.Module):
     """Multi-head attention with axial rotary position encoding of queries and keys.
 
@@ -99,29 +104,78 @@ class RoPEAttention(nn.Module):
         batch, tokens, width = x.shape
         return x.reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
-        """q: (B, Nq, C) with Nq a square grid; k, v: (B, Nk, kv_in_dim) -> (B, Nq, C)."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        num_k_exclude_rope: int = 0,
+        projected_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: (B, Nq, C) with Nq a square grid; k, v: (B, Nk, kv_in_dim) -> (B, Nq, C).
+
+        projected_keys: (B, heads, Nk, head_dim), keys already through k_proj and RoPE (a
+        `MemoryAttention` key cache); k is then not read."""
         q = self._heads(self.q_proj(q))
-        k = self._heads(self.k_proj(k))
-        v = self._heads(self.v_proj(v))
         cos, sin = self._rope(q.shape[-2], q.device)
         q = rotate_pairs(q, cos, sin)
-        rotated = k.shape[-2] - num_k_exclude_rope
-        if rotated > 0:
-            if rotated != q.shape[-2]:
-                if not self.rope_k_repeat or rotated % q.shape[-2]:
-                    raise ValueError(
-                        f"{rotated} rotated keys do not match {q.shape[-2]} queries "
-                        f"(rope_k_repeat={self.rope_k_repeat})"
-                    )
-                frames = rotated // q.shape[-2]
-                cos, sin = cos.repeat(frames, 1), sin.repeat(frames, 1)
-            # In place into the fresh projection: no concatenation of the whole key tensor.
-            k[:, :, :rotated] = rotate_pairs(k[:, :, :rotated], cos, sin)
+        k = self.rotated_keys(k, num_k_exclude_rope, q.shape[-2]) if projected_keys is None else projected_keys
+        if self._fold_values(v):
+            return self._folded_attention(q, k, v)
+        v = self._heads(self.v_proj(v))
         dropout = self.dropout_p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         batch, heads, tokens, head_dim = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+
+    def rotated_keys(self, k: torch.Tensor, num_k_exclude_rope: int, num_queries: int) -> torch.Tensor:
+        """(B, Nk, kv_in_dim) -> (B, heads, Nk, head_dim): k_proj, then RoPE on all but the
+        last num_k_exclude_rope tokens (which must be a whole number of query grids)."""
+        k = self._heads(self.k_proj(k))
+        rotated = k.shape[-2] - num_k_exclude_rope
+        if rotated > 0:
+            cos, sin = self._rope(num_queries, k.device)
+            if rotated != num_queries:
+                if not self.rope_k_repeat or rotated % num_queries:
+                    raise ValueError(
+                        f"{rotated} rotated keys do not match {num_queries} queries "
+                        f"(rope_k_repeat={self.rope_k_repeat})"
+                    )
+                frames = rotated // num_queries
+                cos, sin = cos.repeat(frames, 1), sin.repeat(frames, 1)
+            # In place into the fresh projection: no concatenation of the whole key tensor.
+            k[:, :, :rotated] = rotate_pairs(k[:, :, :rotated], cos, sin)
+        return k
+
+    def _fold_values(self, v: torch.Tensor) -> bool:
+        """Attend over the raw values and project afterwards where that is exact and cheaper:
+        no autograd (training keeps SDPA and its dropout) and values narrower than a head."""
+        return not torch.is_grad_enabled() and self.kv_in_dim < self.internal_dim // self.num_heads \
+            and v.shape[-1] == self.kv_in_dim
+
+    def _folded_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax rows sum to one, so softmax(S) (v W_v^T + b_v) = (softmax(S) v) W_v^T + b_v:
+        attend over the raw kv_in_dim values (4x fewer multiply-adds for SAM 2's 64-wide
+        memories than over projected 256-wide ones), then apply v_proj and out_proj as one
+        linear map. SDPA falls off its fast kernel when the value width differs from the key
+        width, so the attention is a plain softmax over chunks of queries, which bounds the
+        scores held at once to a chunk x Nk block.
+        q: (B, heads, Nq, d) rotated; k: (B, heads, Nk, d); v: (B, Nk, kv_in_dim) -> (B, Nq, C)."""
+        batch, heads, tokens, head_dim = q.shape
+        q = q * head_dim**-0.5
+        keys_t = k.transpose(-1, -2)
+        values = v[:, None]  # one set of raw values for every head
+        attended = v.new_empty(batch, heads, tokens, v.shape[-1])
+        for start in range(0, tokens, ATTENTION_QUERY_CHUNK):
+            stop = start + ATTENTION_QUERY_CHUNK
+            scores = torch.matmul(q[:, :, start:stop], keys_t)
+            attended[:, :, start:stop] = torch.matmul(scores.softmax(-1), values)
+        # out_proj(concat_h(A_h W_v,h^T + b_v,h)) = sum_h A_h (W_o,h W_v,h)^T + (W_o b_v + b_o)
+        value_weight = self.v_proj.weight.reshape(heads, head_dim, self.kv_in_dim)
+        out_weight = self.out_proj.weight.reshape(self.embedding_dim, heads, head_dim)
+        weight = torch.einsum("chd,hdk->chk", out_weight, value_weight).reshape(self.embedding_dim, -1)
+        bias = self.out_proj(self.v_proj.bias)
+        return F.linear(attended.transpose(1, 2).reshape(batch, tokens, -1), weight, bias)
 
 
 # --------------------------------------------------------------------------- memory attention
@@ -165,9 +219,11 @@ class MemoryAttentionLayer(nn.Module):
         pos: torch.Tensor | None = None,
         query_pos: torch.Tensor | None = None,
         num_k_exclude_rope: int = 0,
+        memory_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tgt: (B, N, C) current-frame tokens; memory: (B, M, kv_dim); pos: (B, M, kv_dim)
-        memory position encoding; query_pos: (B, N, C)."""
+        memory position encoding; query_pos: (B, N, C); memory_keys: this layer's
+        cross-attention keys already projected and rotated (B, heads, M, head_dim), or None."""
         normed = self.norm1(tgt)
         q = normed + query_pos if self.pos_enc_at_attn else normed
         tgt = tgt + self.dropout1(self.self_attn(q, q, normed))
@@ -175,9 +231,10 @@ class MemoryAttentionLayer(nn.Module):
         normed = self.norm2(tgt)
         attended = self.cross_attn_image(
             normed + query_pos if self.pos_enc_at_cross_attn_queries else normed,
-            memory + pos if self.pos_enc_at_cross_attn_keys else memory,
+            memory + pos if self.pos_enc_at_cross_attn_keys and memory_keys is None else memory,
             memory,
             num_k_exclude_rope=num_k_exclude_rope,
+            projected_keys=memory_keys,
         )
         tgt = tgt + self.dropout2(attended)
 
@@ -203,18 +260,97 @@ class MemoryAttention(nn.Module):
         curr_pos: torch.Tensor | None = None,
         memory_pos: torch.Tensor | None = None,
         num_obj_ptr_tokens: int = 0,
+        memory_keys: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """curr: (B, HW, C) current-frame tokens (row-major 64x64 grid); memory: (B, M, 64)
         spatial memories then `num_obj_ptr_tokens` object-pointer tokens; *_pos alike.
-        Returns the conditioned tokens (B, HW, C)."""
+        memory_keys: per layer, the cross-attention keys from `assemble_keys` (memory_pos is
+        then not read). Returns the conditioned tokens (B, HW, C)."""
         if curr.shape[0] != memory.shape[0]:
             raise ValueError(f"batch sizes differ: current {curr.shape[0]}, memory {memory.shape[0]}")
         output = curr
         if self.pos_enc_at_input and curr_pos is not None:
             output = output + 0.1 * curr_pos
-        for layer in self.layers:
-            output = layer(output, memory, pos=memory_pos, query_pos=curr_pos, num_k_exclude_rope=num_obj_ptr_tokens)
+        for index, layer in enumerate(self.layers):
+            output = layer(
+                output, memory, pos=memory_pos, query_pos=curr_pos, num_k_exclude_rope=num_obj_ptr_tokens,
+                memory_keys=None if memory_keys is None else memory_keys[index],
+            )
         return self.norm(output)
+
+    def frame_keys(self, memory: torch.Tensor, position: torch.Tensor) -> list[torch.Tensor]:
+        """One spatial memory frame's cross-attention keys in every layer, without the temporal
+        encoding: RoPE(k_proj(memory + position)), each (B, heads, HW, head_dim).
+        memory, position: (B, HW, 64) tokens and their spatial encoding."""
+        keys = []
+        for layer in self.layers:
+            attention = layer.cross_attn_image
+            inputs = memory + position if layer.pos_enc_at_cross_attn_keys else memory
+            keys.append(attention.rotated_keys(inputs, 0, memory.shape[1]))
+        return keys
+
+    def assemble_keys(
+        self,
+        frame_keys: list[list[torch.Tensor]],
+        temporal: list[torch.Tensor],
+        pointers: torch.Tensor | None,
+        pointer_pos: torch.Tensor | None,
+    ) -> list[torch.Tensor]:
+        """Per layer, the keys of a whole memory bank from cached per-frame keys: the frames'
+        keys (`frame_keys`, one list per frame) each plus its temporal encoding's term, then
+        the unrotated pointer keys. The temporal encoding t is added before k_proj, and k_proj
+        and RoPE are linear, so RoPE(k_proj(x + t)) = RoPE(k_proj(x)) + RoPE(W_k t) exactly.
+        temporal: (64,) per frame (pass one tensor object per distance: frames sharing it
+        share its term); pointers, pointer_pos: (B, P, 64) or None.
+        Returns (B, heads, M, head_dim) per layer, M = frames * HW + P."""
+        keys = []
+        for index, layer in enumerate(self.layers):
+            attention = layer.cross_attn_image
+            first = frame_keys[0][index]
+            batch, heads, tokens, head_dim = first.shape
+            num_pointers = 0 if pointers is None else pointers.shape[1]
+            layer_keys = first.new_empty(batch, heads, len(frame_keys) * tokens + num_pointers, head_dim)
+            cos, sin = attention._rope(tokens, first.device)
+            terms: dict[int, torch.Tensor] = {}  # frames at the same distance share a term
+            for frame, (cached, encoding) in enumerate(zip(frame_keys, temporal)):
+                target = layer_keys[:, :, frame * tokens:(frame + 1) * tokens]
+                if not layer.pos_enc_at_cross_attn_keys:
+                    target.copy_(cached[index])
+                    continue
+                if id(encoding) not in terms:
+                    projected = (attention.k_proj.weight @ encoding).reshape(heads, 1, head_dim)
+                    terms[id(encoding)] = rotate_pairs(projected.expand(heads, tokens, head_dim), cos, sin)
+                if target.is_contiguous():
+                    torch.add(cached[index], terms[id(encoding)], out=target)
+                else:
+                    target.copy_(cached[index] + terms[id(encoding)])
+            if num_pointers:
+                inputs = pointers + pointer_pos if layer.pos_enc_at_cross_attn_keys else pointers
+                layer_keys[:, :, len(frame_keys) * tokens:] = attention._heads(attention.k_proj(inputs))
+            keys.append(layer_keys)
+        return keys
+
+
+class MemoryKeyCache:
+    """One spatial memory frame's keys from `MemoryAttention.frame_keys` (4 layers x HW x 256
+    floats, 16 MB per SAM 2.1 frame and object), for reuse while the frame ages in the bank.
+    The keys belong to the very tensors they came from: `lookup` checks the memory and
+    position by identity, so a rewritten memory (a new click on that frame) never reads them."""
+
+    __slots__ = ("memory", "position", "keys")
+
+    def __init__(self) -> None:
+        self.memory: torch.Tensor | None = None
+        self.position: torch.Tensor | None = None
+        self.keys: list[torch.Tensor] | None = None
+
+    def lookup(self, memory: torch.Tensor, position: torch.Tensor) -> list[torch.Tensor] | None:
+        if self.keys is not None and self.memory is memory and self.position is position:
+            return self.keys
+        return None
+
+    def store(self, memory: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor]) -> None:
+        self.memory, self.position, self.keys = memory, position, keys
 
 
 # --------------------------------------------------------------------------- memory encoder

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..modeling.common import MLP
 from .hiera import linear_weights
-from .memory import MemoryAttention, MemoryEncoder
+from .memory import MemoryAttention, MemoryEncoder, MemoryKeyCache
 from .neck import Sam2ImageEncoder
 from .decoder import BOX_BOTTOM_RIGHT_LABEL, BOX_TOP_LEFT_LABEL, Sam2MaskDecoder, Sam2PromptEncoder
 
@@ -452,6 +452,7 @@ class Sam2(nn.Module):
         memories: list[tuple[int, torch.Tensor, torch.Tensor]],
         pointers: list[tuple[int, torch.Tensor]],
         max_pointer_offset: int,
+        key_caches: Sequence[MemoryKeyCache] | None = None,
     ) -> torch.Tensor:
         """Memory attention of the current frame's stride-16 features on the memory bank.
 
@@ -459,17 +460,27 @@ class Sam2(nn.Module):
         0 for conditioning frames and 1..num_maskmem-1 for recent frames (num_maskmem-1 =
         the previous one); pointers: (signed frame offset, pointer (B, C)); max_pointer_offset
         normalises the offsets (the largest pointer window minus one).
+        key_caches: one `MemoryKeyCache` per memory (kept by the caller with that memory):
+        each frame's projected keys are computed once and then corrected for its distance.
         Returns the conditioned features (B, C, g, g).
         """
         embed, position = features.vision_feats, features.vision_pos
         batch, channels, height, width = embed.shape
         num_maskmem = self.tracking.num_maskmem
-        memory_tokens, memory_pos = [], []
+        if key_caches is not None and len(key_caches) != len(memories):
+            raise ValueError(f"{len(key_caches)} key caches for {len(memories)} memories")
+        if not memories:
+            key_caches = None  # pointers only: nothing to cache
+        memory_tokens, memory_pos, spatial_pos, temporal = [], [], [], []
         for t_pos, memory, memory_position in memories:
             memory_tokens.append(memory.to(embed.device).flatten(2).transpose(1, 2))
             encoding = memory_position.to(embed.device).flatten(2).transpose(1, 2)
-            memory_pos.append(encoding + self.maskmem_tpos_enc[num_maskmem - t_pos - 1].view(1, 1, -1))
+            spatial_pos.append(encoding)
+            temporal.append(self.maskmem_tpos_enc[num_maskmem - t_pos - 1].view(-1))
+            if key_caches is None:
+                memory_pos.append(encoding + temporal[-1].view(1, 1, -1))
         num_pointer_tokens = 0
+        pointer_tokens = pointer_position = None
         if pointers:
             offsets = torch.tensor([offset for offset, _ in pointers], dtype=torch.float32, device=embed.device)
             stacked = torch.stack([pointer.to(embed.device) for _, pointer in pointers], dim=1)  # (B, P, C)
@@ -486,17 +497,56 @@ class Sam2(nn.Module):
                 pointer_pos = pointer_pos.repeat_interleave(split, dim=1)
             memory_tokens.append(stacked)
             memory_pos.append(pointer_pos)
+            pointer_tokens, pointer_position = stacked, pointer_pos
             num_pointer_tokens = stacked.shape[1]
-        memory = torch.cat(memory_tokens, dim=1)
-        memory_position = torch.cat(memory_pos, dim=1)
+        memory = torch.cat(memory_tokens, dim=1).to(embed.dtype)
+        memory_keys = memory_position = None
+        if key_caches is None:
+            memory_position = torch.cat(memory_pos, dim=1).to(embed.dtype)
+        else:
+            memory_keys = self._cached_memory_keys(
+                key_caches, memories, memory_tokens, spatial_pos, temporal, pointer_tokens, pointer_position,
+                embed.dtype,
+            )
         conditioned = self.memory_attention(
             embed.flatten(2).transpose(1, 2),
-            memory.to(embed.dtype),
+            memory,
             position.flatten(2).transpose(1, 2),
-            memory_position.to(embed.dtype),
+            memory_position,
             num_obj_ptr_tokens=num_pointer_tokens,
+            memory_keys=memory_keys,
         )
         return conditioned.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def _cached_memory_keys(
+        self,
+        key_caches: Sequence[MemoryKeyCache],
+        memories: list[tuple[int, torch.Tensor, torch.Tensor]],
+        memory_tokens: list[torch.Tensor],
+        spatial_pos: list[torch.Tensor],
+        temporal: list[torch.Tensor],
+        pointer_tokens: torch.Tensor | None,
+        pointer_position: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> list[torch.Tensor]:
+        """Per layer, the memory bank's cross-attention keys, each spatial frame's from its
+        cache (filled here on first use) plus its distance's temporal term."""
+        frame_keys = []
+        for cache, (_, memory, memory_position), tokens, encoding in zip(
+            key_caches, memories, memory_tokens, spatial_pos
+        ):
+            keys = cache.lookup(memory, memory_position)
+            if keys is None:
+                keys = self.memory_attention.frame_keys(tokens.to(dtype), encoding.to(dtype))
+                cache.store(memory, memory_position, keys)
+            frame_keys.append(keys)
+        by_distance: dict[int, torch.Tensor] = {}  # one tensor per distance: its term is shared
+        temporal = [
+            by_distance.setdefault(t_pos, encoding.to(dtype)) for (t_pos, _, _), encoding in zip(memories, temporal)
+        ]
+        if pointer_tokens is not None:
+            pointer_tokens, pointer_position = pointer_tokens.to(dtype), pointer_position.to(dtype)
+        return self.memory_attention.assemble_keys(frame_keys, temporal, pointer_tokens, pointer_position)
 
     def first_frame_features(self, features: "FrameFeatures") -> torch.Tensor:
         """An object's first conditioning frame has no memory: `no_mem_embed` is added to its

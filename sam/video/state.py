@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from ..sam2.memory import MemoryKeyCache
 from ..sam2.model import FrameFeatures
 from .frames import FrameSource
 
@@ -55,6 +56,9 @@ class ObjectTrack:
     tracked: dict[int, FrameMemory] = field(default_factory=dict)  # propagated (non-conditioning) frames
     pending: dict[int, FrameMemory] = field(default_factory=dict)  # prompt outputs not yet in the bank
     directions: dict[int, bool] = field(default_factory=dict)  # frame -> reverse? for frames visited
+    # frame -> its memory's cross-attention keys (SamVideoPredictor(cache_memory_keys=True)),
+    # only for the frames the last conditioned frame read; each checks its memory's identity
+    key_caches: dict[int, MemoryKeyCache] = field(default_factory=dict)
 
     def output(self, frame_idx: int) -> FrameMemory | None:
         """The newest result on a frame: a pending prompt, else the bank."""
@@ -64,7 +68,7 @@ class ObjectTrack:
         return None
 
     def clear(self) -> None:
-        for table in (self.points, self.masks, self.cond, self.tracked, self.pending, self.directions):
+        for table in (self.points, self.masks, self.cond, self.tracked, self.pending, self.directions, self.key_caches):
             table.clear()
 
 
