@@ -281,7 +281,62 @@ def test_cached_skip_terms_change_nothing(ours, predictor, pixels):
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], atol=1e-5, rtol=1e-5)
     predictor.predict(text="a cat")
-    assert [t.shape[-2:] for t in predictor._skip_terms] == [f.shape[-2:] for f in image.feats[-2::-1]]
+    assert [t.shape[-2:] for t in predictor._image_terms.skip_terms] == [f.shape[-2:] for f in image.feats[-2::-1]]
+
+
+def test_cached_image_terms_change_nothing(ours, pixels):
+    """decode's prompt-free parts (pixel-decoder halves, the DETR encoder's first self-attention, the
+    exemplar encoder without boxes) computed once per image give the same outputs as computing them
+    per prompt: text alone, a batch of two texts, and text with an exemplar box (the box path
+    ignores the cached exemplar tokens)."""
+    ids = tokenize(["a dog", "the astronaut's helmet"])
+    boxes = torch.tensor([[[0.5, 0.3125, 0.5, 0.375]]])
+    with torch.no_grad():
+        image = ours.encode_image(pixels)
+        terms = ours.image_terms(image)
+        text, valid = ours.encode_text(ids)
+        for args in ((text[:1], valid[:1]), (text, valid), (text[:1], valid[:1], boxes, torch.ones(1, 1, dtype=torch.long))):
+            plain = ours.decode(image, *args)
+            cached = ours.decode(image, *args, image_terms=terms)
+            tolerance = 1e-6 if len(args[0]) == 1 else 1e-5  # a batch of two rounds its products differently
+            for key in plain:
+                torch.testing.assert_close(cached[key], plain[key], atol=tolerance, rtol=tolerance)
+    assert terms.first_self.shape == (1, image.feats[-1][0, 0].numel(), ours.config.d_model)
+    assert terms.no_box_prompt[0].shape == (1, 1, ours.config.d_model)
+
+
+def test_further_query_runs_no_image_only_pass(ours, photo):
+    """After the first query on an image, a new query runs neither the image encoder nor any of
+    decode's prompt-free parts again (they come from the per-image cache)."""
+    predictor = Sam3Predictor(ours)
+    counts = {"image_terms": 0, "encoder_first_self": 0, "geometry": 0, "skip_terms": 0}
+    originals = {
+        "image_terms": ours.image_terms, "encoder_first_self": ours.transformer.encoder.image_terms,
+        "geometry": ours.geometry_encoder.forward, "skip_terms": ours.segmentation_head.pixel_decoder.skip_terms,
+    }
+
+    def counted(name):
+        return lambda *args, **kwargs: counts.__setitem__(name, counts[name] + 1) or originals[name](*args, **kwargs)
+
+    ours.image_terms = counted("image_terms")
+    ours.transformer.encoder.image_terms = counted("encoder_first_self")
+    ours.geometry_encoder.forward = counted("geometry")
+    ours.segmentation_head.pixel_decoder.skip_terms = counted("skip_terms")
+    try:
+        predictor.set_image(photo)
+        predictor.predict(text="a dog")
+        first = dict(counts)
+        predictor.predict(text="a cat")
+        predictor.predict_many(["a bird", "a flag"])
+        after = dict(counts)
+        predictor.predict(text="a face", exemplars=[([128.0, 64.0, 384.0, 256.0], True)])
+        with_box = counts["geometry"]
+    finally:
+        del ours.image_terms, ours.transformer.encoder.image_terms, ours.geometry_encoder.forward
+        del ours.segmentation_head.pixel_decoder.skip_terms
+    assert first == {"image_terms": 1, "encoder_first_self": 1, "geometry": 1, "skip_terms": 1}
+    assert after == first and predictor.image_passes == 1
+    assert with_box == 2  # exemplar boxes are a prompt: the exemplar encoder runs for them
 
 
 @pytest.mark.parametrize("grid", [6, 9, 12])

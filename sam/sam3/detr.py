@@ -27,9 +27,27 @@ class FusionEncoder(nn.Module):
             PreNormLayer(d_model, num_heads, ffn_dim, pos_at_self=True, pos_at_cross_keys=False) for _ in range(num_layers)
         )
 
-    def forward(self, image: torch.Tensor, pos: torch.Tensor, prompt: torch.Tensor, prompt_valid: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            image = layer(image, prompt, tgt_pos=pos, memory_valid=prompt_valid)
+    def image_terms(self, image: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The first layer's self-attention half: it runs before anything reads the prompt, so it
+        depends on the image alone (`first_self` of `forward`, cached per image by Sam3Predictor)."""
+        return self.layers[0].attend_self(image, tgt_pos=pos)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        pos: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_valid: torch.Tensor,
+        first_self: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """image/pos (B, HW, C), prompt (B, P, C) with prompt_valid (B, P); first_self: this image's
+        `image_terms` (computed here when None). Returns the conditioned image tokens (B, HW, C)."""
+        for index, layer in enumerate(self.layers):
+            if index == 0:
+                image = self.image_terms(image, pos) if first_self is None else first_self.expand_as(image)
+                image = layer.attend_memory(image, prompt, memory_valid=prompt_valid)
+            else:
+                image = layer(image, prompt, tgt_pos=pos, memory_valid=prompt_valid)
         return image
 
 

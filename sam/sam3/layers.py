@@ -140,11 +140,25 @@ class PreNormLayer(nn.Module):
         memory_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tgt (B, N, C) attends to itself and to memory (B, M, C); returns (B, N, C)."""
+        return self.attend_memory(self.attend_self(tgt, tgt_valid, tgt_pos), memory, memory_pos, memory_valid)
+
+    def attend_self(self, tgt: torch.Tensor, tgt_valid: torch.Tensor | None = None, tgt_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The self-attention half (norm1, self_attn, residual): it reads tgt alone, so the DETR
+        encoder's first layer computes it once per image (`FusionEncoder.image_terms`)."""
         x = self.norm1(tgt)
         qk = x + tgt_pos if self.pos_at_self else x
-        tgt = tgt + self.self_attn(qk, qk, x, key_valid=tgt_valid)
+        return tgt + self.self_attn(qk, qk, x, key_valid=tgt_valid)
+
+    def attend_memory(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor | None = None,
+        memory_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The rest after `attend_self`: cross-attention to memory, then the MLP."""
         x = self.norm2(tgt)
         key = memory + memory_pos if self.pos_at_cross_keys else memory
         tgt = tgt + self.cross_attn_image(x, key, memory, key_valid=memory_valid)
         x = self.norm3(tgt)
-        return tgt + self.linear2(F.relu(self.linear1(x)))
+        return tgt + self.linear2(F.relu(self.linear1(x), inplace=True))
