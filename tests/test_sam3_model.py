@@ -380,3 +380,26 @@ def test_loading_assigns_the_checkpoint_without_a_random_copy(checkpoints, ours,
             torch.testing.assert_close(value, half["model"]["detector." + key].float(), atol=0, rtol=0)
     for (name, buffer), (_, expected) in zip(loaded.named_buffers(), ours.named_buffers()):
         assert torch.equal(buffer, expected), name
+
+
+def test_mask_head_folds_the_instance_conv():
+    """SegmentationHead folds the 1x1 instance_seg_head into the query embeddings: the same mask
+    logits as Meta's order (conv over the pixels, then the dot product with each embedding)."""
+    from sam.sam3.heads import SegmentationHead
+
+    generator = torch.Generator().manual_seed(0)
+    head = SegmentationHead(16, 2).eval()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(generator=generator).mul_(0.3)
+        feats = [torch.randn(2, 16, 20, 28, generator=generator), torch.randn(2, 16, 10, 14, generator=generator),
+                 torch.randn(2, 16, 5, 7, generator=generator)]
+        queries, prompt = torch.randn(2, 4, 16, generator=generator), torch.randn(2, 3, 16, generator=generator)
+        valid = torch.tensor([[True, True, False], [True, True, True]])
+        masks = head(queries, feats, feats[-1].flatten(2).transpose(1, 2), prompt, valid)
+        memory = feats[-1].flatten(2).transpose(1, 2)
+        memory = memory + head.cross_attend_prompt(head.cross_attn_norm(memory), prompt, prompt, key_valid=valid)
+        pixels = head.pixel_decoder([*feats[:-1], memory.transpose(1, 2).reshape(feats[-1].shape)])
+        expected = torch.einsum("bqc,bchw->bqhw", head.mask_predictor.mask_embed(queries), head.instance_seg_head(pixels))
+    torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)
+    assert masks.shape == (2, 4, 20, 28) and expected.std() > 0.1
