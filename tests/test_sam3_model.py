@@ -303,16 +303,18 @@ def test_cached_image_terms_change_nothing(ours, pixels):
                 torch.testing.assert_close(cached[key], plain[key], atol=tolerance, rtol=tolerance)
     assert terms.first_self.shape == (1, image.feats[-1][0, 0].numel(), ours.config.d_model)
     assert terms.no_box_prompt[0].shape == (1, 1, ours.config.d_model)
+    assert terms.first_bias.shape == (1, ours.config.num_heads, 1 + ours.config.num_queries, terms.first_self.shape[1])
 
 
 def test_further_query_runs_no_image_only_pass(ours, photo):
     """After the first query on an image, a new query runs neither the image encoder nor any of
     decode's prompt-free parts again (they come from the per-image cache)."""
     predictor = Sam3Predictor(ours)
-    counts = {"image_terms": 0, "encoder_first_self": 0, "geometry": 0, "skip_terms": 0}
+    counts = {"image_terms": 0, "encoder_first_self": 0, "geometry": 0, "skip_terms": 0, "first_bias": 0}
     originals = {
         "image_terms": ours.image_terms, "encoder_first_self": ours.transformer.encoder.image_terms,
         "geometry": ours.geometry_encoder.forward, "skip_terms": ours.segmentation_head.pixel_decoder.skip_terms,
+        "first_bias": ours.transformer.decoder.first_bias,
     }
 
     def counted(name):
@@ -322,6 +324,7 @@ def test_further_query_runs_no_image_only_pass(ours, photo):
     ours.transformer.encoder.image_terms = counted("encoder_first_self")
     ours.geometry_encoder.forward = counted("geometry")
     ours.segmentation_head.pixel_decoder.skip_terms = counted("skip_terms")
+    ours.transformer.decoder.first_bias = counted("first_bias")
     try:
         predictor.set_image(photo)
         predictor.predict(text="a dog")
@@ -333,8 +336,8 @@ def test_further_query_runs_no_image_only_pass(ours, photo):
         with_box = counts["geometry"]
     finally:
         del ours.image_terms, ours.transformer.encoder.image_terms, ours.geometry_encoder.forward
-        del ours.segmentation_head.pixel_decoder.skip_terms
-    assert first == {"image_terms": 1, "encoder_first_self": 1, "geometry": 1, "skip_terms": 1}
+        del ours.segmentation_head.pixel_decoder.skip_terms, ours.transformer.decoder.first_bias
+    assert first == {"image_terms": 1, "encoder_first_self": 1, "geometry": 1, "skip_terms": 1, "first_bias": 1}
     assert after == first and predictor.image_passes == 1
     assert with_box == 2  # exemplar boxes are a prompt: the exemplar encoder runs for them
 

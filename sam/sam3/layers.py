@@ -22,6 +22,8 @@ class FusedAttention(nn.Module):
     `nn.MultiheadAttention` (`in_proj_weight` (3C, C), `in_proj_bias` (3C,), `out_proj`), so
     Meta's checkpoints load by name. Runs through `F.scaled_dot_product_attention`."""
 
+    contiguous_from = 1 << 20  # query x key lengths from which the heads are made contiguous for SDPA
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
@@ -52,6 +54,10 @@ class FusedAttention(nn.Module):
         q = self._heads(F.linear(query, w_q, b_q))
         k = self._heads(F.linear(key, w_k, b_k))
         v = self._heads(F.linear(value, w_v, b_v))
+        if q.shape[-2] * k.shape[-2] >= self.contiguous_from:
+            # long attention (the DETR encoder's 5184 image tokens): SDPA's CPU kernel runs ~5% faster
+            # on head-major contiguous inputs than on the (B, N, heads, d) views; the copies are small.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         mask = None
         if key_valid is not None:
             mask = key_valid[:, None, None, :]

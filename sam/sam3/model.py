@@ -72,13 +72,14 @@ class ImageFeatures(NamedTuple):
 class ImageTerms(NamedTuple):
     """The prompt-independent parts of `Sam3Image.decode` for one image (`Sam3Image.image_terms`),
     computed once per image and passed to every decode on it: the pixel decoder's conv(skip)
-    halves, the DETR encoder's first self-attention half (1, HW, C), and the exemplar encoder's
+    halves, the DETR encoder's first self-attention half (1, HW, C), the exemplar encoder's
     output for a prompt without boxes (its cls token attends to the image alone): tokens (1, 1, C)
-    and valid (1, 1)."""
+    and valid (1, 1), and the DETR decoder's first box bias (1, heads, 1 + Q, HW)."""
 
     skip_terms: list[torch.Tensor]
     first_self: torch.Tensor
     no_box_prompt: tuple[torch.Tensor, torch.Tensor]
+    first_bias: torch.Tensor
 
 
 class Sam3Backbone(nn.Module):
@@ -148,9 +149,9 @@ class Sam3Image(nn.Module):
             box_labels = torch.zeros(batch, 0, dtype=torch.long, device=text.device)
         if box_valid is None:
             box_valid = torch.ones(boxes.shape[:2], dtype=torch.bool, device=text.device)
-        first_self = None
+        first_self = first_bias = None
         if image_terms is not None:
-            skip_terms, first_self = image_terms.skip_terms, image_terms.first_self
+            skip_terms, first_self, first_bias = image_terms.skip_terms, image_terms.first_self, image_terms.first_bias
         if boxes.shape[1] == 0 and not exemplar_token:
             prompt, prompt_valid = text, text_valid
         else:
@@ -164,7 +165,7 @@ class Sam3Image(nn.Module):
         memory = feats[-1].flatten(2).transpose(1, 2)
         memory_pos = pos[-1].flatten(2).transpose(1, 2)
         memory = self.transformer.encoder(memory, memory_pos, prompt, prompt_valid, first_self)
-        queries, pred_boxes, presence = self.transformer.decoder(memory, memory_pos, size, prompt, prompt_valid)
+        queries, pred_boxes, presence = self.transformer.decoder(memory, memory_pos, size, prompt, prompt_valid, first_bias)
         logits = self.dot_prod_scoring(queries, prompt, prompt_valid)
         masks = self.segmentation_head(queries, feats, memory, prompt, prompt_valid, skip_terms)
         return {"logits": logits, "presence": presence, "boxes": pred_boxes, "masks": masks}
@@ -187,4 +188,5 @@ class Sam3Image(nn.Module):
             skip_terms=self.pixel_skip_terms(image),
             first_self=self.transformer.encoder.image_terms(memory, memory_pos),
             no_box_prompt=self.geometry_encoder(no_boxes, no_labels, no_valid, feats[-1], pos[-1]),
+            first_bias=self.transformer.decoder.first_bias(*feats[-1].shape[-2:]),
         )
