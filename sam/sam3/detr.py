@@ -111,6 +111,9 @@ class QueryDecoder(nn.Module):
         dx = cols[None, None, :, None] - xyxy[:, :, None, 0::2]
         bias_y = self.boxRPB_embed_y(_log_deltas(dy)).permute(0, 3, 1, 2)  # (B, heads, Q, H)
         bias_x = self.boxRPB_embed_x(_log_deltas(dx)).permute(0, 3, 1, 2)  # (B, heads, Q, W)
+        if torch.jit.is_tracing():  # the ONNX export: no out= writes
+            bias = (bias_y[..., None] + bias_x[..., None, :]).flatten(3)
+            return F.pad(bias, (0, 0, 1, 0))
         batch, heads, count = bias_y.shape[:3]
         # written once, head-major and contiguous as SDPA reads it, row 0 (presence) zero
         bias = bias_y.new_empty(batch, heads, 1 + count, height, width)
