@@ -281,7 +281,65 @@ def test_cached_skip_terms_change_nothing(ours, predictor, pixels):
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], atol=1e-5, rtol=1e-5)
     predictor.predict(text="a cat")
-    assert [t.shape[-2:] for t in predictor._skip_terms] == [f.shape[-2:] for f in image.feats[-2::-1]]
+    assert [t.shape[-2:] for t in predictor._image_terms.skip_terms] == [f.shape[-2:] for f in image.feats[-2::-1]]
+
+
+def test_cached_image_terms_change_nothing(ours, pixels):
+    """decode's prompt-free parts (pixel-decoder halves, the DETR encoder's first self-attention, the
+    exemplar encoder without boxes) computed once per image give the same outputs as computing them
+    per prompt: text alone, a batch of two texts, and text with an exemplar box (the box path
+    ignores the cached exemplar tokens)."""
+    ids = tokenize(["a dog", "the astronaut's helmet"])
+    boxes = torch.tensor([[[0.5, 0.3125, 0.5, 0.375]]])
+    with torch.no_grad():
+        image = ours.encode_image(pixels)
+        terms = ours.image_terms(image)
+        text, valid = ours.encode_text(ids)
+        for args in ((text[:1], valid[:1]), (text, valid), (text[:1], valid[:1], boxes, torch.ones(1, 1, dtype=torch.long))):
+            plain = ours.decode(image, *args)
+            cached = ours.decode(image, *args, image_terms=terms)
+            tolerance = 1e-6 if len(args[0]) == 1 else 1e-5  # a batch of two rounds its products differently
+            for key in plain:
+                torch.testing.assert_close(cached[key], plain[key], atol=tolerance, rtol=tolerance)
+    assert terms.first_self.shape == (1, image.feats[-1][0, 0].numel(), ours.config.d_model)
+    assert terms.no_box_prompt[0].shape == (1, 1, ours.config.d_model)
+    assert terms.first_bias.shape == (1, ours.config.num_heads, 1 + ours.config.num_queries, terms.first_self.shape[1])
+
+
+def test_further_query_runs_no_image_only_pass(ours, photo):
+    """After the first query on an image, a new query runs neither the image encoder nor any of
+    decode's prompt-free parts again (they come from the per-image cache)."""
+    predictor = Sam3Predictor(ours)
+    counts = {"image_terms": 0, "encoder_first_self": 0, "geometry": 0, "skip_terms": 0, "first_bias": 0}
+    originals = {
+        "image_terms": ours.image_terms, "encoder_first_self": ours.transformer.encoder.image_terms,
+        "geometry": ours.geometry_encoder.forward, "skip_terms": ours.segmentation_head.pixel_decoder.skip_terms,
+        "first_bias": ours.transformer.decoder.first_bias,
+    }
+
+    def counted(name):
+        return lambda *args, **kwargs: counts.__setitem__(name, counts[name] + 1) or originals[name](*args, **kwargs)
+
+    ours.image_terms = counted("image_terms")
+    ours.transformer.encoder.image_terms = counted("encoder_first_self")
+    ours.geometry_encoder.forward = counted("geometry")
+    ours.segmentation_head.pixel_decoder.skip_terms = counted("skip_terms")
+    ours.transformer.decoder.first_bias = counted("first_bias")
+    try:
+        predictor.set_image(photo)
+        predictor.predict(text="a dog")
+        first = dict(counts)
+        predictor.predict(text="a cat")
+        predictor.predict_many(["a bird", "a flag"])
+        after = dict(counts)
+        predictor.predict(text="a face", exemplars=[([128.0, 64.0, 384.0, 256.0], True)])
+        with_box = counts["geometry"]
+    finally:
+        del ours.image_terms, ours.transformer.encoder.image_terms, ours.geometry_encoder.forward
+        del ours.segmentation_head.pixel_decoder.skip_terms, ours.transformer.decoder.first_bias
+    assert first == {"image_terms": 1, "encoder_first_self": 1, "geometry": 1, "skip_terms": 1, "first_bias": 1}
+    assert after == first and predictor.image_passes == 1
+    assert with_box == 2  # exemplar boxes are a prompt: the exemplar encoder runs for them
 
 
 @pytest.mark.parametrize("grid", [6, 9, 12])
@@ -325,3 +383,26 @@ def test_loading_assigns_the_checkpoint_without_a_random_copy(checkpoints, ours,
             torch.testing.assert_close(value, half["model"]["detector." + key].float(), atol=0, rtol=0)
     for (name, buffer), (_, expected) in zip(loaded.named_buffers(), ours.named_buffers()):
         assert torch.equal(buffer, expected), name
+
+
+def test_mask_head_folds_the_instance_conv():
+    """SegmentationHead folds the 1x1 instance_seg_head into the query embeddings: the same mask
+    logits as Meta's order (conv over the pixels, then the dot product with each embedding)."""
+    from sam.sam3.heads import SegmentationHead
+
+    generator = torch.Generator().manual_seed(0)
+    head = SegmentationHead(16, 2).eval()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(generator=generator).mul_(0.3)
+        feats = [torch.randn(2, 16, 20, 28, generator=generator), torch.randn(2, 16, 10, 14, generator=generator),
+                 torch.randn(2, 16, 5, 7, generator=generator)]
+        queries, prompt = torch.randn(2, 4, 16, generator=generator), torch.randn(2, 3, 16, generator=generator)
+        valid = torch.tensor([[True, True, False], [True, True, True]])
+        masks = head(queries, feats, feats[-1].flatten(2).transpose(1, 2), prompt, valid)
+        memory = feats[-1].flatten(2).transpose(1, 2)
+        memory = memory + head.cross_attend_prompt(head.cross_attn_norm(memory), prompt, prompt, key_valid=valid)
+        pixels = head.pixel_decoder([*feats[:-1], memory.transpose(1, 2).reshape(feats[-1].shape)])
+        expected = torch.einsum("bqc,bchw->bqhw", head.mask_predictor.mask_embed(queries), head.instance_seg_head(pixels))
+    torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)
+    assert masks.shape == (2, 4, 20, 28) and expected.std() > 0.1

@@ -84,10 +84,15 @@ class OnnxSam3Model:
         """The heads graph computes the mask head's per-image half itself: nothing to cache."""
         return None
 
+    def image_terms(self, image: ImageFeatures) -> None:
+        """The heads graph computes the prompt-free parts itself: nothing to cache."""
+        return None
+
     def decode(self, image: ImageFeatures, text: torch.Tensor, text_valid: torch.Tensor,
                boxes: torch.Tensor | None = None, box_labels: torch.Tensor | None = None,
-               box_valid: torch.Tensor | None = None, skip_terms: None = None) -> dict[str, torch.Tensor]:
-        """As `Sam3Image.decode` (`skip_terms` is accepted and unused). No boxes is one masked-out box (the graph needs N >= 1; a box
+               box_valid: torch.Tensor | None = None, skip_terms: None = None,
+               image_terms: None = None) -> dict[str, torch.Tensor]:
+        """As `Sam3Image.decode` (`skip_terms` and `image_terms` are accepted and unused). No boxes is one masked-out box (the graph needs N >= 1; a box
         that is not valid joins no attention and no pooling, so the outputs are those of an
         empty box list)."""
         batch = text.shape[0]
@@ -129,7 +134,7 @@ class OnnxSam3Predictor(Sam3Predictor):
         """A predictor with its own image state and text cache that shares these sessions."""
         twin = copy.copy(self)
         twin._text_cache = type(self._text_cache)()
-        twin._features = twin._hw = None
+        twin._features = twin._hw = twin._image_terms = None
         twin.image_passes = 0
         return twin
 

@@ -23,12 +23,12 @@ make it match), masks are resized as logits before the sigmoid, and the default 
 
 from .build import build_sam3, load_sam3, load_sam3_interactive, load_sam3_interactive_predictor
 from .interactive import Sam3Interactive, Sam3InteractivePredictor
-from .model import ImageFeatures, Sam3Config, Sam3Image
+from .model import ImageFeatures, ImageTerms, Sam3Config, Sam3Image
 from .predictor import Sam3Prediction, Sam3Predictor
 from .tracker import Sam3Tracker, load_sam3_tracker
 
 __all__ = [
-    "ImageFeatures", "Sam3Config", "Sam3Image", "Sam3Interactive", "Sam3InteractivePredictor", "Sam3Prediction",
+    "ImageFeatures", "ImageTerms", "Sam3Config", "Sam3Image", "Sam3Interactive", "Sam3InteractivePredictor", "Sam3Prediction",
     "Sam3Predictor", "Sam3Tracker", "build_sam3", "load_sam3", "load_sam3_interactive", "load_sam3_interactive_predictor",
     "load_sam3_tracker",
 ]

@@ -27,9 +27,27 @@ class FusionEncoder(nn.Module):
             PreNormLayer(d_model, num_heads, ffn_dim, pos_at_self=True, pos_at_cross_keys=False) for _ in range(num_layers)
         )
 
-    def forward(self, image: torch.Tensor, pos: torch.Tensor, prompt: torch.Tensor, prompt_valid: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            image = layer(image, prompt, tgt_pos=pos, memory_valid=prompt_valid)
+    def image_terms(self, image: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The first layer's self-attention half: it runs before anything reads the prompt, so it
+        depends on the image alone (`first_self` of `forward`, cached per image by Sam3Predictor)."""
+        return self.layers[0].attend_self(image, tgt_pos=pos)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        pos: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_valid: torch.Tensor,
+        first_self: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """image/pos (B, HW, C), prompt (B, P, C) with prompt_valid (B, P); first_self: this image's
+        `image_terms` (computed here when None). Returns the conditioned image tokens (B, HW, C)."""
+        for index, layer in enumerate(self.layers):
+            if index == 0:
+                image = self.image_terms(image, pos) if first_self is None else first_self.expand_as(image)
+                image = layer.attend_memory(image, prompt, memory_valid=prompt_valid)
+            else:
+                image = layer(image, prompt, tgt_pos=pos, memory_valid=prompt_valid)
         return image
 
 
@@ -91,22 +109,38 @@ class QueryDecoder(nn.Module):
         cols = torch.arange(width, device=boxes.device, dtype=boxes.dtype) / width
         dy = rows[None, None, :, None] - xyxy[:, :, None, 1::2]
         dx = cols[None, None, :, None] - xyxy[:, :, None, 0::2]
-        bias_y = self.boxRPB_embed_y(_log_deltas(dy))
-        bias_x = self.boxRPB_embed_x(_log_deltas(dx))
-        bias = (bias_y[:, :, :, None] + bias_x[:, :, None, :]).flatten(2, 3).permute(0, 3, 1, 2)
-        return F.pad(bias, (0, 0, 1, 0))
+        bias_y = self.boxRPB_embed_y(_log_deltas(dy)).permute(0, 3, 1, 2)  # (B, heads, Q, H)
+        bias_x = self.boxRPB_embed_x(_log_deltas(dx)).permute(0, 3, 1, 2)  # (B, heads, Q, W)
+        if torch.jit.is_tracing():  # the ONNX export: no out= writes
+            bias = (bias_y[..., None] + bias_x[..., None, :]).flatten(3)
+            return F.pad(bias, (0, 0, 1, 0))
+        batch, heads, count = bias_y.shape[:3]
+        # written once, head-major and contiguous as SDPA reads it, row 0 (presence) zero
+        bias = bias_y.new_empty(batch, heads, 1 + count, height, width)
+        bias[:, :, 0] = 0
+        torch.add(bias_y[..., None], bias_x[..., None, :], out=bias[:, :, 1:])
+        return bias.flatten(3)
 
-    def forward(self, memory, memory_pos, size, prompt, prompt_valid):
-        """memory/memory_pos (B, HW, C) from the fusion encoder, size (H, W), prompt (B, P, C)."""
+    def first_bias(self, height: int, width: int) -> torch.Tensor:
+        """The first layer's box bias (1, heads, 1 + Q, H*W): its boxes are the learned reference
+        points, so it depends on the map size alone (cached per image by Sam3Predictor)."""
+        return self._box_bias(self.reference_points.weight.sigmoid()[None], height, width)
+
+    def forward(self, memory, memory_pos, size, prompt, prompt_valid, first_bias=None):
+        """memory/memory_pos (B, HW, C) from the fusion encoder, size (H, W), prompt (B, P, C);
+        first_bias: `first_bias(*size)` (computed here when None)."""
         batch = memory.shape[0]
         tgt = torch.cat((self.presence_token.weight, self.query_embed.weight))[None].expand(batch, -1, -1)
         boxes = self.reference_points.weight.sigmoid()[None].expand(batch, -1, -1)
         half = self.d_model // 2
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             cx, cy, w, h = (c * TWO_PI for c in boxes.unbind(-1))
             sine = torch.cat([sine_features(c, half) for c in (cy, cx, w, h)], dim=-1)
             query_pos = F.pad(self.ref_point_head(sine), (0, 0, 1, 0))
-            bias = self._box_bias(boxes, *size)
+            if index == 0 and first_bias is not None:
+                bias = first_bias.expand(batch, -1, -1, -1)
+            else:
+                bias = self._box_bias(boxes, *size)
             tgt = layer(tgt, query_pos, prompt, prompt_valid, memory, memory_pos, bias)
             queries = self.norm(tgt[:, 1:])
             boxes = (inverse_sigmoid(boxes) + self.bbox_embed(queries)).sigmoid()

@@ -92,7 +92,7 @@ class PixelDecoder(nn.Module):
                 x = term + upsampled_conv(x, conv.weight)
             else:  # not an exact 2x step: the direct order
                 x = conv(skip + F.interpolate(x, size=skip.shape[-2:], mode="nearest"))
-            x = F.relu(norm(x))
+            x = F.relu(norm(x), inplace=True)
         return x
 
 
@@ -104,8 +104,9 @@ class MaskPredictor(nn.Module):
 
 class SegmentationHead(nn.Module):
     """Instance masks: the encoded image tokens first cross-attend to the prompt, replace the coarsest
-    backbone level, go through the pixel decoder, and meet each query's mask embedding.
-    Returns mask logits (B, Q, H0, W0) at the finest backbone level."""
+    backbone level, go through the pixel decoder, and meet each query's mask embedding (through
+    the 1x1 `instance_seg_head`, folded into the embedding). Returns mask logits (B, Q, H0, W0) at
+    the finest backbone level."""
 
     def __init__(self, d_model: int, num_heads: int, num_stages: int = 3) -> None:
         super().__init__()
@@ -124,5 +125,10 @@ class SegmentationHead(nn.Module):
         memory = memory + self.cross_attend_prompt(normed, prompt, prompt, key_valid=prompt_valid)
         coarse = memory.transpose(1, 2).reshape(feats[-1].shape)
         pixels = self.pixel_decoder([*feats[:-1], coarse], skip_terms)
-        instance = self.instance_seg_head(pixels)
-        return torch.einsum("bqc,bchw->bqhw", self.mask_predictor.mask_embed(queries), instance)
+        # The 1x1 instance_seg_head conv is linear: embed . (W pixels + b) = (embed W) . pixels + embed . b,
+        # so it folds into the Q query embeddings instead of running over every fine pixel.
+        embed = self.mask_predictor.mask_embed(queries)
+        weight = self.instance_seg_head.weight.flatten(1)  # (C_out, C_in)
+        batch, channels, height, width = pixels.shape
+        masks = torch.baddbmm((embed @ self.instance_seg_head.bias)[..., None], embed @ weight, pixels.reshape(batch, channels, -1))
+        return masks.view(batch, -1, height, width)

@@ -22,6 +22,8 @@ class FusedAttention(nn.Module):
     `nn.MultiheadAttention` (`in_proj_weight` (3C, C), `in_proj_bias` (3C,), `out_proj`), so
     Meta's checkpoints load by name. Runs through `F.scaled_dot_product_attention`."""
 
+    contiguous_from = 1 << 20  # query x key lengths from which the heads are made contiguous for SDPA
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
@@ -52,6 +54,10 @@ class FusedAttention(nn.Module):
         q = self._heads(F.linear(query, w_q, b_q))
         k = self._heads(F.linear(key, w_k, b_k))
         v = self._heads(F.linear(value, w_v, b_v))
+        if q.shape[-2] * k.shape[-2] >= self.contiguous_from:
+            # long attention (the DETR encoder's 5184 image tokens): SDPA's CPU kernel runs ~5% faster
+            # on head-major contiguous inputs than on the (B, N, heads, d) views; the copies are small.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         mask = None
         if key_valid is not None:
             mask = key_valid[:, None, None, :]
@@ -140,11 +146,25 @@ class PreNormLayer(nn.Module):
         memory_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tgt (B, N, C) attends to itself and to memory (B, M, C); returns (B, N, C)."""
+        return self.attend_memory(self.attend_self(tgt, tgt_valid, tgt_pos), memory, memory_pos, memory_valid)
+
+    def attend_self(self, tgt: torch.Tensor, tgt_valid: torch.Tensor | None = None, tgt_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The self-attention half (norm1, self_attn, residual): it reads tgt alone, so the DETR
+        encoder's first layer computes it once per image (`FusionEncoder.image_terms`)."""
         x = self.norm1(tgt)
         qk = x + tgt_pos if self.pos_at_self else x
-        tgt = tgt + self.self_attn(qk, qk, x, key_valid=tgt_valid)
+        return tgt + self.self_attn(qk, qk, x, key_valid=tgt_valid)
+
+    def attend_memory(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor | None = None,
+        memory_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The rest after `attend_self`: cross-attention to memory, then the MLP."""
         x = self.norm2(tgt)
         key = memory + memory_pos if self.pos_at_cross_keys else memory
         tgt = tgt + self.cross_attn_image(x, key, memory, key_valid=memory_valid)
         x = self.norm3(tgt)
-        return tgt + self.linear2(F.relu(self.linear1(x)))
+        return tgt + self.linear2(F.relu(self.linear1(x), inplace=True))

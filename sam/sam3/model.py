@@ -69,6 +69,19 @@ class ImageFeatures(NamedTuple):
     pos: list[torch.Tensor]
 
 
+class ImageTerms(NamedTuple):
+    """The prompt-independent parts of `Sam3Image.decode` for one image (`Sam3Image.image_terms`),
+    computed once per image and passed to every decode on it: the pixel decoder's conv(skip)
+    halves, the DETR encoder's first self-attention half (1, HW, C), the exemplar encoder's
+    output for a prompt without boxes (its cls token attends to the image alone): tokens (1, 1, C)
+    and valid (1, 1), and the DETR decoder's first box bias (1, heads, 1 + Q, HW)."""
+
+    skip_terms: list[torch.Tensor]
+    first_self: torch.Tensor
+    no_box_prompt: tuple[torch.Tensor, torch.Tensor]
+    first_bias: torch.Tensor
+
+
 class Sam3Backbone(nn.Module):
     """Meta's `SAM3VLBackbone`: `vision_backbone` (ViT + neck) and `language_backbone` (text encoder)."""
 
@@ -115,10 +128,12 @@ class Sam3Image(nn.Module):
         box_valid: torch.Tensor | None = None,
         skip_terms: list[torch.Tensor] | None = None,
         exemplar_token: bool = True,
+        image_terms: ImageTerms | None = None,
     ) -> dict[str, torch.Tensor]:
         """One prompt per batch row: text (B, L, d) with text_valid (B, L), optional exemplar boxes
         (B, N, 4) cxcywh in [0, 1] with labels (B, N) (1 positive, 0 negative) and box_valid (B, N).
-        `skip_terms`: the image's `pixel_skip_terms(image)`, to reuse across prompts.
+        `skip_terms`: the image's `pixel_skip_terms(image)`, to reuse across prompts; `image_terms`:
+        the image's `image_terms(image)` (its skip terms and more), the same values computed once.
 
         Returns `logits` (B, Q), `presence` (B,) logits, `boxes` (B, Q, 4) cxcywh in [0, 1] and
         `masks` (B, Q, h, w) logits at the finest backbone level. exemplar_token=False: a prompt without
@@ -134,17 +149,23 @@ class Sam3Image(nn.Module):
             box_labels = torch.zeros(batch, 0, dtype=torch.long, device=text.device)
         if box_valid is None:
             box_valid = torch.ones(boxes.shape[:2], dtype=torch.bool, device=text.device)
+        first_self = first_bias = None
+        if image_terms is not None:
+            skip_terms, first_self, first_bias = image_terms.skip_terms, image_terms.first_self, image_terms.first_bias
         if boxes.shape[1] == 0 and not exemplar_token:
             prompt, prompt_valid = text, text_valid
         else:
-            geo, geo_valid = self.geometry_encoder(boxes, box_labels, box_valid, feats[-1], pos[-1])
+            if boxes.shape[1] == 0 and image_terms is not None:
+                geo, geo_valid = (t.expand(batch, *t.shape[1:]) for t in image_terms.no_box_prompt)
+            else:
+                geo, geo_valid = self.geometry_encoder(boxes, box_labels, box_valid, feats[-1], pos[-1])
             prompt = torch.cat((text, geo), dim=1)
             prompt_valid = torch.cat((text_valid, geo_valid), dim=1)
         size = feats[-1].shape[-2:]
         memory = feats[-1].flatten(2).transpose(1, 2)
         memory_pos = pos[-1].flatten(2).transpose(1, 2)
-        memory = self.transformer.encoder(memory, memory_pos, prompt, prompt_valid)
-        queries, pred_boxes, presence = self.transformer.decoder(memory, memory_pos, size, prompt, prompt_valid)
+        memory = self.transformer.encoder(memory, memory_pos, prompt, prompt_valid, first_self)
+        queries, pred_boxes, presence = self.transformer.decoder(memory, memory_pos, size, prompt, prompt_valid, first_bias)
         logits = self.dot_prod_scoring(queries, prompt, prompt_valid)
         masks = self.segmentation_head(queries, feats, memory, prompt, prompt_valid, skip_terms)
         return {"logits": logits, "presence": presence, "boxes": pred_boxes, "masks": masks}
@@ -153,3 +174,19 @@ class Sam3Image(nn.Module):
         """The prompt-independent half of the mask head's pixel decoder for this image (batch of
         the image pass): computed once, passed to every `decode` on the image."""
         return self.segmentation_head.pixel_decoder.skip_terms(image.feats)
+
+    def image_terms(self, image: ImageFeatures) -> ImageTerms:
+        """Everything `decode` computes before it first reads the prompt, for this image (batch 1):
+        computed once, passed to every `decode` on the image as `image_terms`."""
+        feats, pos = image
+        memory = feats[-1].flatten(2).transpose(1, 2)
+        memory_pos = pos[-1].flatten(2).transpose(1, 2)
+        no_boxes = memory.new_zeros(memory.shape[0], 0, 4)
+        no_labels = torch.zeros(memory.shape[0], 0, dtype=torch.long, device=memory.device)
+        no_valid = torch.ones(memory.shape[0], 0, dtype=torch.bool, device=memory.device)
+        return ImageTerms(
+            skip_terms=self.pixel_skip_terms(image),
+            first_self=self.transformer.encoder.image_terms(memory, memory_pos),
+            no_box_prompt=self.geometry_encoder(no_boxes, no_labels, no_valid, feats[-1], pos[-1]),
+            first_bias=self.transformer.decoder.first_bias(*feats[-1].shape[-2:]),
+        )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..image import to_rgb_uint8
 from .layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from .model import ImageFeatures, Sam3Image
+from .model import ImageFeatures, ImageTerms, Sam3Image
 from .text import tokenize
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Sam3Predictor:
         self.text_cache_size = text_cache_size
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._features: ImageFeatures | None = None
-        self._skip_terms: list[torch.Tensor] | None = None  # the mask head's per-image half, on first query
+        self._image_terms: ImageTerms | None = None  # decode's prompt-free parts, on the first query
         self._hw: tuple[int, int] | None = None
         self.image_passes = 0  # how many times the image encoder ran (the cache's test hook)
 
@@ -77,7 +77,7 @@ class Sam3Predictor:
         with a warning) or a PIL image. Runs the image encoder once."""
         array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else to_rgb_uint8(image)
         self._features = self.model.encode_image(self.preprocess(array))
-        self._skip_terms = None
+        self._image_terms = None
         self._hw = array.shape[:2]
         self.image_passes += 1
 
@@ -115,9 +115,9 @@ class Sam3Predictor:
             raise RuntimeError("call set_image(image) before predict()")
 
     def _decode(self, tokens, valid, boxes=None, labels=None) -> dict[str, torch.Tensor]:
-        if self._skip_terms is None:  # computed with the first query, so a click-only image never pays
-            self._skip_terms = self.model.pixel_skip_terms(self._features)
-        return self.model.decode(self._features, tokens, valid, boxes, labels, skip_terms=self._skip_terms)
+        if self._image_terms is None:  # computed with the first query, so a click-only image never pays
+            self._image_terms = self.model.image_terms(self._features)
+        return self.model.decode(self._features, tokens, valid, boxes, labels, image_terms=self._image_terms)
 
     @staticmethod
     def _query(text) -> str:
