@@ -723,13 +723,14 @@ class Sam3ConceptVideoPredictor:
         sprinkles removed) and (M,) object-score logits, in object order."""
         video, tracker = state.video, self.tracker
         masks, logits = [], []
-        for track in video.objects.values():
-            output = track.cond.get(frame_idx)
-            if output is None:
-                output = tracker._infer_frame(video, track, frame_idx, False, reverse, points=None, mask=None,
-                                              prev_logits=None, encode_memory=False)
+        tracks = list(video.objects.values())
+        pending = [track for track in tracks if frame_idx not in track.cond]
+        if pending:  # one batched pass for all objects whose memory banks line up
+            for track, output in zip(pending, tracker._track_frame(video, pending, frame_idx, reverse)):
                 track.tracked[frame_idx] = output
                 track.directions[frame_idx] = reverse
+        for track in tracks:
+            output = track.cond.get(frame_idx) or track.tracked[frame_idx]
             masks.append(output.low_res_masks.to(video.device)[:, 0])
             logits.append(output.object_score_logits.reshape(1))
         if not masks:
