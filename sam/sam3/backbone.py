@@ -203,10 +203,12 @@ class NeckBranch(nn.Sequential):
     4x level instead of 64 -> 256 -> 256 (a quarter of the multiply-adds), and with `project`
     64 -> 32. The biases are not a constant then (the 3x3 conv zero-pads conv_1x1's output, bias
     included), so the border rows and columns get their own bias terms. The same sums in another
-    order: values agree to float rounding. Training, or autograd on, runs the modules as written."""
+    order: values agree to float rounding. Training, autograd on, tracing and exports run the modules
+    as written."""
 
     def forward(self, x: torch.Tensor, project: nn.Conv2d | None = None) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() or x.shape[-1] < 2 or x.shape[-2] < 2:
+        if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or torch.compiler.is_compiling()):  # exports keep the checkpoint's weights as they are
             x = super().forward(x)
             return x if project is None else project(x)
         for module in list(self.children())[:-2]:
