@@ -15,6 +15,8 @@ A tracked frame goes through these steps, one method each:
   `_select_memory`    which conditioning/recent memories and object pointers it attends to;
   `_infer_frame`      memory attention (or no_mem_embed on a first frame), prompt encoder
                       and mask decoder, and, when tracking, the memory encoder;
+  `_track_frame`      the same heads for several objects on one frame in one batch (SAM 3's
+                      concept video: objects whose memory banks line up share the passes);
   `_commit_pending`   prompt outputs get their memory and join the bank (the reference's
                       "preflight"), before propagation and before every propagated frame;
   `_forget`           (window mode) memories no later frame can reach are dropped.
