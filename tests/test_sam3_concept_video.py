@@ -308,3 +308,29 @@ def test_langsam_track_takes_the_checkpoints_own_rules(saved, frames):
                            sam3_settings={"det_nms_thresh": 0.5})
     assert again.settings["score_threshold_detection"] == 0.7 and again.settings["det_nms_thresh"] == 0.5
     assert again.settings["fill_hole_area"] == 0
+
+
+def test_batched_tracking_is_bit_for_bit_one_by_one(saved, frames):
+    """`_track_frame` steps all objects of a frame in one batch (13 here, their memory banks alike):
+    every mask, pointer and score equals, bit for bit, what `_infer_frame` gives each one alone."""
+    predictor = predictor_for(saved, non_overlap_masks=False, **STRICT)
+    tracker = predictor.tracker
+    batched = type(tracker)._track_frame
+    sizes = []
+
+    def checked(self, video, tracks, frame_idx, reverse):
+        outputs = batched(self, video, tracks, frame_idx, reverse)
+        sizes.append(len(tracks))
+        for track, output in zip(tracks, outputs):
+            alone = self._infer_frame(video, track, frame_idx, False, reverse, points=None, mask=None,
+                                      prev_logits=None, encode_memory=False)
+            assert torch.equal(output.low_res_masks, alone.low_res_masks)
+            assert torch.equal(output.obj_ptr, alone.obj_ptr)
+            assert torch.equal(output.object_score_logits, alone.object_score_logits)
+        return outputs
+
+    tracker._track_frame = checked.__get__(tracker)
+    state = predictor.init_state(frames)
+    predictor.add_text_prompt(state, TEXT)
+    list(predictor.propagate_in_video(state))
+    assert max(sizes) == 13

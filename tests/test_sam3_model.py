@@ -406,3 +406,25 @@ def test_mask_head_folds_the_instance_conv():
         expected = torch.einsum("bqc,bchw->bqhw", head.mask_predictor.mask_embed(queries), head.instance_seg_head(pixels))
     torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)
     assert masks.shape == (2, 4, 20, 28) and expected.std() > 0.1
+
+
+@pytest.mark.parametrize("scale", [4.0, 2.0, 1.0, 0.5])
+def test_neck_branch_folds_its_1x1_convs(scale):
+    """In inference a neck branch folds conv_1x1 (and a following 1x1 projection, the tracker's
+    conv_s0 / conv_s1) into conv_3x3, border biases included: the modules' values to float rounding."""
+    from sam.sam3.backbone import VisionBackbone
+
+    generator = torch.Generator().manual_seed(0)
+    branch = VisionBackbone(torch.nn.Identity(), 32, 24, [scale]).convs[0].eval()
+    project = torch.nn.Conv2d(24, 8, 1)
+    with torch.no_grad():
+        for parameter in [*branch.parameters(), *project.parameters()]:
+            parameter.normal_(0, 0.3, generator=generator)
+    x = torch.randn(2, 32, 6, 5, generator=generator)
+    with torch.enable_grad():
+        plain = torch.nn.Sequential.forward(branch, x).detach()
+        projected = project(plain).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(branch(x), plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(branch(x, project), projected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(branch(x), plain, atol=1e-5, rtol=1e-5)  # the cache keeps both

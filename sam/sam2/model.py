@@ -385,6 +385,8 @@ class Sam2(nn.Module):
         point_labels: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
+        high_res: bool = True,
+        batch_invariant: bool = False,
     ) -> "TrackOutput":
         """The prompt encoder and mask decoder on one frame for B objects.
 
@@ -392,6 +394,9 @@ class Sam2(nn.Module):
         S x S model-input frame with point_labels (B, N) (box corners labelled 2/3 first), or
         None; mask_input: (B, 1, 4g, 4g) low-res logits (resized if another size) or None.
         Masks of frames where the object score says "absent" are set to -1024.
+        high_res=False: skip the S x S upsampling (`high_res_masks` is then None) where no memory
+        is encoded from it; batch_invariant: each object's numbers bit for bit as in a batch of
+        one (objects with their own pix_feat batched together, see `MaskDecoder.predict_masks`).
         """
         batch = pix_feat.shape[0]
         if point_coords is None:
@@ -404,14 +409,11 @@ class Sam2(nn.Module):
                 mask_input.float(), prompt_encoder.mask_input_size, mode="bilinear", align_corners=False, antialias=True
             )
         sparse, dense = prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=mask_input)
-        low_res, ious, tokens, object_score_logits = self.sam_mask_decoder(
-            image_embeddings=pix_feat,
-            image_pe=prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            high_res_features=high_res_feats,
-        )
+        decoder = self.sam_mask_decoder
+        low_res, ious, tokens, object_score_logits = decoder.select_outputs(decoder.predict_masks(
+            pix_feat, prompt_encoder.get_dense_pe(), sparse, dense, high_res_features=high_res_feats,
+            batch_invariant=batch_invariant,
+        ), multimask_output)
         appearing = (object_score_logits > 0).float()
         if self.tracking.pred_obj_scores:
             low_res = torch.where(appearing[:, :, None, None] > 0, low_res, NO_OBJECT_LOGIT)
@@ -423,8 +425,16 @@ class Sam2(nn.Module):
             low_res = low_res[rows, best].unsqueeze(1)
             if tokens.shape[1] > 1:
                 token = tokens[rows, best]
-        high_res = F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return TrackOutput(low_res, high_res, self._pointer_from_token(token, appearing), object_score_logits)
+        if high_res:
+            high_res = F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        else:
+            high_res = None
+        if batch_invariant and batch > 1:  # a (1, C) token is a matrix-vector product, (B, C) a matrix one
+            pointer = torch.cat([self._pointer_from_token(token[row : row + 1], appearing[row : row + 1])
+                                 for row in range(batch)])
+        else:
+            pointer = self._pointer_from_token(token, appearing)
+        return TrackOutput(low_res, high_res, pointer, object_score_logits)
 
     def mask_as_output(
         self, pix_feat: torch.Tensor, high_res_feats: list[torch.Tensor], mask: torch.Tensor
@@ -601,7 +611,7 @@ class TrackOutput:
     """What the heads give for B objects on one frame (before any memory is encoded)."""
 
     low_res_masks: torch.Tensor  # (B, 1, 4g, 4g) logits, -1024 where absent
-    high_res_masks: torch.Tensor  # (B, 1, S, S) logits, bilinear from low_res_masks
+    high_res_masks: torch.Tensor | None  # (B, 1, S, S) logits, bilinear from low_res_masks
     obj_ptr: torch.Tensor  # (B, C)
     object_score_logits: torch.Tensor  # (B, 1); > 0 means the object is present
 

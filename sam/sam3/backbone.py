@@ -194,6 +194,66 @@ def _scale_layers(dim: int, scale: float) -> list[tuple[str, nn.Module]]:
     raise ValueError(f"unsupported FPN scale factor {scale}; SAM 3 uses 4, 2, 1 and 0.5")
 
 
+class NeckBranch(nn.Sequential):
+    """One FPN branch (`dconv_2x2*`, `gelu` / `maxpool_2x2`, `conv_1x1`, `conv_3x3`; Meta's names).
+
+    In inference the 1x1 conv (and an optional 1x1 `project` after the branch, such as the mask
+    decoder's conv_s0 / conv_s1) is folded into the 3x3 one: all three are linear, so
+    conv_3x3(conv_1x1(x)) is one 3x3 conv from the narrower input, e.g. 64 -> 256 channels at the
+    4x level instead of 64 -> 256 -> 256 (a quarter of the multiply-adds), and with `project`
+    64 -> 32. The biases are not a constant then (the 3x3 conv zero-pads conv_1x1's output, bias
+    included), so the border rows and columns get their own bias terms. The same sums in another
+    order: values agree to float rounding. Training, autograd on, tracing and exports run the modules
+    as written."""
+
+    def forward(self, x: torch.Tensor, project: nn.Conv2d | None = None) -> torch.Tensor:
+        if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or torch.compiler.is_compiling()):  # exports keep the checkpoint's weights as they are
+            x = super().forward(x)
+            return x if project is None else project(x)
+        for module in list(self.children())[:-2]:
+            x = module(x)
+        if x.shape[-1] < 2 or x.shape[-2] < 2:
+            return self[-1](self[-2](x)) if project is None else project(self[-1](self[-2](x)))
+        weight, bias, edges = self._folded(project)
+        out = F.conv2d(x, weight, bias, padding=1)
+        top, bottom, left, right, corners = edges
+        out[..., 0, :] += top
+        out[..., -1, :] += bottom
+        out[..., :, 0] += left
+        out[..., :, -1] += right
+        out[..., 0, 0] += corners[0]
+        out[..., 0, -1] += corners[1]
+        out[..., -1, 0] += corners[2]
+        out[..., -1, -1] += corners[3]
+        return out
+
+    def _folded(self, project: nn.Conv2d | None):
+        first, second = self[-2], self[-1]
+        parts = [first, second] + ([] if project is None else [project])
+        key = tuple((p.weight.data_ptr(), p.weight._version, p.bias.data_ptr(), p.bias._version) for p in parts)
+        cache = self.__dict__.setdefault("_fold_cache", {})
+        slot = None if project is None else id(project)
+        if cache.get(slot, (None,))[0] != key:
+            w1, w3 = first.weight[:, :, 0, 0], second.weight  # (m, c), (d, m, 3, 3)
+            weight = torch.einsum("dmhw,mc->dchw", w3, w1)
+            # The bias map on a 3 x 3 image holds every case: rows top / inner / bottom x columns alike.
+            ones = first.bias.view(1, -1, 1, 1).expand(1, -1, 3, 3)
+            bias_map = F.conv2d(ones, w3, second.bias, padding=1)[0]
+            if project is not None:
+                w2 = project.weight[:, :, 0, 0]
+                weight = torch.einsum("ed,dchw->echw", w2, weight)
+                bias_map = torch.einsum("ed,dhw->ehw", w2, bias_map) + project.bias.view(-1, 1, 1)
+            inner = bias_map[:, 1, 1]
+            top, bottom = bias_map[:, 0, 1] - inner, bias_map[:, 2, 1] - inner
+            left, right = bias_map[:, 1, 0] - inner, bias_map[:, 1, 2] - inner
+            corners = (bias_map[:, 0, 0] - inner - top - left, bias_map[:, 0, 2] - inner - top - right,
+                       bias_map[:, 2, 0] - inner - bottom - left, bias_map[:, 2, 2] - inner - bottom - right)
+            edges = (top[:, None], bottom[:, None], left[:, None], right[:, None], corners)
+            cache[slot] = (key, (weight.contiguous(), inner.contiguous(), edges))  # replaces stale weights
+        return cache[slot][1]
+
+
 class VisionBackbone(nn.Module):
     """Meta's `Sam3DualViTDetNeck` without the tracker's SAM 2 neck: the ViT trunk and one conv branch
     per scale factor. Returns the feature maps (B, d, h*s, w*s) and their sine positions for the first
@@ -210,7 +270,7 @@ class VisionBackbone(nn.Module):
                 ("conv_1x1", nn.Conv2d(out_dim, d_model, kernel_size=1)),
                 ("conv_3x3", nn.Conv2d(d_model, d_model, kernel_size=3, padding=1)),
             ]
-            self.convs.append(nn.Sequential(OrderedDict(layers)))
+            self.convs.append(NeckBranch(OrderedDict(layers)))
         self.used_levels = len(scale_factors) - scalp
         self.d_model = d_model
 

@@ -95,11 +95,10 @@ class Sam3Interactive(nn.Module):
         """The ViT output (B, vit_dim, g, g) -> SamPredictor features: {"image_embed": (B, d, g, g)
         with no_mem_embed added, "high_res_feats": [(B, d/8, 4g, 4g), (B, d/4, 2g, 2g)] already
         through the decoder's conv_s0 / conv_s1}."""
-        levels = [conv(trunk_map) for conv in self.sam2_convs[: self.used_levels]]
-        decoder = self.sam_mask_decoder
+        convs, decoder = self.sam2_convs, self.sam_mask_decoder  # conv_s0 / conv_s1 folded in (NeckBranch)
         return {
-            "image_embed": levels[-1] + self.no_mem_embed.view(1, -1, 1, 1),
-            "high_res_feats": [decoder.conv_s0(levels[0]), decoder.conv_s1(levels[1])],
+            "image_embed": convs[2](trunk_map) + self.no_mem_embed.view(1, -1, 1, 1),
+            "high_res_feats": [convs[0](trunk_map, decoder.conv_s0), convs[1](trunk_map, decoder.conv_s1)],
         }
 
     def encode_image(self, pixels: torch.Tensor) -> dict:

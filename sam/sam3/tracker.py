@@ -64,6 +64,13 @@ class Sam3TrackerImageEncoder(nn.Module):
         trunk_map = self.trunk(pixels)
         return [conv(trunk_map) for conv in self.sam2_convs[: self.used_levels]]
 
+    def decoder_levels(self, trunk_map: torch.Tensor, decoder) -> list[torch.Tensor]:
+        """What the tracking steps read from a trunk output: [conv_s0(level 0) (B, d/8, 4g, 4g),
+        conv_s1(level 1) (B, d/4, 2g, 2g), level 2 (B, d, g, g)]; the decoder's 1x1 convs are folded
+        into the neck's (`NeckBranch`), the two finer levels are never needed at full width."""
+        convs = self.sam2_convs
+        return [convs[0](trunk_map, decoder.conv_s0), convs[1](trunk_map, decoder.conv_s1), convs[2](trunk_map)]
+
 
 class Sam3Tracker(Sam2):
     """SAM 3's tracker as a `Sam2`: every tracking step (`condition_on_memory`, `track_heads`,
@@ -151,30 +158,24 @@ class Sam3Tracker(Sam2):
         """(B, 3, S, S) RGB in [0, 1] -> [-1, 1] (SAM 3 normalises with mean = std = 0.5)."""
         return (pixels - 0.5) / 0.5
 
-    def _levels(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+    def _decoder_levels(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         size = self.image_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
-        return self.image_encoder(self.preprocess(pixels.to(self.no_mem_embed.dtype)))
+        trunk_map = self.image_encoder.trunk(self.preprocess(pixels.to(self.no_mem_embed.dtype)))
+        return self.image_encoder.decoder_levels(trunk_map, self.sam_mask_decoder)
 
     def encode_image(self, pixels: torch.Tensor) -> dict:
         """Single-image features as `Sam2.encode_image` (no_mem_embed added to the stride-14 level)."""
-        levels = self._levels(pixels)
-        decoder = self.sam_mask_decoder
-        return {
-            "image_embed": levels[2] + self.no_mem_embed.view(1, -1, 1, 1),
-            "high_res_feats": [decoder.conv_s0(levels[0]), decoder.conv_s1(levels[1])],
-        }
+        high_res_0, high_res_1, embed = self._decoder_levels(pixels)
+        return {"image_embed": embed + self.no_mem_embed.view(1, -1, 1, 1), "high_res_feats": [high_res_0, high_res_1]}
 
     def encode_frame(self, pixels: torch.Tensor) -> FrameFeatures:
         """pixels (1, 3, S, S) RGB in [0, 1] -> the raw stride-14 features, their sine positions and
         the two finer levels through conv_s0 / conv_s1 (see Sam2.encode_frame)."""
-        levels = self._levels(pixels)
-        embed = levels[2]
+        high_res_0, high_res_1, embed = self._decoder_levels(pixels)
         position = sine_grid(embed.shape[-2], embed.shape[-1], embed.shape[1], embed.device, embed.dtype)
-        decoder = self.sam_mask_decoder
-        return FrameFeatures(embed, position[None].expand(embed.shape[0], -1, -1, -1),
-                             [decoder.conv_s0(levels[0]), decoder.conv_s1(levels[1])])
+        return FrameFeatures(embed, position[None].expand(embed.shape[0], -1, -1, -1), [high_res_0, high_res_1])
 
 
 # --------------------------------------------------------------------------- checkpoint layouts

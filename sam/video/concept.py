@@ -696,8 +696,8 @@ class Sam3ConceptVideoPredictor:
         pixels = torch.from_numpy(resized).to(video.device).permute(2, 0, 1)[None].float().div(255.0)
         tracker = self.tracker.model
         trunk_map = tracker.image_encoder.trunk(tracker.preprocess(pixels))
-        levels = [conv(trunk_map) for conv in tracker.image_encoder.sam2_convs[: tracker.image_encoder.used_levels]]
-        video.cache = CachedFeatures(frame_idx, tracker_frame_features(tracker, levels))
+        levels = tracker.image_encoder.decoder_levels(trunk_map, tracker.sam_mask_decoder)
+        video.cache = CachedFeatures(frame_idx, tracker_frame_features(levels))
         return frame, trunk_map
 
     def _detect(self, state: ConceptVideoState, image) -> Detections:
@@ -723,13 +723,14 @@ class Sam3ConceptVideoPredictor:
         sprinkles removed) and (M,) object-score logits, in object order."""
         video, tracker = state.video, self.tracker
         masks, logits = [], []
-        for track in video.objects.values():
-            output = track.cond.get(frame_idx)
-            if output is None:
-                output = tracker._infer_frame(video, track, frame_idx, False, reverse, points=None, mask=None,
-                                              prev_logits=None, encode_memory=False)
+        tracks = list(video.objects.values())
+        pending = [track for track in tracks if frame_idx not in track.cond]
+        if pending:  # one batched pass for all objects whose memory banks line up
+            for track, output in zip(pending, tracker._track_frame(video, pending, frame_idx, reverse)):
                 track.tracked[frame_idx] = output
                 track.directions[frame_idx] = reverse
+        for track in tracks:
+            output = track.cond.get(frame_idx) or track.tracked[frame_idx]
             masks.append(output.low_res_masks.to(video.device)[:, 0])
             logits.append(output.object_score_logits.reshape(1))
         if not masks:
@@ -1084,12 +1085,10 @@ def keep_top_scoring(masks: torch.Tensor, scores: torch.Tensor, prompt_ids: list
     return out
 
 
-def tracker_frame_features(tracker, levels: list[torch.Tensor]) -> FrameFeatures:
-    """The tracker's FrameFeatures from its neck's three levels (finest first), as Sam3Tracker.encode_frame."""
+def tracker_frame_features(levels: list[torch.Tensor]) -> FrameFeatures:
+    """The tracker's FrameFeatures from `Sam3TrackerImageEncoder.decoder_levels`, as Sam3Tracker.encode_frame."""
     from ..sam3.layers import sine_grid
 
     embed = levels[2]
     position = sine_grid(embed.shape[-2], embed.shape[-1], embed.shape[1], embed.device, embed.dtype)
-    decoder = tracker.sam_mask_decoder
-    return FrameFeatures(embed, position[None].expand(embed.shape[0], -1, -1, -1),
-                         [decoder.conv_s0(levels[0]), decoder.conv_s1(levels[1])])
+    return FrameFeatures(embed, position[None].expand(embed.shape[0], -1, -1, -1), levels[:2])

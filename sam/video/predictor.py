@@ -15,6 +15,8 @@ A tracked frame goes through these steps, one method each:
   `_select_memory`    which conditioning/recent memories and object pointers it attends to;
   `_infer_frame`      memory attention (or no_mem_embed on a first frame), prompt encoder
                       and mask decoder, and, when tracking, the memory encoder;
+  `_track_frame`      the same heads for several objects on one frame in one batch (SAM 3's
+                      concept video: objects whose memory banks line up share the passes);
   `_commit_pending`   prompt outputs get their memory and join the bank (the reference's
                       "preflight"), before propagation and before every propagated frame;
   `_forget`           (window mode) memories no later frame can reach are dropped.
@@ -495,6 +497,51 @@ class SamVideoPredictor:
             maskmem_features=maskmem,
         )
 
+    def _track_frame(
+        self, state: VideoState, tracks: list[ObjectTrack], frame_idx: int, reverse: bool,
+    ) -> list[FrameMemory]:
+        """`_infer_frame` without prompts or memory encoding for several objects on one non-first
+        frame, batched: objects whose memory banks have the same layout (the same temporal
+        positions and pointer offsets) share one memory-attention and one heads pass. Returns one
+        result per track, in order."""
+        model = self.model
+        features = self._frame_features(state, frame_idx)
+        groups: dict[tuple, list[int]] = {}
+        banks = []
+        for index, track in enumerate(tracks):
+            memories, pointers, max_offset = self._select_memory(state, track, frame_idx, reverse)
+            banks.append((memories, pointers))
+            layout = (tuple(t_pos for t_pos, _, _ in memories), tuple(offset for offset, _ in pointers), max_offset)
+            groups.setdefault(layout, []).append(index)
+        multimask = model.use_multimask(False, 0)
+        results: list[FrameMemory | None] = [None] * len(tracks)
+        storage = state.storage_device
+        for (t_positions, offsets, max_offset), members in groups.items():
+            batch = len(members)
+            memories = []
+            for slot, t_pos in enumerate(t_positions):
+                stacked = torch.cat([banks[i][0][slot][1] for i in members])
+                position = banks[members[0]][0][slot][2]
+                memories.append((t_pos, stacked, position.expand(batch, *position.shape[1:])))
+            pointers = [(offset, torch.cat([banks[i][1][slot][1] for i in members]))
+                        for slot, offset in enumerate(offsets)]
+            batched = _expand_features(features, batch)
+            pix_feat = model.condition_on_memory(batched, memories, pointers, max_offset)
+            output = model.track_heads(pix_feat, batched.high_res_feats, None, None, None, multimask,
+                                       high_res=False, batch_invariant=True)
+            low_res = output.low_res_masks
+            if self.fill_hole_area > 0:
+                low_res = fill_holes(low_res, self.fill_hole_area)
+            low_res = low_res.to(storage)
+            for row, index in enumerate(members):
+                results[index] = FrameMemory(
+                    low_res_masks=low_res[row : row + 1],
+                    object_score_logits=output.object_score_logits[row : row + 1],
+                    obj_ptr=output.obj_ptr[row : row + 1],
+                    maskmem_features=None,
+                )
+        return results
+
     def _encode_memory(
         self, state: VideoState, features: FrameFeatures, high_res_masks: torch.Tensor,
         object_score_logits: torch.Tensor, binarize: bool,
@@ -710,6 +757,14 @@ def _closest_cond_frames(
     chosen += rest[: max_frames - len(chosen)]
     selected = {t: cond[t] for t in chosen}
     return selected, {t: m for t, m in cond.items() if t not in selected}
+
+
+def _expand_features(features: FrameFeatures, batch: int) -> FrameFeatures:
+    """A frame's features as views for B objects (no copies)."""
+    if batch == 1:
+        return features
+    return FrameFeatures(features.vision_feats.expand(batch, -1, -1, -1), features.vision_pos.expand(batch, -1, -1, -1),
+                         [level.expand(batch, -1, -1, -1) for level in features.high_res_feats])
 
 
 def fill_holes(low_res: torch.Tensor, max_area: int) -> torch.Tensor:
