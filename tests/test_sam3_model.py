@@ -298,8 +298,11 @@ def test_cached_image_terms_change_nothing(ours, pixels):
         for args in ((text[:1], valid[:1]), (text, valid), (text[:1], valid[:1], boxes, torch.ones(1, 1, dtype=torch.long))):
             plain = ours.decode(image, *args)
             cached = ours.decode(image, *args, image_terms=terms)
-            tolerance = 1e-6 if len(args[0]) == 1 else 1e-5  # a batch of two rounds its products differently
+            # A batch of two rounds its products differently; and without the cache the pixel decoder
+            # runs Meta's direct order (conv over the upsampled sum), with it the split one
+            # (conv(skip) cached + conv(upsampled)): masks 4e-6 apart (measured), the rest 1e-6.
             for key in plain:
+                tolerance = 1e-6 if len(args[0]) == 1 and key != "masks" else 1e-5
                 torch.testing.assert_close(cached[key], plain[key], atol=tolerance, rtol=tolerance)
     assert terms.first_self.shape == (1, image.feats[-1][0, 0].numel(), ours.config.d_model)
     assert terms.no_box_prompt[0].shape == (1, 1, ours.config.d_model)

@@ -509,7 +509,8 @@ class SamVideoPredictor:
         groups: dict[tuple, list[int]] = {}
         banks = []
         for index, track in enumerate(tracks):
-            memories, pointers, max_offset = self._select_memory(state, track, frame_idx, reverse)
+            # (cache_memory_keys is per object: the batched pass computes the keys itself)
+            memories, _, pointers, max_offset = self._select_memory(state, track, frame_idx, reverse)
             banks.append((memories, pointers))
             layout = (tuple(t_pos for t_pos, _, _ in memories), tuple(offset for offset, _ in pointers), max_offset)
             groups.setdefault(layout, []).append(index)
