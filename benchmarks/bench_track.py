@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"

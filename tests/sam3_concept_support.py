@@ -160,6 +160,25 @@ class Reference:
         return frames
 
 
+def text_reference(saved: dict, frames: np.ndarray, text: str, **settings) -> "Reference":
+    """The transformers reference of a saved tiny model, text-prompted with `text`, under the
+    released rules (hole filling and mask NMS off: transformers skips both on a CPU) and `settings`."""
+    from sam.video.concept import ConceptTrackingConfig
+
+    model = saved["model"]
+    for name, value in {**ConceptTrackingConfig(fill_hole_area=0, det_nms_thresh=0.0).__dict__, **settings}.items():
+        setattr(model, name, value)  # Sam3VideoModel reads its settings from attributes
+    reference = Reference(model, frames)
+    reference.add_text(text)
+    return reference
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """IoU of two boolean masks; 1.0 when both are empty."""
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
 class ClickReference:
     """Meta's refinement of a text-prompted session (`Sam3VideoInferenceWithInstanceInteractivity` at
     its defaults: add_tracker_new_points, then partial propagation), executed step by step with

@@ -205,7 +205,7 @@ def test_ray_max_retries_default_is_the_one_documented():
     assert flag_help.startswith(" times an image is tried again") and "outputs (under" in flag_help
     assert flag_help.split("outputs (under")[0].endswith(f"reported as failed (default {DEFAULT_MAX_RETRIES}) ")
     readme = (REPO / "README.md").read_text("utf-8")
-    assert f"| `--ray-max-retries N` | " in readme and f"Default {DEFAULT_MAX_RETRIES}" in readme.split(
+    assert "| `--ray-max-retries N` | " in readme and f"Default {DEFAULT_MAX_RETRIES}" in readme.split(
         "| `--ray-max-retries N` | ")[1].split("\n")[0]
 
 

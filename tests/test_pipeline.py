@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import langsam
 from langsam.detector import Detections
 from langsam.pipeline import LangSAM, image_key, resolve_device, resolve_dtype
 from sam import SamPredictor, build_sam

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sam3_concept_support import Reference, reference_pixels, save_tiny_video_model
+from sam3_concept_support import Reference, reference_pixels, save_tiny_video_model, text_reference
+from sam3_concept_support import mask_iou as iou
 from vis_clip import moving_objects_clip
 
 from sam.video import VideoLoadError
@@ -57,17 +58,7 @@ def predictor_for(saved, **settings) -> Sam3ConceptVideoPredictor:
 
 
 def reference_for(saved, frames, **settings) -> Reference:
-    model = saved["model"]
-    for name, value in {**ConceptTrackingConfig(fill_hole_area=0, det_nms_thresh=0.0).__dict__, **settings}.items():
-        setattr(model, name, value)  # Sam3VideoModel reads its settings from attributes
-    reference = Reference(model, frames)
-    reference.add_text(TEXT)
-    return reference
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = (a | b).sum().item()
-    return 1.0 if union == 0 else (a & b).sum().item() / union
+    return text_reference(saved, frames, TEXT, **settings)
 
 
 def assert_same_run(theirs: list[dict], ours: list, what: str, min_fill: float = 0.0) -> None:

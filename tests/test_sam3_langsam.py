@@ -5,10 +5,8 @@ the reference `Sam3Predictor` loads). `Sam3Predictor` itself is checked against 
 
 from __future__ import annotations
 
-import base64
 import json
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sam3_concept_support import ClickReference, Reference, reference_pixels, save_tiny_video_model
+from sam3_concept_support import ClickReference, Reference, reference_pixels, save_tiny_video_model, text_reference
+from sam3_concept_support import mask_iou as iou
 from vis_clip import moving_objects_clip
 
-from sam.video.concept import ConceptTrackingConfig, Sam3ConceptVideoPredictor, _Action, plan_propagation
+from sam.video.concept import Sam3ConceptVideoPredictor, _Action, plan_propagation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,18 +54,8 @@ def predictor_for(saved) -> Sam3ConceptVideoPredictor:
     return predictor
 
 
-def reference_for(saved, frames) -> Reference:
-    model = saved["model"]
-    for name, value in ConceptTrackingConfig(fill_hole_area=0, det_nms_thresh=0.0).__dict__.items():
-        setattr(model, name, value)
-    reference = Reference(model, frames)
-    reference.add_text(TEXT)
-    return reference
-
-
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = (a | b).sum().item()
-    return 1.0 if union == 0 else (a & b).sum().item() / union
+def reference_for(saved, frames, **settings) -> Reference:
+    return text_reference(saved, frames, TEXT, **settings)
 
 
 def assert_same(theirs: dict, ours, what: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, assign_state_dict, load_state_dict_file, meta_parameters, release_freed_memory
-from .backbone import ViT, axial_rope
+from .backbone import ViT
 from .interactive import Sam3Interactive, Sam3InteractivePredictor
 from .lite_text import LiteTextEncoder, lite_text_options
 from .model import Sam3Config, Sam3Image
