@@ -40,12 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-REFERENCE_CONFIGS = {
-    "sam2.1_hiera_tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "sam2.1_hiera_small": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "sam2.1_hiera_base_plus": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "sam2.1_hiera_large": "configs/sam2.1/sam2.1_hiera_l.yaml",
-}
+from bench_sam2_encoder import REFERENCE_CONFIGS  # noqa: E402 - the same model types and sam2 configs
+
 COMPONENTS = ("norm", "qkv", "sdpa", "proj", "mlp", "pool/window", "other")
 
 
